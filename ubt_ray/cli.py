@@ -1,0 +1,72 @@
+"""`ubt`: one console script whose subcommands are the pipeline's phases.
+
+    ubt prepare fashion-mnist --config configs/quickstart.yaml run.output_dir=/tmp/x
+    ubt config --config configs/quickstart.yaml unlearn.token_portion=0.1   # print the resolved config
+    ubt config --keys                                                       # every key with its help
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from .config import Config, describe, load_config, save_config
+from .errors import UserError
+
+
+def _prepare(cfg: Config, args: argparse.Namespace) -> dict:
+    from .phases.prepare import prepare
+    result = prepare(cfg)
+    return {"output": result.output, **{f"{k}_rows": v.rows_out for k, v in result.splits.items()},
+            "rows_out": result.rows.rows_out, "rows_rejected": result.rows.rows_rejected}
+
+
+def _config(cfg: Config, args: argparse.Namespace) -> None:
+    print("\n".join(describe()) if args.keys else save_config(cfg), end="\n" if args.keys else "")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ubt", description="Find and unlearn backdoors in CLIP models (UBT) on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def phase(name: str, help: str, run: Callable, source: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        if source:
+            p.add_argument("source", choices=source)
+        p.add_argument("--config", "-c", help="YAML config (see configs/); defaults apply without one.")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+        p.set_defaults(run=run)
+        return p
+
+    phase("prepare", "Turn a source into validated Parquet shards.", _prepare, ("fashion-mnist", "csv", "webdataset"))
+    p = phase("config", "Print the resolved config, or every key with its help (--keys).", _config)
+    p.add_argument("--keys", action="store_true", help="list every config key with its default and help")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Overrides may come before or after the positional source; argparse wants them last.
+    args, extra = parser.parse_known_args(argv)
+    overrides = list(getattr(args, "overrides", []) or []) + [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    if getattr(args, "source", None):
+        overrides.append(f"prepare.source={args.source}")
+    try:
+        cfg = load_config(args.config, overrides)
+        result = args.run(cfg, args)
+    except UserError as e:
+        print(f"ubt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

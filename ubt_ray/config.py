@@ -1,0 +1,248 @@
+"""Typed, documented run configuration: YAML files plus `section.key=value` overrides, strictly validated.
+
+Every field carries its help text and its allowed values in `field(metadata=...)`, so that an unknown key,
+a wrong type or an out-of-range value stops the run with one sentence naming the key and what is allowed.
+String values may refer to other keys as `${section.key}`; they are resolved after all overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
+       gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A config field with help text and its allowed values."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("quickstart", "Name of the run, used in reports.")
+    output_dir: str = _f("outputs/quickstart", "Root of every output of the run (local path or s3://bucket/prefix).")
+    seed: int = _f(0, "Seed of every random choice (caption templates, poison rows, initialisation).", ge=0)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = _f(None, "Ray cluster to join ('auto', 'ray://host:10001'); null starts or joins a local one.")
+    num_cpus: int | None = _f(None, "CPUs of a local Ray started by this run; null uses all of them.", ge=1)
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str | None = _f(None, "S3-compatible endpoint for s3:// paths (e.g. http://127.0.0.1:9000); null means AWS.")
+    region: str = _f("us-east-1", "S3 region.")
+    connect_timeout_s: float = _f(5.0, "Seconds to wait for an S3 connection before reporting it unreachable.", gt=0)
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("${run.output_dir}/data/train", "Parquet shards the model is trained on (the suspicious set D).")
+    test: str = _f("${run.output_dir}/data/test", "Clean labelled Parquet shards for evaluation.")
+    image_modes: list[str] = _f(["1", "L", "LA", "P", "RGB", "RGBA"],
+                                "PIL image modes accepted; others (CMYK, I;16, F ...) are rejected.")
+    min_image_side: int = _f(8, "Images with a side shorter than this many pixels are rejected.", ge=1)
+    max_image_pixels: int = _f(50_000_000, "Images with more pixels than this are rejected.", ge=1)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("ubt-tiny-vit", "open_clip model name (ViT-B-32, RN50 ...) or a config shipped in ubt_ray/model_configs.")
+    checkpoint: str | None = _f(None, "open_clip local-dir checkpoint (local or s3://) to start from; null initialises randomly.")
+    device: str = _f("auto", "Device of in-process model work.", choices=("auto", "cpu", "cuda"))
+    precision: str = _f("fp32", "Numeric precision; amp_* is mixed precision on GPU.", choices=("fp32", "amp_bf16", "amp_fp16"))
+
+
+@dataclass
+class PrepareConfig:
+    source: str = _f("fashion-mnist", "Kind of input.", choices=("fashion-mnist", "csv", "webdataset"))
+    input: str = _f("/usr/share/datasets/fashion-mnist",
+                    "Input: the idx directory, a CleanCLIP-style CSV file, or a directory/prefix of .tar shards.")
+    output: str = _f("${run.output_dir}/data", "Where the Parquet shards go (fashion-mnist writes train/ and test/ under it).")
+    rows_per_file: int = _f(10_000, "Rows per written Parquet file.", ge=1)
+    image_column: str = _f("image", "CSV column holding the image path (relative to the CSV's directory).")
+    caption_column: str = _f("caption", "CSV column holding the caption.")
+    label_column: str | None = _f(None, "CSV column holding an integer label, if any.")
+    csv_delimiter: str = _f(",", "CSV field delimiter.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_REF = re.compile(r"\$\{([a-z_]+)\.([a-z_]+)\}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults), apply `section.key=value` overrides, validate and resolve `${...}`."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist: pass an existing YAML file (see configs/).")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax.") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(raw).__name__}.")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. unlearn.token_portion=0.1).")
+        section, _, name = key.partition(".")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"config section '{section}' must be a mapping.")
+        raw[section][name] = parsed
+    cfg = _build(Config, raw, "")
+    _resolve_refs(cfg)
+    return cfg
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping of keys, got {raw!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"section '{prefix.rstrip('.')}'" if prefix else "the top level"
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}': {where} allows {', '.join(fields)}.")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key + ".")
+        else:
+            kwargs[name] = _check_value(key, hint, value, fields[name].metadata)
+    return cls(**kwargs)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return {type(None): "null", str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(
+        hint, str(hint))
+
+
+def _coerce(hint: Any, value: Any) -> tuple[bool, Any]:
+    """Returns (ok, value converted to the hinted type)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            ok, v = _coerce(arg, value)
+            if ok:
+                return True, v
+        return False, value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        out = []
+        for v in value:
+            ok, c = _coerce(typing.get_args(hint)[0], v)
+            if not ok:
+                return False, value
+            out.append(c)
+        return True, out
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        # YAML reads 1 or 1.5 as numbers; a string field takes them as written.
+        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        return ok, str(value) if ok else value
+    return isinstance(value, hint), value
+
+
+def _check_value(key: str, hint: Any, value: Any, meta: typing.Mapping) -> Any:
+    ok, value = _coerce(hint, value)
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {_type_name(hint)}, got {value!r}.")
+    if value is None:
+        return value
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}.")
+    bounds = [("ge", ">=", lambda a, b: a >= b), ("gt", ">", lambda a, b: a > b),
+              ("le", "<=", lambda a, b: a <= b), ("lt", "<", lambda a, b: a < b)]
+    for name, sym, test in bounds:
+        limit = meta.get(name)
+        if limit is not None and isinstance(value, (int, float)) and not test(value, limit):
+            allowed = " and ".join(f"{s} {meta[n]}" for n, s, _ in bounds if meta.get(n) is not None)
+            raise ConfigError(f"config key '{key}' must be {allowed}; got {value!r}.")
+    return value
+
+
+def _resolve_refs(cfg: Config) -> None:
+    flat = {(s.name, f.name): getattr(getattr(cfg, s.name), f.name)
+            for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))}
+
+    def resolve(key: tuple[str, str], value: str, depth: int = 0) -> str:
+        def sub(m: re.Match) -> str:
+            ref = (m.group(1), m.group(2))
+            if ref not in flat:
+                raise ConfigError(f"config key '{key[0]}.{key[1]}' refers to unknown key '${{{ref[0]}.{ref[1]}}}'.")
+            if depth > 8:
+                raise ConfigError(f"config key '{key[0]}.{key[1]}' has a circular ${{...}} reference.")
+            target = flat[ref]
+            return resolve(ref, target, depth + 1) if isinstance(target, str) else str(target)
+        return _REF.sub(sub, value)
+
+    for (section, name), value in flat.items():
+        if isinstance(value, str) and "${" in value:
+            setattr(getattr(cfg, section), name, resolve((section, name), value))
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per key: name, default and help; used by `ubt config --help-keys`."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines += describe(hint, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{prefix}{f.name} = {default!r}  # {f.metadata.get('help', '')}")
+    return lines
+
+
+def save_config(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,155 @@
+"""Parquet shards (DESIGN.md schema) through Ray Data: read with a column check, validate with counted rejections, write.
+
+Shard schema: `key` string (unique, stable), `image` binary (encoded PNG/JPEG), `caption` string;
+optional `label` int32 and `is_poison` bool.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from .config import Config, DataConfig, StorageConfig
+from .core.captions import caption_rejection
+from .core.images import image_rejection
+from .errors import UserError
+from .manifest import RowCounts
+from . import storage
+
+REQUIRED_COLUMNS = ("key", "image", "caption")
+OPTIONAL_COLUMNS = {"label": pa.int32(), "is_poison": pa.bool_()}
+BASE_SCHEMA = pa.schema([("key", pa.string()), ("image", pa.binary()), ("caption", pa.string())])
+
+
+def shard_files(uri: str, storage_cfg: StorageConfig | None = None) -> list[str]:
+    """The Parquet files of a shard directory/prefix; an empty one is a user error."""
+    files = storage.list_files(uri, (".parquet",), storage_cfg)
+    if not files:
+        raise UserError(f"no Parquet shards under {uri}: run `ubt prepare` first or point the config at shards.")
+    return files
+
+
+def shard_schema(uri: str, storage_cfg: StorageConfig | None = None,
+                 required: tuple[str, ...] = REQUIRED_COLUMNS) -> pa.Schema:
+    """Schema of the shards under `uri`, after checking that every required column is there."""
+    first = shard_files(uri, storage_cfg)[0]
+    loc = storage.resolve(first, storage_cfg)
+    with storage.friendly_errors(first, storage_cfg, "read"):
+        try:
+            schema = pq.read_schema(loc.path, filesystem=loc.fs)
+        except pa.ArrowInvalid:
+            raise UserError(f"{first} is not a Parquet file: remove it or point the config at a shard directory.") from None
+    missing = [c for c in required if c not in schema.names]
+    if missing:
+        raise UserError(f"shards under {uri} lack column(s) {', '.join(missing)}: they must have "
+                        f"{', '.join(required)} (re-create them with `ubt prepare`).")
+    return schema
+
+
+def count_rows(uri: str, storage_cfg: StorageConfig | None = None) -> int:
+    """Rows in the shards under `uri`, from the Parquet footers only (no data read)."""
+    total = 0
+    for f in shard_files(uri, storage_cfg):
+        loc = storage.resolve(f, storage_cfg)
+        with storage.friendly_errors(f, storage_cfg, "read"):
+            total += pq.read_metadata(loc.path, filesystem=loc.fs).num_rows
+    return total
+
+
+def read_shards(uri: str, cfg: Config, columns: list[str] | None = None,
+                required: tuple[str, ...] = REQUIRED_COLUMNS) -> ray.data.Dataset:
+    """A Ray Dataset streaming the shards under `uri` (local or s3://)."""
+    schema = shard_schema(uri, cfg.storage, required)
+    if columns is not None:
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise UserError(f"shards under {uri} lack column(s) {', '.join(missing)} needed here: "
+                            f"re-create them with the phase that adds them.")
+    files = shard_files(uri, cfg.storage)
+    loc = storage.resolve(uri, cfg.storage)
+    paths = [storage.resolve(f, cfg.storage).path for f in files]
+    with storage.friendly_errors(uri, cfg.storage, "read"):
+        return ray.data.read_parquet(paths, filesystem=loc.fs, columns=columns)
+
+
+def write_shards(ds: ray.data.Dataset, uri: str, cfg: Config, rows_per_file: int) -> None:
+    """Write `ds` as Parquet shards to `uri`, replacing any previous shards there."""
+    storage.remove_dir(uri, cfg.storage)
+    loc = storage.resolve(uri, cfg.storage)
+    with storage.friendly_errors(uri, cfg.storage, "write"):
+        ds.write_parquet(loc.path, filesystem=loc.fs, min_rows_per_file=rows_per_file)
+
+
+def normalise_table(table: pa.Table) -> pa.Table:
+    """Cast to the shard schema: base columns first, optional columns typed, anything else kept as is."""
+    cols, fields = [], []
+    for f in BASE_SCHEMA:
+        cols.append(table.column(f.name).cast(f.type))
+        fields.append(f)
+    for name in table.column_names:
+        if name in BASE_SCHEMA.names:
+            continue
+        col = table.column(name)
+        if name in OPTIONAL_COLUMNS:
+            col = col.cast(OPTIONAL_COLUMNS[name])
+        cols.append(col)
+        fields.append(pa.field(name, col.type))
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+
+
+def validate_table(table: pa.Table, data_cfg: DataConfig) -> tuple[pa.Table, RowCounts]:
+    """Keep the rows whose image and caption are usable; count every other row with its reason."""
+    counts = RowCounts(rows_in=table.num_rows)
+    keys = table.column("key").to_pylist()
+    images = table.column("image").to_pylist()
+    captions = table.column("caption").to_pylist()
+    keep = np.zeros(table.num_rows, dtype=bool)
+    for i, (key, img, cap) in enumerate(zip(keys, images, captions)):
+        reason = ("key missing" if not key else None) or caption_rejection(cap) or image_rejection(
+            img, data_cfg.image_modes, data_cfg.min_image_side, data_cfg.max_image_pixels)
+        if reason:
+            counts.reject(reason, str(key))
+        else:
+            keep[i] = True
+    counts.rows_out = int(keep.sum())
+    return normalise_table(table.filter(pa.array(keep))), counts
+
+
+@ray.remote(num_cpus=0)
+class RowLedger:
+    """Collects the row accounting of every Ray Data task of one phase, so nothing is lost without a count."""
+
+    def __init__(self) -> None:
+        self.counts = RowCounts()
+
+    def add(self, counts: RowCounts) -> None:
+        self.counts.merge(counts)
+
+    def get(self) -> RowCounts:
+        return self.counts
+
+
+def validate_batch(table: pa.Table, data_cfg: DataConfig, ledger) -> pa.Table:
+    """Ray Data UDF around `validate_table` that reports its counts to the ledger actor."""
+    kept, counts = validate_table(table, data_cfg)
+    ray.get(ledger.add.remote(counts))
+    return kept
+
+
+def validate_and_write(ds: ray.data.Dataset, uri: str, cfg: Config, rows_per_file: int,
+                       batch_size: int = 1024) -> RowCounts:
+    """Validate every row of `ds`, write the good ones to `uri`, and return the checked row accounting."""
+    ledger = RowLedger.remote()
+    checked = ds.map_batches(validate_batch, batch_format="pyarrow", batch_size=batch_size,
+                             fn_kwargs={"data_cfg": cfg.data, "ledger": ledger})
+    write_shards(checked, uri, cfg, rows_per_file)
+    counts = ray.get(ledger.get.remote())
+    ray.kill(ledger)
+    written = count_rows(uri, cfg.storage) if counts.rows_out else 0
+    if written != counts.rows_out:
+        raise RuntimeError(f"{uri}: {written} rows written but {counts.rows_out} validated; "
+                           f"this is a bug in ubt_ray, please report it.")
+    counts.check(uri)
+    return counts
