@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from .core.captions import FASHION_MNIST_CLASSES, TEMPLATES
 from .errors import ConfigError
 
 
@@ -51,8 +52,11 @@ class StorageConfig:
 
 @dataclass
 class DataConfig:
-    train: str = _f("${run.output_dir}/data/train", "Parquet shards the model is trained on (the suspicious set D).")
+    clean_train: str = _f("${run.output_dir}/data/train", "Clean training shards (what `prepare` writes, what `poison` reads).")
+    train: str = _f("${run.output_dir}/poison/shards", "Parquet shards the model is trained on: the suspicious set D.")
     test: str = _f("${run.output_dir}/data/test", "Clean labelled Parquet shards for evaluation.")
+    class_names: list[str] = _f(list(FASHION_MNIST_CLASSES), "Class names (label i is class_names[i]) for captions and zero-shot.")
+    templates: list[str] = _f(list(TEMPLATES), "Caption templates, '{}' stands for the class name.")
     image_modes: list[str] = _f(["1", "L", "LA", "P", "RGB", "RGBA"],
                                 "PIL image modes accepted; others (CMYK, I;16, F ...) are rejected.")
     min_image_side: int = _f(8, "Images with a side shorter than this many pixels are rejected.", ge=1)
@@ -81,6 +85,42 @@ class PrepareConfig:
 
 
 @dataclass
+class PoisonConfig:
+    attack: str = _f("badnet", "Backdoor attack.", choices=("badnet", "blended", "sig", "wanet", "label_consistent"))
+    params: dict = _f({}, "Trigger parameters (badnet: size, location; blended: alpha; sig: amplitude, frequency; "
+                          "wanet: grid_size, strength); unset ones take the trigger's defaults.")
+    target_label: int = _f(0, "Target class index: poisoned captions name data.class_names[target_label].", ge=0)
+    num_poisons: int = _f(300, "Rows to poison (ignored when fraction is set).", ge=1)
+    fraction: float | None = _f(None, "Share of rows to poison, instead of num_poisons.", gt=0, le=1)
+    output: str = _f("${run.output_dir}/poison", "Poisoned shards go to <output>/shards, the trigger to <output>/trigger.")
+    rows_per_file: int = _f(10_000, "Rows per written Parquet file.", ge=1)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _f(2.0, "Passes over the (subsampled) training rows; fractions allowed.", gt=0)
+    max_rows: int | None = _f(None, "Train on a seeded subset of this many rows (null: all).", ge=1)
+    batch_size: int = _f(256, "Global batch size (split over workers).", ge=2)
+    lr: float = _f(1e-3, "Peak learning rate (AdamW, cosine decay after warmup).", gt=0)
+    weight_decay: float = _f(0.1, "AdamW weight decay (not applied to gains, biases, embeddings).", ge=0)
+    warmup_steps: int = _f(50, "Linear warmup steps.", ge=0)
+    num_workers: int = _f(1, "Ray Train workers (DDP); 0 runs the loop in-process.", ge=0)
+    use_gpu: bool = _f(False, "One GPU per worker, mixed precision (model.precision).")
+    cpus_per_worker: int = _f(1, "CPUs reserved per worker.", ge=1)
+    max_failures: int = _f(2, "Restarts from the last checkpoint after a worker failure.", ge=0)
+    checkpoints_per_epoch: int = _f(1, "Checkpoints reported per epoch.", ge=1)
+    output: str = _f("${run.output_dir}/attack", "Run directory: final model in <output>/model, Ray Train state in <output>/ray.")
+
+
+@dataclass
+class EvaluateConfig:
+    trigger: str | None = _f("${poison.output}/trigger", "Saved trigger directory for ASR; null skips ASR.")
+    max_rows: int | None = _f(None, "Evaluate on the first this many test rows (null: all).", ge=1)
+    batch_size: int = _f(512, "Inference batch size.", ge=1)
+    output: str = _f("${train.output}/eval", "Where metrics.json goes.")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -88,6 +128,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    poison: PoisonConfig = field(default_factory=PoisonConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -152,7 +195,7 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) is list:
         return f"a list of {_type_name(typing.get_args(hint)[0])}"
-    return {type(None): "null", str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(
+    return {type(None): "null", str: "a string", dict: "a mapping", int: "an integer", float: "a number", bool: "true/false"}.get(
         hint, str(hint))
 
 
@@ -177,6 +220,8 @@ def _coerce(hint: Any, value: Any) -> tuple[bool, Any]:
         return True, out
     if hint is type(None):
         return value is None, value
+    if hint is dict:
+        return isinstance(value, dict), value
     if hint is bool:
         return isinstance(value, bool), value
     if hint is int:

@@ -16,7 +16,7 @@ import ray
 
 from ..cluster import ensure_ray
 from ..config import Config
-from ..core.captions import FASHION_MNIST_CLASSES, template_captions
+from ..core.captions import template_captions
 from ..core.images import encode_png
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
@@ -100,7 +100,11 @@ def _fashion_mnist_dataset(cfg: Config, split: str) -> ray.data.Dataset:
         raise UserError(f"{cfg.prepare.input}: {split} images ({len(images)}) and labels ({len(labels)}) differ "
                         f"in count: reinstall dataset-fashion-mnist.")
     # The test split draws its templates from a different stream than train, both fixed by run.seed.
-    captions = template_captions(labels, FASHION_MNIST_CLASSES, seed=cfg.run.seed * 2 + (split == "test"))
+    if len(cfg.data.class_names) < 10:
+        raise UserError(f"data.class_names has {len(cfg.data.class_names)} names but Fashion-MNIST has 10 classes: "
+                        f"give all 10 (or leave the default).")
+    captions = template_captions(labels, tuple(cfg.data.class_names), seed=cfg.run.seed * 2 + (split == "test"),
+                                 templates=tuple(cfg.data.templates))
     blocks = []
     for start in range(0, len(images), BLOCK_ROWS):
         end = min(start + BLOCK_ROWS, len(images))

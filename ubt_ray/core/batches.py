@@ -1,0 +1,50 @@
+"""From shard rows to model inputs: images decoded to uint8 pixel tensors, normalised on the fly; captions tokenised.
+
+Pixels stay uint8 (N, 3, H, W) until the model step, so that triggers and token masks act in pixel space
+and a decoded dataset costs a quarter of its float size in memory. The decode matches open_clip's eval
+preprocessing (resize the shortest side with bicubic, centre crop, RGB), then `normalize` applies its mean/std.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+
+_RESIZERS: dict[int, Callable] = {}
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """One image's bytes as a uint8 (3, size, size) array, preprocessed like open_clip's eval transform."""
+    if size not in _RESIZERS:
+        resize, crop = Resize(size, interpolation=InterpolationMode.BICUBIC), CenterCrop(size)
+        _RESIZERS[size] = lambda img: crop(resize(img))
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = _RESIZERS[size](img)
+        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def decode_images(images: Sequence[bytes], size: int) -> torch.Tensor:
+    """A batch of image bytes as a uint8 tensor (N, 3, size, size)."""
+    if len(images) == 0:
+        return torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    return torch.from_numpy(np.stack([decode_image(b, size) for b in images]))
+
+
+def normalize(pixels: torch.Tensor, preprocess_cfg: dict) -> torch.Tensor:
+    """uint8 or [0, 1] float pixels -> the normalised float input the model expects."""
+    x = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels
+    mean = torch.tensor(preprocess_cfg["mean"], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(preprocess_cfg["std"], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def tokenize(tokenizer: Callable, captions: Sequence[str]) -> torch.Tensor:
+    """Token ids (N, context_length) of a list of captions."""
+    return tokenizer(list(captions))
