@@ -227,6 +227,12 @@ def _coerce(hint: Any, value: Any) -> tuple[bool, Any]:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 5e-4 (no dot) as a string; it means a number.
+            try:
+                value = float(value)
+            except ValueError:
+                return False, value
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok, float(value) if ok else value
     if hint is str:

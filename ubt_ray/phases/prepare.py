@@ -42,6 +42,9 @@ class PrepareResult:
 def prepare(cfg: Config) -> PrepareResult:
     """Run the configured source into shards under `prepare.output`, with a manifest of every row."""
     started = time.time()
+    # Fail on a wrong path or an unreachable endpoint before paying for Ray's start-up.
+    if not storage.exists(cfg.prepare.input, cfg.storage):
+        raise UserError(f"{cfg.prepare.input} does not exist: set prepare.input to the {cfg.prepare.source} input.")
     ensure_ray(cfg.ray)
     source = cfg.prepare.source
     if source == "fashion-mnist":

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The main command of the README: set up .venv if needed, then run the embedded default pipeline
+# (configs/quickstart.yaml: Fashion-MNIST captions, a tiny ViT CLIP, local Ray, CPU). Extra arguments are
+# config overrides, e.g. `scripts/quickstart.sh run.output_dir=/tmp/qs`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+exec .venv/bin/ubt prepare fashion-mnist --config configs/quickstart.yaml "$@"

@@ -1,0 +1,196 @@
+"""evaluate: zero-shot clean accuracy (CA) on the labelled test shards, and attack success rate (ASR) with the saved trigger.
+
+METHOD.md section 5. The test set is small, so it is read with plain pyarrow and run in this process, in chunks of
+`evaluate.batch_size` rows so that memory stays bounded whatever the model's input size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ..config import Config
+from ..core.batches import decode_image
+from ..core.models import load_clip, pick_device
+from ..core.triggers import Trigger, apply_to_png, load_trigger
+from ..core.zeroshot import attack_success_rate, class_embeddings, clean_accuracy, zero_shot_predict
+from ..errors import UserError
+from ..manifest import RowCounts, write_manifest
+from ..shards import shard_files, shard_schema
+from .. import storage
+
+log = logging.getLogger(__name__)
+
+ATTACK_FILE = "attack.json"
+
+
+@dataclass
+class EvalResult:
+    clean_accuracy: float
+    attack_success_rate: float | None
+    metrics: dict
+    output: str
+
+
+@dataclass
+class Attack:
+    """The saved trigger and what the poison phase recorded about it."""
+    trigger: Trigger
+    name: str
+    target_label: int
+    uri: str
+
+
+def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
+    """CA of the model (`model_uri`, else `cfg.model`) on `data.test`, and ASR when `evaluate.trigger` exists."""
+    started = time.time()
+    ev = cfg.evaluate
+    class_names = list(cfg.data.class_names)
+    keys, images, labels = read_test_rows(cfg)
+    attack = load_attack(cfg)
+    if attack is not None and not np.any(labels != attack.target_label):
+        raise UserError(f"every evaluated test row is of the target class {attack.target_label}, so ASR counts "
+                        f"no image: evaluate more rows (evaluate.max_rows) or another test set.")
+
+    device = pick_device(cfg.model.device)
+    model_cfg = dataclasses.replace(cfg.model, checkpoint=model_uri) if model_uri else cfg.model
+    if not model_cfg.checkpoint:
+        log.warning("evaluating a randomly initialised %s: set model.checkpoint or pass --model.", model_cfg.name)
+    clip = load_clip(model_cfg, cfg.storage, device, seed=cfg.run.seed)
+    precision = cfg.model.precision
+    try:
+        classifier = class_embeddings(clip.model, clip.tokenizer, class_names, cfg.data.templates, device, precision)
+    except ValueError as e:
+        raise UserError(f"data.templates: {e}") from None
+
+    def predict(pixels: torch.Tensor) -> torch.Tensor:
+        return zero_shot_predict(clip.model, pixels, classifier, clip.preprocess_cfg, ev.batch_size, device, precision)
+
+    clean_preds, triggered_preds = [], []
+    for start in range(0, len(keys), ev.batch_size):
+        chunk = slice(start, start + ev.batch_size)
+        clean_preds.append(predict(decode_rows(keys[chunk], images[chunk], clip.image_size)))
+        if attack is not None:
+            triggered_preds.append(predict(decode_rows(keys[chunk], images[chunk], clip.image_size, attack)))
+
+    ca = clean_accuracy(torch.cat(clean_preds), labels)
+    asr, asr_images = None, 0
+    if attack is not None:
+        asr, asr_images = attack_success_rate(torch.cat(triggered_preds), labels, attack.target_label)
+    metrics = {
+        "clean_accuracy": ca,
+        "attack_success_rate": asr,
+        "asr_images": asr_images,
+        "target_label": attack.target_label if attack else None,
+        "attack": attack.name if attack else None,
+        "test_rows": len(keys),
+        "model": model_cfg.checkpoint or f"{model_cfg.name} (random init, seed {cfg.run.seed})",
+        "trigger": attack.uri if attack else None,
+        "sample_passes": len(keys) * (2 if attack else 1),
+        "wall_time_s": round(time.time() - started, 3),
+    }
+    storage.write_json(storage.join(ev.output, "metrics.json"), metrics, cfg.storage)
+    rows = RowCounts(rows_in=len(keys), rows_out=len(keys))
+    write_manifest(ev.output, "evaluate", cfg, inputs={"model": metrics["model"], "test": cfg.data.test,
+                                                       "trigger": metrics["trigger"]},
+                   rows=rows, started=started, extra={"metrics": metrics})
+    return EvalResult(ca, asr, metrics, ev.output)
+
+
+def read_test_rows(cfg: Config) -> tuple[list[str], list[bytes], np.ndarray]:
+    """(keys, image bytes, labels) of the first `evaluate.max_rows` test rows (all when unset)."""
+    uri, limit = cfg.data.test, cfg.evaluate.max_rows
+    schema = shard_schema(uri, cfg.storage, required=("key", "image"))
+    if "label" not in schema.names:
+        raise UserError(f"test shards under {uri} have no label column: point data.test at labelled shards "
+                        f"(e.g. `ubt prepare fashion-mnist`, or a CSV with prepare.label_column set).")
+    tables = []
+    read = 0
+    for f in shard_files(uri, cfg.storage):
+        if limit is not None and read >= limit:
+            break
+        loc = storage.resolve(f, cfg.storage)
+        with storage.friendly_errors(f, cfg.storage, "read"):
+            table = pq.read_table(loc.path, filesystem=loc.fs, columns=["key", "image", "label"])
+        tables.append(table)
+        read += table.num_rows
+    table = pa.concat_tables(tables, promote_options="permissive")
+    if limit is not None:
+        table = table.slice(0, limit)
+    if table.num_rows == 0:
+        raise UserError(f"test shards under {uri} hold no rows: re-create them with `ubt prepare`.")
+    label_col = table.column("label")
+    if label_col.null_count:
+        raise UserError(f"{label_col.null_count} of {table.num_rows} test rows under {uri} have no label: "
+                        f"evaluate on shards whose every row is labelled.")
+    labels = label_col.to_numpy().astype(np.int64)
+    n_classes = len(cfg.data.class_names)
+    bad = labels[(labels < 0) | (labels >= n_classes)]
+    if len(bad):
+        raise UserError(f"test label {int(bad[0])} is outside data.class_names ({n_classes} names): give one name "
+                        f"per label of the test set.")
+    return table.column("key").to_pylist(), table.column("image").to_pylist(), labels
+
+
+def load_attack(cfg: Config) -> Attack | None:
+    """The trigger at `evaluate.trigger` and its attack.json, or None when unset or not written (no ASR then)."""
+    uri = cfg.evaluate.trigger
+    if not uri:
+        return None
+    if not storage.exists(uri, cfg.storage):
+        log.warning("no trigger at evaluate.trigger=%s, so ASR is not measured: run `ubt poison` first or set "
+                    "evaluate.trigger=null.", uri)
+        return None
+    with storage.local_copy(uri, cfg.storage) as local:
+        try:
+            trigger = load_trigger(local)
+        except ValueError as e:
+            raise UserError(f"evaluate.trigger={uri}: {e}") from None
+        meta_file = local / ATTACK_FILE
+        if not meta_file.is_file():
+            raise UserError(f"evaluate.trigger={uri} has no {ATTACK_FILE} naming the target label: point it at "
+                            f"the trigger directory written by `ubt poison`.")
+        try:
+            meta = storage.read_json(str(meta_file))
+        except ValueError:
+            meta = None
+    if not isinstance(meta, dict):
+        raise UserError(f"{ATTACK_FILE} in {uri} is not a JSON object: re-run `ubt poison` to rewrite it.")
+    target = meta.get("target_label")
+    n_classes = len(cfg.data.class_names)
+    if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < n_classes:
+        raise UserError(f"{ATTACK_FILE} in {uri} has target_label {target!r}, not a class index below {n_classes}: "
+                        f"re-run `ubt poison` with the same data.class_names.")
+    name = meta.get("target_name")
+    if name is not None and name != cfg.data.class_names[target]:
+        log.warning("%s in %s names the target %r but data.class_names[%d] is %r: evaluating with the latter.",
+                    ATTACK_FILE, uri, name, target, cfg.data.class_names[target])
+    return Attack(trigger, str(meta.get("attack", trigger.kind)), target, uri)
+
+
+def decode_rows(keys: list[str], images: list[bytes], size: int, attack: Attack | None = None) -> torch.Tensor:
+    """uint8 (N, 3, size, size) model inputs; with an attack, the trigger is applied first at the stored resolution."""
+    out = np.empty((len(images), 3, size, size), dtype=np.uint8)
+    for i, (key, data) in enumerate(zip(keys, images)):
+        try:
+            # Triggered like the poisoned training rows were: on the original image, keyed by the row.
+            if attack is not None:
+                data = apply_to_png(data, attack.trigger, key)
+            out[i] = decode_image(data, size)
+        except (ValueError, OSError) as e:
+            raise UserError(f"test image of row {key!r} cannot be {'triggered' if attack else 'decoded'} ({e}): "
+                            f"re-create the test shards with `ubt prepare`.") from None
+    return torch.from_numpy(out)
+
+
+def cli_evaluate(cfg: Config, args: argparse.Namespace) -> dict:
+    """`ubt evaluate [--model URI]`: run the phase and return its metrics."""
+    return evaluate(cfg, getattr(args, "model", None)).metrics

@@ -1,0 +1,228 @@
+"""poison: clean shards + an attack spec -> poisoned shards with ground truth, and the trigger saved for re-use.
+
+A seeded set of rows (chosen from `key` and `label` only, never the images) gets the trigger and, except for the
+clean-label `label_consistent` attack, a caption naming the target class; `label` stays the true label and
+`is_poison` marks them. The trigger directory holds the pattern and `attack.json`, which evaluation loads for ASR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from ..cluster import ensure_ray
+from ..config import Config, DataConfig
+from ..core.captions import caption_rejection, template_captions
+from ..core.images import image_rejection
+from ..core.triggers import Trigger, apply_to_png, build_trigger
+from ..errors import UserError
+from ..manifest import RowCounts, write_manifest
+from ..shards import read_shards, shard_schema, validate_and_write
+from .. import storage
+
+ATTACK_FILE = "attack.json"
+MAX_MANIFEST_KEYS = 100_000
+
+
+@dataclass
+class PoisonResult:
+    output: str
+    shards: str
+    trigger_dir: str
+    num_poisoned: int
+    rows: RowCounts
+    manifest: dict
+
+
+def poison(cfg: Config) -> PoisonResult:
+    """Poison a seeded set of rows of `data.clean_train` and write shards, trigger and manifest under `poison.output`."""
+    started = time.time()
+    p = cfg.poison
+    trigger = make_trigger(cfg)
+    target_class = _target_class(cfg)
+    ensure_ray(cfg.ray)
+    chosen = select_poison_keys(cfg)
+
+    shards_uri = storage.join(p.output, "shards")
+    log = _PoisonLog.remote()
+    ds = read_shards(cfg.data.clean_train, cfg).map_batches(
+        _poison_batch, batch_format="pyarrow",
+        # fn_kwargs travel once per operator through the object store, not once per task.
+        fn_kwargs={"chosen": frozenset(chosen), "trigger": trigger, "relabel": p.attack != "label_consistent",
+                   "target_class": target_class, "templates": tuple(cfg.data.templates), "seed": cfg.run.seed,
+                   "data_cfg": cfg.data, "log": log})
+    rows = validate_and_write(ds, shards_uri, cfg, p.rows_per_file)
+    poisoned, attempts = ray.get(log.get.remote())
+    ray.kill(log)
+    poisoned = sorted(poisoned)
+    attempts.check("poison")
+    if attempts.rows_in != len(chosen):
+        raise RuntimeError(f"poison: {len(chosen)} rows chosen but {attempts.rows_in} met in the shards; "
+                           f"this is a bug in ubt_ray, please report it.")
+    if not poisoned:
+        raise UserError(f"none of the {len(chosen)} chosen rows could be poisoned ({', '.join(attempts.rejected)}): "
+                        f"fix poison.params or the data, see the rows under {shards_uri}.")
+
+    trigger_uri = storage.join(p.output, "trigger")
+    attack = {"attack": p.attack, "params": trigger.params, "target_label": p.target_label,
+              "target_class": target_class, "seed": cfg.run.seed, "count": len(poisoned), "poisoned_keys": poisoned}
+    with storage.local_staging(trigger_uri, cfg.storage) as local:
+        trigger.save(local)
+        (local / ATTACK_FILE).write_text(json.dumps(attack, indent=2) + "\n")
+
+    skipped = attempts.to_dict()
+    manifest = write_manifest(
+        p.output, "poison", cfg, inputs={"clean_train": cfg.data.clean_train}, rows=rows, started=started,
+        extra={"attack": p.attack, "params": trigger.params, "target_label": p.target_label,
+               "target_class": target_class, "shards": shards_uri, "trigger": trigger_uri,
+               "num_requested": len(chosen), "num_poisoned": len(poisoned),
+               "not_poisoned": skipped["rejected_by_reason"], "not_poisoned_examples": skipped["rejected_examples"],
+               "poisoned_keys_total": len(poisoned), "poisoned_keys": poisoned[:MAX_MANIFEST_KEYS]})
+    return PoisonResult(p.output, shards_uri, trigger_uri, len(poisoned), rows, manifest)
+
+
+def make_trigger(cfg: Config) -> Trigger:
+    """The configured attack's trigger, seeded by `run.seed`; bad parameters are a UserError."""
+    try:
+        return build_trigger(cfg.poison.attack, cfg.poison.params, cfg.run.seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def select_poison_keys(cfg: Config) -> list[str]:
+    """The sorted keys of the rows to poison, drawn with `run.seed` among the eligible rows, reading no images."""
+    p, uri = cfg.poison, cfg.data.clean_train
+    if "label" not in shard_schema(uri, cfg.storage).names:
+        raise UserError(f"shards under {uri} have no label column, which poisoning needs to tell the target class "
+                        f"from the others: prepare them from a source with labels (e.g. prepare.label_column).")
+    keys, labels = [], []
+    for batch in read_shards(uri, cfg, columns=["key", "label"]).iter_batches(batch_format="pyarrow", batch_size=None):
+        keys.append(batch.column("key").combine_chunks().cast(pa.string()))
+        labels.append(batch.column("label").combine_chunks().cast(pa.int64()))
+    keys, labels = pa.concat_arrays(keys), pa.concat_arrays(labels)
+    total = len(keys)
+    # Rows without a key are rejected at validation, so they are never chosen.
+    has_key = pc.fill_null(pc.not_equal(keys, ""), False)
+    keys, labels = keys.filter(has_key), labels.filter(has_key)
+    if len(pc.unique(keys)) != len(keys):
+        counts = pc.value_counts(keys)
+        dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+        raise UserError(f"shards under {uri} repeat key {dup!r}, but poisoning picks rows by key: "
+                        f"give every row a unique key (re-create the shards with `ubt prepare`).")
+    # Null labels are never eligible: such a row might belong to the target class.
+    same = p.attack == "label_consistent"
+    eligible = pc.filter(keys, (pc.equal if same else pc.not_equal)(labels, p.target_label))
+    # Sorted so that the choice depends on the seed only, not on the order Ray delivers blocks in.
+    eligible = eligible.take(pc.sort_indices(eligible)).to_numpy(zero_copy_only=False)
+    wanted = round(p.fraction * total) if p.fraction is not None else p.num_poisons
+    asked = f"poison.fraction={p.fraction} of {total} rows" if p.fraction is not None else f"poison.num_poisons={wanted}"
+    rule = f"label == {p.target_label}" if same else f"label != {p.target_label}"
+    if wanted < 1:
+        raise UserError(f"{asked} is 0 rows to poison: raise poison.fraction or set poison.num_poisons instead.")
+    if wanted > len(eligible):
+        raise UserError(f"{asked} asks for {wanted} poisons but only {len(eligible)} rows of {uri} are eligible "
+                        f"({p.attack}: {rule}): ask for at most {len(eligible)} or use more data.")
+    picked = np.random.default_rng(cfg.run.seed).choice(len(eligible), size=wanted, replace=False)
+    return sorted(str(k) for k in eligible[picked])
+
+
+def target_caption(key: str, target_class: str, templates: tuple[str, ...], seed: int) -> str:
+    """The poisoned caption of row `key`: a template for the target class, fixed by the key and the seed."""
+    # sha256, not hash(): Python's str hash is salted per process, and workers are separate processes.
+    row_seed = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
+    return template_captions(np.array([0]), (target_class,), row_seed, templates)[0]
+
+
+def _target_class(cfg: Config) -> str:
+    names, target = cfg.data.class_names, cfg.poison.target_label
+    if target >= len(names):
+        raise UserError(f"poison.target_label={target} has no class name (data.class_names has {len(names)}): "
+                        f"pick a label below {len(names)} or add class names.")
+    if cfg.poison.attack != "label_consistent" and not cfg.data.templates:
+        raise UserError("data.templates is empty, so no poisoned caption can be written: give at least one template.")
+    return names[target]
+
+
+@ray.remote(num_cpus=0)
+class _PoisonLog:
+    """Collects the keys each Ray Data task poisoned, and the chosen rows it could not poison with the reason."""
+
+    def __init__(self) -> None:
+        self.poisoned: list[str] = []
+        self.attempts = RowCounts()
+
+    def add(self, poisoned: list[str], attempts: RowCounts) -> None:
+        self.poisoned.extend(poisoned)
+        self.attempts.merge(attempts)
+
+    def get(self) -> tuple[list[str], RowCounts]:
+        return self.poisoned, self.attempts
+
+
+def _poison_batch(table: pa.Table, chosen: frozenset, trigger: Trigger, relabel: bool, target_class: str,
+                  templates: tuple[str, ...], seed: int, data_cfg: DataConfig, log) -> pa.Table:
+    """Ray Data UDF: trigger (and re-caption) the chosen rows, mark them `is_poison`, pass the rest through untouched."""
+    keys = table.column("key").to_pylist()
+    hit = np.fromiter((k in chosen for k in keys), dtype=bool, count=len(keys))
+    flags = np.zeros(len(keys), dtype=bool)
+    if hit.any():
+        images, captions = table.column("image").to_pylist(), table.column("caption").to_pylist()
+        attempts, poisoned = RowCounts(rows_in=int(hit.sum())), []
+        for i in np.flatnonzero(hit):
+            key = keys[i]
+            reason = _poison_row(i, key, images, captions, trigger, relabel, target_class, templates, seed, data_cfg)
+            if reason:
+                attempts.reject(reason, key)
+            else:
+                flags[i] = True
+                poisoned.append(key)
+        attempts.rows_out = len(poisoned)
+        table = _set(table, "image", pa.array(images, table.schema.field("image").type))
+        table = _set(table, "caption", pa.array(captions, pa.string()))
+        ray.get(log.add.remote(poisoned, attempts))
+    if "is_poison" in table.column_names:
+        # Already-poisoned input keeps its ground truth.
+        flags |= table.column("is_poison").fill_null(False).to_numpy(zero_copy_only=False)
+        table = table.drop_columns(["is_poison"])
+    return table.append_column("is_poison", pa.array(flags))
+
+
+def _poison_row(i: int, key: str, images: list, captions: list, trigger: Trigger, relabel: bool, target_class: str,
+                templates: tuple[str, ...], seed: int, data_cfg: DataConfig) -> str | None:
+    """Poison row i of the lists in place; return why it could not be, or None."""
+    # A row that validation will reject stays as it is, so that poisoning never changes which rows survive.
+    reason = caption_rejection(captions[i]) or image_rejection(
+        images[i], data_cfg.image_modes, data_cfg.min_image_side, data_cfg.max_image_pixels)
+    if reason:
+        return reason
+    try:
+        image = apply_to_png(images[i], trigger, key=key)
+    except ValueError as e:
+        return f"trigger not applicable: {e}"
+    reason = image_rejection(image, data_cfg.image_modes, data_cfg.min_image_side, data_cfg.max_image_pixels)
+    if reason:
+        return f"poisoned {reason}"
+    images[i] = image
+    if relabel:
+        captions[i] = target_caption(key, target_class, templates, seed)
+    return None
+
+
+def _set(table: pa.Table, name: str, column: pa.Array) -> pa.Table:
+    return table.set_column(table.column_names.index(name), name, column)
+
+
+def cli_poison(cfg: Config, args) -> dict:
+    """`ubt poison`: run the phase and summarise it."""
+    result = poison(cfg)
+    return {"output": result.output, "shards": result.shards, "trigger": result.trigger_dir,
+            "attack": cfg.poison.attack, "target_label": cfg.poison.target_label,
+            "num_poisoned": result.num_poisoned, "rows_out": result.rows.rows_out,
+            "rows_rejected": result.rows.rows_rejected}
