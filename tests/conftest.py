@@ -32,7 +32,8 @@ def ray_local():
     import ray
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    # Logical CPUs beyond the machine's two, so that two Train workers leave room for Ray Data's tasks.
+    ray.init(num_cpus=4, logging_level="ERROR")
     yield ray
     ray.shutdown()
 

@@ -23,8 +23,30 @@ def _prepare(cfg: Config, args: argparse.Namespace) -> dict:
             "rows_out": result.rows.rows_out, "rows_rejected": result.rows.rows_rejected}
 
 
+def _poison(cfg: Config, args: argparse.Namespace) -> dict:
+    from .phases.poison import cli_poison
+    return cli_poison(cfg, args)
+
+
+def _train(cfg: Config, args: argparse.Namespace) -> dict:
+    from .phases.train import train
+    r = train(cfg)
+    return {"model": r.model, "steps": r.steps, "samples": r.samples, "resumed_from_step": r.resumed_from_step,
+            "final_loss": r.metrics.get("loss"), "wall_time_s": round(r.wall_time_s, 1)}
+
+
+def _evaluate(cfg: Config, args: argparse.Namespace) -> dict:
+    from .phases.evaluate import cli_evaluate
+    return cli_evaluate(cfg, args)
+
+
+def _pipeline(cfg: Config, args: argparse.Namespace) -> dict:
+    from .pipeline import run_pipeline
+    return run_pipeline(cfg).summary
+
+
 def _config(cfg: Config, args: argparse.Namespace) -> None:
-    print("\n".join(describe()) if args.keys else save_config(cfg), end="\n" if args.keys else "")
+    print("\n".join(describe()) if args.keys else save_config(cfg).rstrip("\n"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     phase("prepare", "Turn a source into validated Parquet shards.", _prepare, ("fashion-mnist", "csv", "webdataset"))
+    phase("poison", "Poison clean shards with a backdoor trigger (the attack side).", _poison)
+    phase("train", "Train or fine-tune CLIP on shards with Ray Train (e.g. the backdoored model).", _train)
+    p = phase("evaluate", "Zero-shot clean accuracy and attack success rate of a model.", _evaluate)
+    p.add_argument("--model", help="open_clip local-dir checkpoint to evaluate (default: model.checkpoint)")
+    phase("pipeline", "Run the configured phases in order (pipeline.phases).", _pipeline)
     p = phase("config", "Print the resolved config, or every key with its help (--keys).", _config)
     p.add_argument("--keys", action="store_true", help="list every config key with its default and help")
     return parser

@@ -19,6 +19,6 @@ def ensure_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, **kwargs)
         return
-    # A laptop run: a private local Ray without the dashboard, which only costs start-up time here.
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+    # A laptop run: a private local Ray (with its dashboard: Ray Train's controller queries the State API).
+    ray.init(num_cpus=cfg.num_cpus, **kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = os.isatty(2)

@@ -99,14 +99,15 @@ class PoisonConfig:
 @dataclass
 class TrainConfig:
     epochs: float = _f(2.0, "Passes over the (subsampled) training rows; fractions allowed.", gt=0)
-    max_rows: int | None = _f(None, "Train on a seeded subset of this many rows (null: all).", ge=1)
     batch_size: int = _f(256, "Global batch size (split over workers).", ge=2)
     lr: float = _f(1e-3, "Peak learning rate (AdamW, cosine decay after warmup).", gt=0)
     weight_decay: float = _f(0.1, "AdamW weight decay (not applied to gains, biases, embeddings).", ge=0)
     warmup_steps: int = _f(50, "Linear warmup steps.", ge=0)
     num_workers: int = _f(1, "Ray Train workers (DDP); 0 runs the loop in-process.", ge=0)
     use_gpu: bool = _f(False, "One GPU per worker, mixed precision (model.precision).")
-    cpus_per_worker: int = _f(1, "CPUs reserved per worker.", ge=1)
+    cpus_per_worker: int = _f(1, "CPUs reserved per worker (Ray resources).", ge=1)
+    threads_per_worker: int | None = _f(None, "Torch threads per worker; null: this node's cores / workers.", ge=1)
+    resume: bool = _f(True, "Resume from the last checkpoint under <output>/ray if there is one.")
     max_failures: int = _f(2, "Restarts from the last checkpoint after a worker failure.", ge=0)
     checkpoints_per_epoch: int = _f(1, "Checkpoints reported per epoch.", ge=1)
     output: str = _f("${run.output_dir}/attack", "Run directory: final model in <output>/model, Ray Train state in <output>/ray.")
@@ -120,6 +121,15 @@ class EvaluateConfig:
     output: str = _f("${train.output}/eval", "Where metrics.json goes.")
 
 
+PHASES = ("prepare", "poison", "train", "evaluate")
+
+
+@dataclass
+class PipelineConfig:
+    phases: list[str] = _f(list(PHASES), f"Phases `ubt pipeline` runs, in order; any of {', '.join(PHASES)}.")
+    reuse: bool = _f(True, "Skip prepare/poison when their output's manifest holds the same config.")
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -131,6 +141,7 @@ class Config:
     poison: PoisonConfig = field(default_factory=PoisonConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -167,6 +178,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raw[section][name] = parsed
     cfg = _build(Config, raw, "")
     _resolve_refs(cfg)
+    bad = [p for p in cfg.pipeline.phases if p not in PHASES]
+    if bad:
+        raise ConfigError(f"config key 'pipeline.phases' holds unknown phase {bad[0]!r}: use any of {', '.join(PHASES)}.")
     return cfg
 
 

@@ -34,6 +34,7 @@ ATTACK_FILE = "attack.json"
 
 @dataclass
 class EvalResult:
+    """What `evaluate` measured and where it wrote metrics.json."""
     clean_accuracy: float
     attack_success_rate: float | None
     metrics: dict
@@ -169,7 +170,8 @@ def load_attack(cfg: Config) -> Attack | None:
     if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < n_classes:
         raise UserError(f"{ATTACK_FILE} in {uri} has target_label {target!r}, not a class index below {n_classes}: "
                         f"re-run `ubt poison` with the same data.class_names.")
-    name = meta.get("target_name")
+    # `ubt poison` records the name as target_class; target_name is accepted as well.
+    name = meta.get("target_name", meta.get("target_class"))
     if name is not None and name != cfg.data.class_names[target]:
         log.warning("%s in %s names the target %r but data.class_names[%d] is %r: evaluating with the latter.",
                     ATTACK_FILE, uri, name, target, cfg.data.class_names[target])

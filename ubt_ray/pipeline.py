@@ -1,0 +1,63 @@
+"""`ubt pipeline`: the configured phases in order, each reading what the one before wrote."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from . import storage
+from .config import Config
+from .errors import UserError
+
+
+@dataclass
+class PipelineResult:
+    summary: dict = field(default_factory=dict)
+
+
+def _reusable(cfg: Config, out: str, sections: tuple[str, ...]) -> bool:
+    """True when `out` already holds a finished output made with the same config sections."""
+    uri = storage.join(out, "manifest.json")
+    if not cfg.pipeline.reuse or not storage.exists(uri, cfg.storage):
+        return False
+    old = storage.read_json(uri, cfg.storage).get("config", {})
+    new = cfg.to_dict()
+    return all(old.get(s) == new[s] for s in sections)
+
+
+def run_pipeline(cfg: Config) -> PipelineResult:
+    """Run `pipeline.phases` and return a summary (row counts, model, CA/ASR, time per phase)."""
+    summary: dict = {"phases": {}}
+    model_uri = cfg.model.checkpoint
+    for phase in cfg.pipeline.phases:
+        started = time.time()
+        if phase == "prepare":
+            if _reusable(cfg, cfg.prepare.output, ("prepare", "data", "run")):
+                summary["phases"]["prepare"] = {"reused": cfg.prepare.output}
+                continue
+            from .phases.prepare import prepare
+            r = prepare(cfg)
+            summary["phases"]["prepare"] = {"rows_out": r.rows.rows_out, "rows_rejected": r.rows.rows_rejected}
+        elif phase == "poison":
+            if _reusable(cfg, cfg.poison.output, ("poison", "data", "run")):
+                summary["phases"]["poison"] = {"reused": cfg.poison.output}
+                continue
+            from .phases.poison import poison
+            r = poison(cfg)
+            summary["phases"]["poison"] = {"attack": cfg.poison.attack, "num_poisoned": r.num_poisoned}
+        elif phase == "train":
+            from .phases.train import train
+            r = train(cfg)
+            model_uri = r.model
+            summary["phases"]["train"] = {"model": r.model, "steps": r.steps, "samples": r.samples}
+        elif phase == "evaluate":
+            if model_uri is None:
+                raise UserError("pipeline.phases evaluates but nothing trained a model and model.checkpoint is "
+                                "null: add train to pipeline.phases or set model.checkpoint.")
+            from .phases.evaluate import evaluate
+            r = evaluate(cfg, model_uri)
+            summary["metrics"] = r.metrics
+            summary["phases"]["evaluate"] = {"clean_accuracy": r.clean_accuracy,
+                                             "attack_success_rate": r.attack_success_rate}
+        summary["phases"][phase]["wall_time_s"] = round(time.time() - started, 1)
+    return PipelineResult(summary)

@@ -1,0 +1,220 @@
+"""The one training loop of every training phase (attack, overfit, unlearn, baselines), on Ray Train.
+
+`fit(cfg, spec)` runs a `TorchTrainer`: DDP over `train.num_workers` (CPU/gloo or GPU/NCCL), shards streamed
+to each worker with `get_dataset_shard`, images decoded in the worker, a checkpoint (an open_clip local-dir
+plus the optimiser state) reported `train.checkpoints_per_epoch` times per epoch. A rerun with the same
+output resumes from the last checkpoint, and so does Ray after a worker failure (`train.max_failures`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+from safetensors.torch import load_file
+
+from . import storage
+from .cluster import ensure_ray
+from .config import Config, ModelConfig, TrainConfig
+from .core.batches import decode_images
+from .core.models import WEIGHTS_FILE, Clip, load_checkpoint_dir, load_clip, save_clip, write_checkpoint_dir
+from .core.objectives import Batch, build_objective
+from .errors import UserError
+from .manifest import write_manifest
+from .shards import count_rows, read_shards
+
+TRAIN_STATE_FILE = "train_state.pt"
+LOG_EVERY_STEPS = 10
+SHUFFLE_BUFFER_ROWS = 4096
+
+
+@dataclass
+class FitSpec:
+    """What a phase asks of the loop: which data, from which model, with which objective, to which output."""
+    phase: str
+    data: str
+    output: str
+    init: ModelConfig
+    train: TrainConfig
+    objective: str = "clip"
+    objective_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    model: str
+    steps: int
+    samples: int
+    resumed_from_step: int
+    wall_time_s: float
+    metrics: dict
+    manifest: dict
+
+
+def fit(cfg: Config, spec: FitSpec) -> FitResult:
+    """Train `spec.init` on `spec.data` with `spec.objective`; the final model goes to `<output>/model`."""
+    started = time.time()
+    t = spec.train
+    rows = count_rows(spec.data, cfg.storage)
+    if rows < t.batch_size:
+        raise UserError(f"{spec.data} holds {rows} rows, fewer than {spec.phase}'s batch size {t.batch_size}: "
+                        f"lower train.batch_size or give more data.")
+    if t.use_gpu and not _cluster_has_gpus(cfg):
+        raise UserError("train.use_gpu is true but the Ray cluster has no GPU: set train.use_gpu=false or add GPU workers.")
+    ds = read_shards(spec.data, cfg, columns=["key", "image", "caption"]).randomize_block_order(seed=cfg.run.seed)
+    run_root = storage.join(spec.output, "ray")
+    if not t.resume:
+        storage.remove_dir(run_root, cfg.storage)
+    loc = storage.resolve(run_root, cfg.storage)
+    storage.make_dir(run_root, cfg.storage)
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "spec": spec, "rows": rows},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=spec.phase, storage_path=loc.path, storage_filesystem=loc.fs,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"{spec.phase} finished without a checkpoint; this is a bug in ubt_ray.")
+    model_uri = storage.join(spec.output, "model")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        clip = load_checkpoint_dir(ckpt_dir)
+        save_clip(clip, model_uri, cfg.storage, extra={"phase": spec.phase, "steps": result.metrics.get("step")})
+    m = result.metrics
+    manifest = write_manifest(spec.output, spec.phase, cfg, inputs={"data": spec.data, "init": vars(spec.init)},
+                              rows=None, started=started,
+                              extra={"training": {"rows_available": rows, "steps": m.get("step"),
+                                                  "samples": m.get("samples"),
+                                                  "resumed_from_step": m.get("resumed_from_step"),
+                                                  "final_loss": m.get("loss"), "model": model_uri,
+                                                  "objective": spec.objective}})
+    return FitResult(model_uri, int(m["step"]), int(m["samples"]), int(m["resumed_from_step"]),
+                     time.time() - started, dict(m), manifest)
+
+
+def _cluster_has_gpus(cfg: Config) -> bool:
+    ensure_ray(cfg.ray)
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """open_clip's rule: no decay on gains, biases, embeddings and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or any(s in name for s in ("bn", "ln", "bias", "logit_scale", "embedding"))
+        (no_decay if exclude else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def lr_at(step: int, total: int, t: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to zero."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
+    return 0.5 * t.lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type != "cuda" or precision == "fp32":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "amp_bf16" else torch.float16)
+
+
+def _train_loop_per_worker(config: dict) -> None:
+    cfg: Config = config["cfg"]
+    spec: FitSpec = config["spec"]
+    t = spec.train
+    ctx = ray.train.get_context()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    # Ray pins one thread per reserved CPU; on a laptop the worker may use the cores the data tasks leave idle.
+    torch.set_num_threads(t.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, world)))
+    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
+
+    clip = load_clip(spec.init, cfg.storage, device="cpu", seed=cfg.run.seed)
+    objective = build_objective(spec.objective, preprocess_cfg=clip.preprocess_cfg, **spec.objective_kwargs)
+    state = {"step": 0, "samples": 0, "resumed_from_step": 0}
+    checkpoint = ray.train.get_checkpoint()
+    train_state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            clip.model.load_state_dict(load_file(str(Path(d) / WEIGHTS_FILE)))
+            train_state = torch.load(Path(d) / TRAIN_STATE_FILE, weights_only=False)
+        state = dict(train_state["state"], resumed_from_step=train_state["state"]["step"])
+    model = ray.train.torch.prepare_model(clip.model, move_to_device=device) if world > 1 else clip.model.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.98), eps=1e-6)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and spec.init.precision == "amp_fp16")
+    if train_state is not None:
+        optimizer.load_state_dict(train_state["optimizer"])
+        scaler.load_state_dict(train_state["scaler"])
+
+    per_worker = t.batch_size // world
+    steps_per_epoch = max(1, config["rows"] // t.batch_size)
+    total_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
+    ckpt_every = max(1, steps_per_epoch // t.checkpoints_per_epoch)
+    shard = ray.train.get_dataset_shard("train")
+    raw_model = model.module if hasattr(model, "module") else model
+    tic, tic_samples = time.time(), state["samples"]
+    epoch = state["step"] // steps_per_epoch
+    metrics: dict = {}
+    while state["step"] < total_steps:
+        for raw in shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
+                                      local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
+                                      local_shuffle_seed=cfg.run.seed * 1000 + epoch * world + rank):
+            batch = Batch(decode_images(list(raw["image"]), clip.image_size).to(device),
+                          clip.tokenizer(list(raw["caption"])).to(device), list(raw["key"]))
+            lr = lr_at(state["step"], total_steps, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with _autocast(device, spec.init.precision):
+                loss, metrics = objective(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            with torch.no_grad():
+                raw_model.logit_scale.clamp_(0, math.log(100))
+            state["step"] += 1
+            state["samples"] += per_worker * world
+            if state["step"] % LOG_EVERY_STEPS == 0 or state["step"] == total_steps:
+                rate = (state["samples"] - tic_samples) / max(1e-9, time.time() - tic)
+                metrics.update(lr=lr, samples_per_s=rate)
+                if rank == 0:
+                    print(f"[{spec.phase}] epoch {state['step'] / steps_per_epoch:.2f}/{t.epochs:g} "
+                          f"step {state['step']}/{total_steps} loss {metrics['loss']:.4f} "
+                          f"{rate:.0f} samples/s lr {lr:.2e}", flush=True)
+            if state["step"] % ckpt_every == 0 or state["step"] == total_steps:
+                _report(clip, raw_model, optimizer, scaler, state, metrics, rank)
+            if state["step"] >= total_steps:
+                break
+        epoch += 1
+
+
+def _report(clip: Clip, model: torch.nn.Module, optimizer, scaler, state: dict, metrics: dict, rank: int) -> None:
+    """Report metrics from every worker (Ray Train requires it) and a checkpoint from rank 0."""
+    out = {**metrics, **state}
+    if rank != 0:
+        ray.train.report(out)
+        return
+    with tempfile.TemporaryDirectory(prefix="ubt-ckpt-") as d:
+        write_checkpoint_dir(model, clip.model_cfg, clip.preprocess_cfg, Path(d), extra={"step": state["step"]})
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state},
+                   Path(d) / TRAIN_STATE_FILE)
+        ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(d))
