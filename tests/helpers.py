@@ -16,3 +16,34 @@ def image_bytes(size=(28, 28), mode="L", fmt="PNG", seed=0) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
+
+
+def caption_shards(directory, rows: int = 512, files: int = 2, seed: int = 0, poison_every: int = 0) -> str:
+    """A small shard set of random 28x28 PNGs with template captions and labels; returns the directory."""
+    import pathlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ubt_ray.core.captions import FASHION_MNIST_CLASSES, template_captions
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=rows).astype(np.int32)
+    captions = template_captions(labels, FASHION_MNIST_CLASSES, seed=seed)
+    images = [image_bytes(seed=seed * 100_000 + i) for i in range(rows)]
+    out = pathlib.Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    per = -(-rows // files)
+    for f in range(files):
+        sl = slice(f * per, min(rows, (f + 1) * per))
+        pq.write_table(pa.table({"key": [f"row-{i:06d}" for i in range(rows)][sl], "image": images[sl],
+                                 "caption": captions[sl], "label": labels[sl]}), str(out / f"part-{f}.parquet"))
+    return str(out)
+
+
+def last_json(text: str) -> dict:
+    """The JSON object the CLI printed last (Ray may interleave worker log lines before it)."""
+    import json
+    lines = text.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    return json.loads("\n".join(lines[start:]))

@@ -36,7 +36,14 @@ def _train(cfg: Config, args: argparse.Namespace) -> dict:
 
 
 def _evaluate(cfg: Config, args: argparse.Namespace) -> dict:
+    from . import storage
     from .phases.evaluate import cli_evaluate
+    trained = storage.join(cfg.train.output, "model")
+    if args.model is None and cfg.model.checkpoint is None:
+        if not storage.exists(trained, cfg.storage):
+            raise UserError(f"nothing to evaluate: pass --model PATH, set model.checkpoint, or run `ubt train` "
+                            f"first (it writes {trained}).")
+        args.model = trained
     return cli_evaluate(cfg, args)
 
 

@@ -71,7 +71,8 @@ def read_shards(uri: str, cfg: Config, columns: list[str] | None = None,
     loc = storage.resolve(uri, cfg.storage)
     paths = [storage.resolve(f, cfg.storage).path for f in files]
     with storage.friendly_errors(uri, cfg.storage, "read"):
-        return ray.data.read_parquet(paths, filesystem=loc.fs, columns=columns)
+        ds = ray.data.read_parquet(paths, filesystem=loc.fs)
+        return ds.select_columns(columns) if columns is not None else ds
 
 
 def write_shards(ds: ray.data.Dataset, uri: str, cfg: Config, rows_per_file: int) -> None:

@@ -1,0 +1,68 @@
+"""`ubt train` through real Ray Train: DDP over two CPU workers, open_clip checkpoints, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import torch
+
+from ubt_ray.cli import main
+from ubt_ray.config import ModelConfig
+from ubt_ray.core.models import load_clip
+
+from helpers import caption_shards, last_json
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_train_two_workers_writes_open_clip_checkpoint(ray_local, tmp_path, capsys):
+    data = caption_shards(tmp_path / "shards", rows=512)
+    out = tmp_path / "run"
+    code = main(["train", f"data.train={data}", f"train.output={out}", "train.num_workers=2", "train.batch_size=64",
+                 "train.epochs=1", "train.warmup_steps=2", "train.threads_per_worker=1"])
+    assert code == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["steps"] == 8 and summary["samples"] == 512 and summary["resumed_from_step"] == 0
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out / 'model'}")
+    init = load_clip(ModelConfig(), seed=0).model
+    moved = [not torch.equal(a, b) for a, b in zip(model.state_dict().values(), init.state_dict().values())]
+    assert sum(moved) > len(moved) // 2  # training changed the weights of the seeded initial model
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["steps"] == 8 and manifest["config"]["train"]["num_workers"] == 2
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("ray/train/checkpoint_*")) if run_dir.exists() else []
+
+
+def test_killed_training_resumes_from_its_checkpoint(tmp_path):
+    data = caption_shards(tmp_path / "shards", rows=512)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ubt_ray.cli", "train", f"data.train={data}", f"train.output={out}",
+           "train.batch_size=64", "train.epochs=4", "train.checkpoints_per_epoch=2", "train.warmup_steps=2",
+           "ray.num_cpus=2"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    # Its own session, so that killing it takes its whole local Ray down too, as a crash would.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while not _checkpoints(out) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert _checkpoints(out), "no checkpoint appeared before the deadline"
+        time.sleep(1.0)  # let the checkpoint's files land
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "model").exists()  # it really died before finishing
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = last_json(done.stdout)
+    assert summary["steps"] == 32
+    assert 0 < summary["resumed_from_step"] < 32
+    assert summary["resumed_from_step"] % 4 == 0  # a checkpoint step: every half epoch of 8 steps
