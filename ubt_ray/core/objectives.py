@@ -55,8 +55,12 @@ class ClipObjective:
         self.preprocess_cfg = preprocess_cfg
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        image_features, text_features, logit_scale = model(normalize(batch.pixels, self.preprocess_cfg), batch.tokens)[:3]
-        loss = clip_loss(image_features, text_features, logit_scale)
+        # Template captions repeat within a batch; encoding each distinct caption once gives the same loss and
+        # gradients for a fraction of the text tower's cost. It goes through model(...) so that DDP syncs.
+        unique_tokens, inverse = torch.unique(batch.tokens, dim=0, return_inverse=True)
+        image_features, text_features, logit_scale = model(normalize(batch.pixels, self.preprocess_cfg),
+                                                           unique_tokens)[:3]
+        loss = clip_loss(image_features, text_features[inverse], logit_scale)
         return loss, {"loss": float(loss.detach()), "logit_scale": float(logit_scale.detach())}
 
 
