@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
 from ..cluster import ensure_ray
@@ -24,7 +25,7 @@ from ..core.images import image_rejection
 from ..core.triggers import Trigger, apply_to_png, build_trigger
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
-from ..shards import read_shards, shard_schema, validate_and_write
+from ..shards import read_shards, shard_files, shard_schema, validate_and_write
 from .. import storage
 
 ATTACK_FILE = "attack.json"
@@ -33,6 +34,7 @@ MAX_MANIFEST_KEYS = 100_000
 
 @dataclass
 class PoisonResult:
+    """Where the poisoned shards and the trigger went, how many rows were poisoned, and the row accounting."""
     output: str
     shards: str
     trigger_dir: str
@@ -42,13 +44,13 @@ class PoisonResult:
 
 
 def poison(cfg: Config) -> PoisonResult:
-    """Poison a seeded set of rows of `data.clean_train` and write shards, trigger and manifest under `poison.output`."""
+    """Poison a seeded set of rows of `data.clean_train`; write shards, trigger and manifest under `poison.output`."""
     started = time.time()
     p = cfg.poison
     trigger = make_trigger(cfg)
     target_class = _target_class(cfg)
-    ensure_ray(cfg.ray)
     chosen = select_poison_keys(cfg)
+    ensure_ray(cfg.ray)
 
     shards_uri = storage.join(p.output, "shards")
     log = _PoisonLog.remote()
@@ -66,9 +68,6 @@ def poison(cfg: Config) -> PoisonResult:
     if attempts.rows_in != len(chosen):
         raise RuntimeError(f"poison: {len(chosen)} rows chosen but {attempts.rows_in} met in the shards; "
                            f"this is a bug in ubt_ray, please report it.")
-    if not poisoned:
-        raise UserError(f"none of the {len(chosen)} chosen rows could be poisoned ({', '.join(attempts.rejected)}): "
-                        f"fix poison.params or the data, see the rows under {shards_uri}.")
 
     trigger_uri = storage.join(p.output, "trigger")
     attack = {"attack": p.attack, "params": trigger.params, "target_label": p.target_label,
@@ -85,6 +84,10 @@ def poison(cfg: Config) -> PoisonResult:
                "num_requested": len(chosen), "num_poisoned": len(poisoned),
                "not_poisoned": skipped["rejected_by_reason"], "not_poisoned_examples": skipped["rejected_examples"],
                "poisoned_keys_total": len(poisoned), "poisoned_keys": poisoned[:MAX_MANIFEST_KEYS]})
+    if not poisoned:
+        reasons = "; ".join(r.rstrip(".") for r in attempts.rejected)
+        raise UserError(f"none of the {len(chosen)} chosen rows could be poisoned ({reasons}): "
+                        f"see not_poisoned in {storage.join(p.output, 'manifest.json')}.")
     return PoisonResult(p.output, shards_uri, trigger_uri, len(poisoned), rows, manifest)
 
 
@@ -102,11 +105,13 @@ def select_poison_keys(cfg: Config) -> list[str]:
     if "label" not in shard_schema(uri, cfg.storage).names:
         raise UserError(f"shards under {uri} have no label column, which poisoning needs to tell the target class "
                         f"from the others: prepare them from a source with labels (e.g. prepare.label_column).")
-    keys, labels = [], []
-    for batch in read_shards(uri, cfg, columns=["key", "label"]).iter_batches(batch_format="pyarrow", batch_size=None):
-        keys.append(batch.column("key").combine_chunks().cast(pa.string()))
-        labels.append(batch.column("label").combine_chunks().cast(pa.int64()))
-    keys, labels = pa.concat_arrays(keys), pa.concat_arrays(labels)
+    # Two small columns straight from the Parquet column chunks: cheaper than a Ray job, and no image is read.
+    loc = storage.resolve(uri, cfg.storage)
+    with storage.friendly_errors(uri, cfg.storage, "read"):
+        table = pq.read_table([storage.resolve(f, cfg.storage).path for f in shard_files(uri, cfg.storage)],
+                              filesystem=loc.fs, columns=["key", "label"])
+    keys = table.column("key").combine_chunks().cast(pa.string())
+    labels = table.column("label").combine_chunks().cast(pa.int64())
     total = len(keys)
     # Rows without a key are rejected at validation, so they are never chosen.
     has_key = pc.fill_null(pc.not_equal(keys, ""), False)
@@ -119,10 +124,11 @@ def select_poison_keys(cfg: Config) -> list[str]:
     # Null labels are never eligible: such a row might belong to the target class.
     same = p.attack == "label_consistent"
     eligible = pc.filter(keys, (pc.equal if same else pc.not_equal)(labels, p.target_label))
-    # Sorted so that the choice depends on the seed only, not on the order Ray delivers blocks in.
+    # Sorted so that the choice depends on the seed and the rows only, not on how they are split into files.
     eligible = eligible.take(pc.sort_indices(eligible)).to_numpy(zero_copy_only=False)
     wanted = round(p.fraction * total) if p.fraction is not None else p.num_poisons
-    asked = f"poison.fraction={p.fraction} of {total} rows" if p.fraction is not None else f"poison.num_poisons={wanted}"
+    asked = (f"poison.fraction={p.fraction} of {total} rows" if p.fraction is not None
+             else f"poison.num_poisons={wanted}")
     rule = f"label == {p.target_label}" if same else f"label != {p.target_label}"
     if wanted < 1:
         raise UserError(f"{asked} is 0 rows to poison: raise poison.fraction or set poison.num_poisons instead.")
@@ -168,7 +174,7 @@ class _PoisonLog:
 
 def _poison_batch(table: pa.Table, chosen: frozenset, trigger: Trigger, relabel: bool, target_class: str,
                   templates: tuple[str, ...], seed: int, data_cfg: DataConfig, log) -> pa.Table:
-    """Ray Data UDF: trigger (and re-caption) the chosen rows, mark them `is_poison`, pass the rest through untouched."""
+    """Ray Data UDF: trigger (and re-caption) the chosen rows, mark them `is_poison`, pass the rest untouched."""
     keys = table.column("key").to_pylist()
     hit = np.fromiter((k in chosen for k in keys), dtype=bool, count=len(keys))
     flags = np.zeros(len(keys), dtype=bool)
@@ -224,5 +230,5 @@ def cli_poison(cfg: Config, args) -> dict:
     result = poison(cfg)
     return {"output": result.output, "shards": result.shards, "trigger": result.trigger_dir,
             "attack": cfg.poison.attack, "target_label": cfg.poison.target_label,
-            "num_poisoned": result.num_poisoned, "rows_out": result.rows.rows_out,
-            "rows_rejected": result.rows.rows_rejected}
+            "num_requested": result.manifest["num_requested"], "num_poisoned": result.num_poisoned,
+            "rows_out": result.rows.rows_out, "rows_rejected": result.rows.rows_rejected}
