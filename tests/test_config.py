@@ -73,7 +73,7 @@ def test_file_then_overrides_and_round_trip(tmp_path):
 
 def test_every_shipped_config_loads():
     import pathlib
-    configs = sorted(pathlib.Path(__file__).resolve().parent.parent.glob("configs/*.yaml"))
+    configs = sorted((pathlib.Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
     assert configs, "configs/ ships no YAML"
     for path in configs:
         load_config(path)

@@ -48,8 +48,10 @@ def _evaluate(cfg: Config, args: argparse.Namespace) -> dict:
 
 
 def _pipeline(cfg: Config, args: argparse.Namespace) -> dict:
-    from .pipeline import run_pipeline
-    return run_pipeline(cfg).summary
+    from .pipeline import format_summary, run_pipeline
+    summary = run_pipeline(cfg).summary
+    print(format_summary(summary))
+    return summary
 
 
 def _config(cfg: Config, args: argparse.Namespace) -> None:

@@ -98,9 +98,9 @@ class PoisonConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = _f(2.0, "Passes over the (subsampled) training rows; fractions allowed.", gt=0)
-    batch_size: int = _f(256, "Global batch size (split over workers).", ge=2)
-    lr: float = _f(1e-3, "Peak learning rate (AdamW, cosine decay after warmup).", gt=0)
+    epochs: float = _f(1.1, "Passes over the training rows; fractions allowed.", gt=0)
+    batch_size: int = _f(128, "Global batch size (split over workers).", ge=2)
+    lr: float = _f(2e-3, "Peak learning rate (AdamW, cosine decay after warmup).", gt=0)
     weight_decay: float = _f(0.1, "AdamW weight decay (not applied to gains, biases, embeddings).", ge=0)
     warmup_steps: int = _f(50, "Linear warmup steps.", ge=0)
     num_workers: int = _f(1, "Ray Train workers (DDP); 0 runs the loop in-process.", ge=0)

@@ -49,7 +49,8 @@ def run_pipeline(cfg: Config) -> PipelineResult:
             from .phases.train import train
             r = train(cfg)
             model_uri = r.model
-            summary["phases"]["train"] = {"model": r.model, "steps": r.steps, "samples": r.samples}
+            summary["train_rows"] = r.rows
+            summary["phases"]["train"] = {"model": r.model, "rows": r.rows, "steps": r.steps, "samples": r.samples}
         elif phase == "evaluate":
             if model_uri is None:
                 raise UserError("pipeline.phases evaluates but nothing trained a model and model.checkpoint is "
@@ -61,3 +62,23 @@ def run_pipeline(cfg: Config) -> PipelineResult:
                                              "attack_success_rate": r.attack_success_rate}
         summary["phases"][phase]["wall_time_s"] = round(time.time() - started, 1)
     return PipelineResult(summary)
+
+
+def format_summary(summary: dict) -> str:
+    """The pipeline's result as a table a person reads at the end of a run."""
+    lines = [f"{'phase':<10} {'time':>9}  result"]
+    for phase, info in summary["phases"].items():
+        if "reused" in info:
+            result = f"reused {info['reused']}"
+        elif phase == "prepare":
+            result = f"{info['rows_out']} rows written, {info['rows_rejected']} rejected"
+        elif phase == "poison":
+            result = f"{info['num_poisoned']} rows poisoned ({info['attack']})"
+        elif phase == "train":
+            result = f"{info['steps']} steps, {info['samples']} samples over {info['rows']} rows -> {info['model']}"
+        else:
+            asr = info["attack_success_rate"]
+            result = f"CA {100 * info['clean_accuracy']:.1f}%" + (f"   ASR {100 * asr:.1f}%" if asr is not None else "")
+        took = f"{info['wall_time_s']:.1f} s" if "wall_time_s" in info else "-"
+        lines.append(f"{phase:<10} {took:>9}  {result}")
+    return "\n".join(lines)

@@ -52,6 +52,7 @@ class FitSpec:
 @dataclass
 class FitResult:
     model: str
+    rows: int
     steps: int
     samples: int
     resumed_from_step: int
@@ -104,7 +105,7 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
                                                   "resumed_from_step": m.get("resumed_from_step"),
                                                   "final_loss": m.get("loss"), "model": model_uri,
                                                   "objective": spec.objective}})
-    return FitResult(model_uri, int(m["step"]), int(m["samples"]), int(m["resumed_from_step"]),
+    return FitResult(model_uri, rows, int(m["step"]), int(m["samples"]), int(m["resumed_from_step"]),
                      time.time() - started, dict(m), manifest)
 
 

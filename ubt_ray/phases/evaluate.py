@@ -26,11 +26,9 @@ from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..shards import shard_files, shard_schema
 from .. import storage
+from .poison import ATTACK_FILE
 
 log = logging.getLogger(__name__)
-
-ATTACK_FILE = "attack.json"
-
 
 @dataclass
 class EvalResult:

@@ -1,0 +1,72 @@
+"""Benchmark: every attack of the attack side, end to end (prepare, poison, train, evaluate), into one table.
+
+    .venv/bin/python benchmarks/attack_table.py [--attacks badnet sig ...] [--out benchmarks/results] [overrides...]
+
+Each attack runs `ubt pipeline --config configs/attacks/<attack>.yaml` in its own process (its own local Ray),
+one after the other so that the timings do not share the CPU. Writes attack_table.md and attack_table.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ATTACKS = ("badnet", "blended", "sig", "wanet", "label_consistent")
+
+
+def run_attack(attack: str, overrides: list[str]) -> dict:
+    cfg = REPO / "configs" / "attacks" / f"{attack}.yaml"
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "ubt_ray.cli", "pipeline", "--config", str(cfg), *overrides],
+                          cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"attack": attack, "error": proc.stderr.strip().splitlines()[-1:]}
+    lines = proc.stdout.splitlines()
+    summary = json.loads("\n".join(lines[max(i for i, l in enumerate(lines) if l == "{"):]))
+    phases = summary["phases"]
+    return {"attack": attack,
+            "poisons": phases.get("poison", {}).get("num_poisoned"),
+            "train_rows": summary.get("train_rows"),
+            "clean_accuracy": summary["metrics"]["clean_accuracy"],
+            "attack_success_rate": summary["metrics"]["attack_success_rate"],
+            "train_time_s": phases["train"]["wall_time_s"],
+            "total_time_s": round(time.time() - started, 1)}
+
+
+def to_markdown(rows: list[dict]) -> str:
+    out = ["| attack | poisons | poison rate | CA | ASR | attack training time | whole pipeline |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['attack']} | failed: {r['error']} | | | | | |")
+            continue
+        rate = f"{100 * r['poisons'] / r['train_rows']:.2f}%" if r.get("train_rows") else "?"
+        out.append(f"| {r['attack']} | {r['poisons']} | {rate} | {100 * r['clean_accuracy']:.1f}% | "
+                   f"{100 * r['attack_success_rate']:.1f}% | {r['train_time_s'] / 60:.1f} min | "
+                   f"{r['total_time_s'] / 60:.1f} min |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args, overrides = parser.parse_known_args()
+    rows = []
+    for attack in args.attacks:
+        rows.append(run_attack(attack, overrides))
+        print(json.dumps(rows[-1]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attack_table.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "attack_table.md").write_text(to_markdown(rows))
+    print(to_markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
