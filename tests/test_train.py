@@ -66,3 +66,19 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     assert summary["steps"] == 32
     assert 0 < summary["resumed_from_step"] < 32
     assert summary["resumed_from_step"] % 4 == 0  # a checkpoint step: every half epoch of 8 steps
+
+
+def test_pipeline_poisons_trains_and_evaluates(ray_local, tmp_path, capsys):
+    clean = caption_shards(tmp_path / "clean", rows=384, seed=1)
+    test = caption_shards(tmp_path / "test", rows=100, files=1, seed=2)
+    code = main(["pipeline", f"run.output_dir={tmp_path / 'run'}", f"data.clean_train={clean}", f"data.test={test}",
+                 "pipeline.phases=[poison, train, evaluate]", "poison.num_poisons=20", "train.batch_size=64",
+                 "train.epochs=1", "train.warmup_steps=1", "train.threads_per_worker=1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    summary = last_json(out)
+    assert summary["phases"]["poison"]["num_poisoned"] == 20 and summary["phases"]["train"]["steps"] == 6
+    metrics = json.loads((tmp_path / "run" / "attack" / "eval" / "metrics.json").read_text())
+    assert metrics["clean_accuracy"] == summary["metrics"]["clean_accuracy"]
+    assert 0 < metrics["asr_images"] < 100  # only non-target test images count for ASR
+    assert "CA " in out and "ASR " in out  # the table a person reads
