@@ -34,6 +34,11 @@ def test_train_two_workers_writes_open_clip_checkpoint(ray_local, tmp_path, caps
     assert sum(moved) > len(moved) // 2  # training changed the weights of the seeded initial model
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["training"]["steps"] == 8 and manifest["config"]["train"]["num_workers"] == 2
+    # Another schedule on the same output is another run: it starts over instead of resuming this one.
+    assert main(["train", f"data.train={data}", f"train.output={out}", "train.num_workers=2", "train.batch_size=64",
+                 "train.epochs=2", "train.warmup_steps=2", "train.threads_per_worker=1"]) == 0
+    again = last_json(capsys.readouterr().out)
+    assert again["resumed_from_step"] == 0 and again["steps"] == 16
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:

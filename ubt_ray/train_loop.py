@@ -33,6 +33,7 @@ from .manifest import write_manifest
 from .shards import count_rows, read_shards
 
 TRAIN_STATE_FILE = "train_state.pt"
+FINGERPRINT_FILE = "ubt_run.json"
 LOG_EVERY_STEPS = 10
 SHUFFLE_BUFFER_ROWS = 4096
 
@@ -73,10 +74,15 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
         raise UserError("train.use_gpu is true but the Ray cluster has no GPU: set train.use_gpu=false or add GPU workers.")
     ds = read_shards(spec.data, cfg, columns=["key", "image", "caption"]).randomize_block_order(seed=cfg.run.seed)
     run_root = storage.join(spec.output, "ray")
-    if not t.resume:
+    fingerprint = run_fingerprint(cfg, spec)
+    fingerprint_uri = storage.join(run_root, FINGERPRINT_FILE)
+    # Resume only a run of the same data, model and schedule: a checkpoint of another run is not this one's.
+    if not t.resume or (storage.exists(fingerprint_uri, cfg.storage)
+                        and storage.read_json(fingerprint_uri, cfg.storage) != fingerprint):
         storage.remove_dir(run_root, cfg.storage)
     loc = storage.resolve(run_root, cfg.storage)
     storage.make_dir(run_root, cfg.storage)
+    storage.write_json(fingerprint_uri, fingerprint, cfg.storage)
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={"cfg": cfg, "spec": spec, "rows": rows},
@@ -107,6 +113,15 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
                                                   "objective": spec.objective}})
     return FitResult(model_uri, rows, int(m["step"]), int(m["samples"]), int(m["resumed_from_step"]),
                      time.time() - started, dict(m), manifest)
+
+
+def run_fingerprint(cfg: Config, spec: FitSpec) -> dict:
+    """What makes two runs the same run: the shard files, the initial model, objective and schedule."""
+    schedule = {k: v for k, v in vars(spec.train).items()
+                if k not in ("resume", "max_failures", "threads_per_worker", "cpus_per_worker", "output")}
+    return {"data": storage.list_files(spec.data, (".parquet",), cfg.storage), "init": vars(spec.init),
+            "objective": spec.objective, "objective_kwargs": spec.objective_kwargs, "schedule": schedule,
+            "seed": cfg.run.seed}
 
 
 def _cluster_has_gpus(cfg: Config) -> bool:
