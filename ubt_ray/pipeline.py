@@ -40,7 +40,9 @@ def run_pipeline(cfg: Config) -> PipelineResult:
             summary["phases"]["prepare"] = {"rows_out": r.rows.rows_out, "rows_rejected": r.rows.rows_rejected}
         elif phase == "poison":
             if _reusable(cfg, cfg.poison.output, ("poison", "data", "run")):
-                summary["phases"]["poison"] = {"reused": cfg.poison.output}
+                done = storage.read_json(storage.join(cfg.poison.output, "manifest.json"), cfg.storage)
+                summary["phases"]["poison"] = {"reused": cfg.poison.output, "attack": done["attack"],
+                                               "num_poisoned": done["num_poisoned"]}
                 continue
             from .phases.poison import poison
             r = poison(cfg)
