@@ -58,6 +58,22 @@ def count_rows(uri: str, storage_cfg: StorageConfig | None = None) -> int:
     return total
 
 
+def read_columns(uri: str, storage_cfg: StorageConfig | None, columns: list[str],
+                 max_rows: int | None = None) -> pa.Table:
+    """A few columns of the shards under `uri` read straight from Parquet on this process (the first `max_rows`
+    rows when set): for small column reads where a Ray job would cost more than it saves."""
+    tables, read = [], 0
+    for f in shard_files(uri, storage_cfg):
+        if max_rows is not None and read >= max_rows:
+            break
+        loc = storage.resolve(f, storage_cfg)
+        with storage.friendly_errors(f, storage_cfg, "read"):
+            tables.append(pq.read_table(loc.path, filesystem=loc.fs, columns=columns))
+        read += tables[-1].num_rows
+    table = pa.concat_tables(tables, promote_options="permissive")
+    return table.slice(0, max_rows) if max_rows is not None else table
+
+
 def read_shards(uri: str, cfg: Config, columns: list[str] | None = None,
                 required: tuple[str, ...] = REQUIRED_COLUMNS) -> ray.data.Dataset:
     """A Ray Dataset streaming the shards under `uri` (local or s3://)."""
@@ -120,16 +136,22 @@ def validate_table(table: pa.Table, data_cfg: DataConfig) -> tuple[pa.Table, Row
 
 @ray.remote(num_cpus=0)
 class RowLedger:
-    """Collects the row accounting of every Ray Data task of one phase, so nothing is lost without a count."""
+    """Collects the row accounting (and, where a phase needs them, the keys) of every Ray Data task of one phase,
+    so nothing is lost without a count."""
 
     def __init__(self) -> None:
         self.counts = RowCounts()
+        self.keys: list[str] = []
 
-    def add(self, counts: RowCounts) -> None:
+    def add(self, counts: RowCounts, keys: list[str] | None = None) -> None:
         self.counts.merge(counts)
+        self.keys.extend(keys or [])
 
     def get(self) -> RowCounts:
         return self.counts
+
+    def get_with_keys(self) -> tuple[RowCounts, list[str]]:
+        return self.counts, self.keys
 
 
 def validate_batch(table: pa.Table, data_cfg: DataConfig, ledger) -> pa.Table:

@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from ..config import Config
@@ -24,7 +22,7 @@ from ..core.triggers import Trigger, apply_to_png, load_trigger
 from ..core.zeroshot import attack_success_rate, class_embeddings, clean_accuracy, zero_shot_predict
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
-from ..shards import shard_files, shard_schema
+from ..shards import read_columns, shard_schema
 from .. import storage
 from .poison import ATTACK_FILE
 
@@ -111,19 +109,7 @@ def read_test_rows(cfg: Config) -> tuple[list[str], list[bytes], np.ndarray]:
     if "label" not in schema.names:
         raise UserError(f"test shards under {uri} have no label column: point data.test at labelled shards "
                         f"(e.g. `ubt prepare fashion-mnist`, or a CSV with prepare.label_column set).")
-    tables = []
-    read = 0
-    for f in shard_files(uri, cfg.storage):
-        if limit is not None and read >= limit:
-            break
-        loc = storage.resolve(f, cfg.storage)
-        with storage.friendly_errors(f, cfg.storage, "read"):
-            table = pq.read_table(loc.path, filesystem=loc.fs, columns=["key", "image", "label"])
-        tables.append(table)
-        read += table.num_rows
-    table = pa.concat_tables(tables, promote_options="permissive")
-    if limit is not None:
-        table = table.slice(0, limit)
+    table = read_columns(uri, cfg.storage, ["key", "image", "label"], max_rows=limit)
     if table.num_rows == 0:
         raise UserError(f"test shards under {uri} hold no rows: re-create them with `ubt prepare`.")
     label_col = table.column("label")

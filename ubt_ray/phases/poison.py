@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from ..cluster import ensure_ray
@@ -25,7 +24,7 @@ from ..core.images import image_rejection
 from ..core.triggers import Trigger, apply_to_png, build_trigger
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
-from ..shards import read_shards, shard_files, shard_schema, validate_and_write
+from ..shards import RowLedger, read_columns, read_shards, shard_schema, validate_and_write
 from .. import storage
 
 ATTACK_FILE = "attack.json"
@@ -53,7 +52,7 @@ def poison(cfg: Config) -> PoisonResult:
     ensure_ray(cfg.ray)
 
     shards_uri = storage.join(p.output, "shards")
-    log = _PoisonLog.remote()
+    log = RowLedger.remote()
     ds = read_shards(cfg.data.clean_train, cfg).map_batches(
         _poison_batch, batch_format="pyarrow",
         # fn_kwargs travel once per operator through the object store, not once per task.
@@ -61,7 +60,7 @@ def poison(cfg: Config) -> PoisonResult:
                    "target_class": target_class, "templates": tuple(cfg.data.templates), "seed": cfg.run.seed,
                    "data_cfg": cfg.data, "log": log})
     rows = validate_and_write(ds, shards_uri, cfg, p.rows_per_file)
-    poisoned, attempts = ray.get(log.get.remote())
+    attempts, poisoned = ray.get(log.get_with_keys.remote())
     ray.kill(log)
     poisoned = sorted(poisoned)
     attempts.check("poison")
@@ -106,10 +105,7 @@ def select_poison_keys(cfg: Config) -> list[str]:
         raise UserError(f"shards under {uri} have no label column, which poisoning needs to tell the target class "
                         f"from the others: prepare them from a source with labels (e.g. prepare.label_column).")
     # Two small columns straight from the Parquet column chunks: cheaper than a Ray job, and no image is read.
-    loc = storage.resolve(uri, cfg.storage)
-    with storage.friendly_errors(uri, cfg.storage, "read"):
-        table = pq.read_table([storage.resolve(f, cfg.storage).path for f in shard_files(uri, cfg.storage)],
-                              filesystem=loc.fs, columns=["key", "label"])
+    table = read_columns(uri, cfg.storage, ["key", "label"])
     keys = table.column("key").combine_chunks().cast(pa.string())
     labels = table.column("label").combine_chunks().cast(pa.int64())
     total = len(keys)
@@ -156,22 +152,6 @@ def _target_class(cfg: Config) -> str:
     return names[target]
 
 
-@ray.remote(num_cpus=0)
-class _PoisonLog:
-    """Collects the keys each Ray Data task poisoned, and the chosen rows it could not poison with the reason."""
-
-    def __init__(self) -> None:
-        self.poisoned: list[str] = []
-        self.attempts = RowCounts()
-
-    def add(self, poisoned: list[str], attempts: RowCounts) -> None:
-        self.poisoned.extend(poisoned)
-        self.attempts.merge(attempts)
-
-    def get(self) -> tuple[list[str], RowCounts]:
-        return self.poisoned, self.attempts
-
-
 def _poison_batch(table: pa.Table, chosen: frozenset, trigger: Trigger, relabel: bool, target_class: str,
                   templates: tuple[str, ...], seed: int, data_cfg: DataConfig, log) -> pa.Table:
     """Ray Data UDF: trigger (and re-caption) the chosen rows, mark them `is_poison`, pass the rest untouched."""
@@ -192,7 +172,7 @@ def _poison_batch(table: pa.Table, chosen: frozenset, trigger: Trigger, relabel:
         attempts.rows_out = len(poisoned)
         table = _set(table, "image", pa.array(images, table.schema.field("image").type))
         table = _set(table, "caption", pa.array(captions, pa.string()))
-        ray.get(log.add.remote(poisoned, attempts))
+        ray.get(log.add.remote(attempts, poisoned))
     if "is_poison" in table.column_names:
         # Already-poisoned input keeps its ground truth.
         flags |= table.column("is_poison").fill_null(False).to_numpy(zero_copy_only=False)
