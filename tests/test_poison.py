@@ -62,7 +62,9 @@ def runs(ray_local, clean, tmp_path_factory) -> dict:
     """One poison run per attack, shared by the tests that inspect them."""
     out = {}
     for attack in ATTACKS:
-        cfg = config(clean, tmp_path_factory.mktemp(attack), f"poison.attack={attack}")
+        # The clean-label run hardens its images, so the re-apply test covers Trigger.poison too.
+        extra = ["poison.params={hardening: noise}"] if attack == "label_consistent" else []
+        cfg = config(clean, tmp_path_factory.mktemp(attack), f"poison.attack={attack}", *extra)
         out[attack] = (cfg, poison(cfg))
     return out
 
@@ -114,7 +116,7 @@ def test_saved_trigger_reproduces_the_poisoned_bytes(runs, clean, attack):
     poisoned = sorted(k for k, r in after.items() if r["is_poison"])
     assert len(poisoned) == expected_poisons(attack)
     for key in poisoned:
-        assert apply_to_png(before[key]["image"], trigger, key=key) == after[key]["image"]
+        assert apply_to_png(before[key]["image"], trigger, key=key, poison=True) == after[key]["image"]
     info = json.loads((Path(result.trigger_dir) / "attack.json").read_text())
     assert info["poisoned_keys"] == poisoned and info["count"] == len(poisoned)
     assert (info["attack"], info["target_label"], info["target_class"], info["seed"]) == (
@@ -167,7 +169,7 @@ def test_poison_to_s3(ray_local, s3_bucket, clean):
         trigger = load_trigger(local)
         assert json.loads((local / "attack.json").read_text())["poisoned_keys"] == manifest["poisoned_keys"]
     for key in manifest["poisoned_keys"]:
-        assert apply_to_png(before[key]["image"], trigger, key=key) == after[key]["image"]
+        assert apply_to_png(before[key]["image"], trigger, key=key, poison=True) == after[key]["image"]
 
 
 def test_shards_without_labels_are_refused(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import open_clip
 import torch
 
 from ubt_ray.cli import main
-from ubt_ray.config import ModelConfig
+from ubt_ray.config import ModelConfig, load_config
+from ubt_ray.train_loop import FitSpec, run_fingerprint
 from ubt_ray.core.models import load_clip
 
 from helpers import caption_shards, last_json
@@ -39,6 +41,17 @@ def test_train_two_workers_writes_open_clip_checkpoint(ray_local, tmp_path, caps
                  "train.epochs=2", "train.warmup_steps=2", "train.threads_per_worker=1"]) == 0
     again = last_json(capsys.readouterr().out)
     assert again["resumed_from_step"] == 0 and again["steps"] == 16
+
+
+def test_rewritten_shards_at_the_same_path_are_another_run(tmp_path):
+    data = caption_shards(tmp_path / "shards", rows=64)
+    cfg = load_config(None, [f"data.train={data}"])
+    spec = FitSpec("train", str(data), str(tmp_path / "out"), cfg.model, cfg.train)
+    before = run_fingerprint(cfg, spec)
+    assert run_fingerprint(cfg, spec) == before
+    shutil.rmtree(data)
+    caption_shards(data, rows=96)  # same file names, other content (e.g. poisoned again with another trigger)
+    assert run_fingerprint(cfg, spec) != before
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:

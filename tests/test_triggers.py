@@ -182,6 +182,22 @@ def test_label_consistent_is_badnet_recorded_as_its_own_kind(tmp_path):
     assert isinstance(load_trigger(tmp_path), BadNetTrigger)
 
 
+def test_label_consistent_hardening_only_at_poison_time():
+    trigger = build_trigger("label_consistent", {"size": 3, "hardening": "noise", "hardening_strength": 0.5}, seed=4)
+    image = random_image()
+    patched = trigger.apply(image, "k1")
+    np.testing.assert_array_equal(patched, build_trigger("badnet", {"size": 3}, seed=4).apply(image))
+    poisoned = trigger.poison(image, "k1")
+    h, w = image.shape[:2]
+    np.testing.assert_array_equal(poisoned[h - 3:, w - 3:], patched[h - 3:, w - 3:])  # the exact patch
+    outside = np.ones((h, w), dtype=bool)
+    outside[h - 3:, w - 3:] = False
+    assert (poisoned[outside] != image[outside]).mean() > 0.9  # hardened everywhere else
+    np.testing.assert_array_equal(poisoned, trigger.poison(image, "k1"))
+    assert not np.array_equal(poisoned, trigger.poison(image, "k2"))
+    assert build_trigger("label_consistent", {"size": 3}, seed=4).poison(image, "k1").tobytes() == patched.tobytes()
+
+
 def test_apply_to_png_converts_other_modes_to_rgb():
     rgba = Image.fromarray(random_image(c=3)).convert("RGBA")
     buffer = io.BytesIO()

@@ -97,8 +97,7 @@ def exists(uri: str, storage: StorageConfig | None = None) -> bool:
         return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
 
 
-def list_files(uri: str, suffixes: tuple[str, ...], storage: StorageConfig | None = None) -> list[str]:
-    """All files under `uri` (a directory/prefix, or one file) whose names end with one of `suffixes`, sorted."""
+def _file_infos(uri: str, suffixes: tuple[str, ...], storage: StorageConfig | None) -> list[pafs.FileInfo]:
     loc = resolve(uri, storage)
     with friendly_errors(uri, storage, "list"):
         info = loc.fs.get_file_info(loc.path)
@@ -108,10 +107,22 @@ def list_files(uri: str, suffixes: tuple[str, ...], storage: StorageConfig | Non
             raise UserError(f"{uri} does not exist: check the path, or run the phase that writes it first.")
         else:
             infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+    return sorted((i for i in infos
+                   if i.type == pafs.FileType.File and i.path.endswith(suffixes)
+                   and not any(part.startswith(("_", ".")) for part in i.path[len(loc.path):].split("/") if part)),
+                  key=lambda i: i.path)
+
+
+def list_files(uri: str, suffixes: tuple[str, ...], storage: StorageConfig | None = None) -> list[str]:
+    """All files under `uri` (a directory/prefix, or one file) whose names end with one of `suffixes`, sorted."""
     prefix = "s3://" if is_s3(uri) else ""
-    return sorted(prefix + i.path for i in infos
-                  if i.type == pafs.FileType.File and i.path.endswith(suffixes)
-                  and not any(part.startswith(("_", ".")) for part in i.path[len(loc.path):].split("/") if part))
+    return [prefix + i.path for i in _file_infos(uri, suffixes, storage)]
+
+
+def file_signatures(uri: str, suffixes: tuple[str, ...], storage: StorageConfig | None = None) -> list[list]:
+    """[path, size, mtime in ns] of each file `list_files` names: rewritten files get a new signature."""
+    prefix = "s3://" if is_s3(uri) else ""
+    return [[prefix + i.path, i.size, i.mtime_ns] for i in _file_infos(uri, suffixes, storage)]
 
 
 def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:

@@ -116,10 +116,13 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
 
 
 def run_fingerprint(cfg: Config, spec: FitSpec) -> dict:
-    """What makes two runs the same run: the shard files, the initial model, objective and schedule."""
+    """What makes two runs the same run: the shard files (with size and mtime), the initial model, objective
+    and schedule."""
     schedule = {k: v for k, v in vars(spec.train).items()
                 if k not in ("resume", "max_failures", "threads_per_worker", "cpus_per_worker", "output")}
-    return {"data": storage.list_files(spec.data, (".parquet",), cfg.storage), "init": vars(spec.init),
+    return {"data": storage.file_signatures(spec.data, (".parquet",), cfg.storage), "init": vars(spec.init),
+            "init_files": (storage.file_signatures(spec.init.checkpoint, (".json", ".safetensors"), cfg.storage)
+                           if spec.init.checkpoint else None),
             "objective": spec.objective, "objective_kwargs": spec.objective_kwargs, "schedule": schedule,
             "seed": cfg.run.seed}
 

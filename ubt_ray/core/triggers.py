@@ -23,6 +23,7 @@ FORMAT_VERSION = 1
 TRIGGER_FILE = "trigger.json"
 KINDS = ("badnet", "blended", "sig", "wanet", "label_consistent")
 BADNET_LOCATIONS = ("corner", "centre", "random")
+HARDENINGS = ("none", "noise")
 
 PathLike = Union[str, Path]
 Validator = Callable[[str, str, Any], Any]
@@ -185,6 +186,10 @@ class Trigger:
         assert out.shape == image.shape and out.dtype == np.uint8
         return out
 
+    def poison(self, image: np.ndarray, key: str = "") -> np.ndarray:
+        """The training-time poisoned copy of `image`; the same as `apply` except for clean-label attacks."""
+        return self.apply(image, key)
+
     def save(self, directory: PathLike) -> Path:
         """Write trigger.json and the pattern .npy files into `directory`; return the directory."""
         directory = Path(directory)
@@ -250,6 +255,35 @@ class BadNetTrigger(Trigger):
         out = image.copy()
         out[top:top + size, left:left + size] = _to_channels(self.arrays["patch"], channels)
         return out
+
+
+class LabelConsistentTrigger(BadNetTrigger):
+    """BadNet patch for clean-label poisoning (Turner et al., 2019), with optional hardening of the poisoned images.
+
+    The poisoned images keep their true caption, so the model has no reason to use the patch while the object
+    itself names the class. Hardening makes the object a weaker cue on the poisoned images only (noise blended in
+    with weight `hardening_strength`, fixed per key), so the patch becomes the feature that explains the caption;
+    test-time triggering (`apply`) pastes the patch alone.
+    """
+
+    base_kind = "label_consistent"
+    PARAMS = {
+        **BadNetTrigger.PARAMS,
+        "hardening": ("none", _choice(HARDENINGS)),
+        "hardening_strength": (0.5, _float_in(0.0, 1.0, low_open=False, high_open=False)),
+    }
+
+    def harden(self, image: np.ndarray, key: str) -> np.ndarray:
+        """`image` with its object made a weaker cue, deterministically per (seed, key)."""
+        if self.params["hardening"] == "none":
+            return image
+        digest = hashlib.sha256(f"{self.seed}:{key}".encode("utf-8")).digest()
+        noise = np.random.default_rng(int.from_bytes(digest[:8], "big")).integers(0, 256, size=image.shape)
+        weight = self.params["hardening_strength"]
+        return _to_uint8((1.0 - weight) * image.astype(np.float64) + weight * noise)
+
+    def poison(self, image, key=""):
+        return self.apply(self.harden(_check_image(image), key), key)
 
 
 class BlendedTrigger(Trigger):
@@ -363,8 +397,7 @@ _CLASSES: Dict[str, type] = {
     "blended": BlendedTrigger,
     "sig": SigTrigger,
     "wanet": WaNetTrigger,
-    # Label-consistent attacks use the BadNet patch; only the poisoned rows differ.
-    "label_consistent": BadNetTrigger,
+    "label_consistent": LabelConsistentTrigger,
 }
 
 
@@ -414,8 +447,11 @@ def load_trigger(directory: PathLike) -> Trigger:
     return cls(params, meta.get("seed"), arrays, kind=kind)
 
 
-def apply_to_png(png_bytes: bytes, trigger: Trigger, key: str = "") -> bytes:
-    """Decode PNG bytes, apply `trigger` (L stays L, other modes become RGB), re-encode deterministically."""
+def apply_to_png(png_bytes: bytes, trigger: Trigger, key: str = "", poison: bool = False) -> bytes:
+    """Decode PNG bytes, apply `trigger` (L stays L, other modes become RGB), re-encode deterministically.
+
+    `poison=True` gives the training-time poisoned image (`Trigger.poison`), else the test-time triggered one.
+    """
     try:
         with Image.open(io.BytesIO(png_bytes)) as img:
             img.load()
@@ -426,7 +462,7 @@ def apply_to_png(png_bytes: bytes, trigger: Trigger, key: str = "") -> bytes:
         raise ValueError(f"could not decode image bytes ({err}): pass the bytes of a PNG file.") from None
     if pixels.ndim == 2:
         pixels = pixels[..., None]
-    out = trigger.apply(pixels, key)
+    out = trigger.poison(pixels, key) if poison else trigger.apply(pixels, key)
     # Fresh image so no source metadata (text chunks, gamma) leaks into the output bytes.
     result = Image.fromarray(out[..., 0] if out.shape[2] == 1 else out)
     buffer = io.BytesIO()

@@ -189,7 +189,7 @@ def _poison_row(i: int, key: str, images: list, captions: list, trigger: Trigger
     if reason:
         return reason
     try:
-        image = apply_to_png(images[i], trigger, key=key)
+        image = apply_to_png(images[i], trigger, key=key, poison=True)
     except ValueError as e:
         return f"trigger not applicable: {e}"
     reason = image_rejection(image, data_cfg.image_modes, data_cfg.min_image_side, data_cfg.max_image_pixels)
