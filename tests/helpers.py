@@ -47,3 +47,34 @@ def last_json(text: str) -> dict:
     lines = text.splitlines()
     start = max(i for i, line in enumerate(lines) if line == "{")
     return json.loads("\n".join(lines[start:]))
+
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def fashion_mnist_shards(directory, split: str = "train", rows: int = 3000, files: int = 2, seed: int = 0) -> str:
+    """The first `rows` Fashion-MNIST rows of a split as shards (PNG, template caption, label), like `ubt prepare`."""
+    import pathlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ubt_ray.config import load_config
+    from ubt_ray.core.captions import FASHION_MNIST_CLASSES, template_captions
+    from ubt_ray.core.images import encode_png
+    from ubt_ray.phases.prepare import read_idx
+
+    cfg = load_config()
+    stem = "train" if split == "train" else "t10k"
+    images = read_idx(f"{FASHION_MNIST}/{stem}-images-idx3-ubyte.gz", cfg)[:rows]
+    labels = read_idx(f"{FASHION_MNIST}/{stem}-labels-idx1-ubyte.gz", cfg)[:rows].astype(np.int32)
+    captions = template_captions(labels, FASHION_MNIST_CLASSES, seed=seed * 2 + (split != "train"))
+    out = pathlib.Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    per = -(-rows // files)
+    for f in range(files):
+        sl = slice(f * per, min(rows, (f + 1) * per))
+        pq.write_table(pa.table({"key": [f"fm-{split}-{i:05d}" for i in range(rows)][sl],
+                                 "image": [encode_png(im) for im in images[sl]],
+                                 "caption": captions[sl], "label": labels[sl]}), str(out / f"part-{f}.parquet"))
+    return str(out)

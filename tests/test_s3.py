@@ -1,6 +1,5 @@
 """Every path may be s3://: prepare and checkpoints round-trip through a real S3 server (moto) over HTTP."""
 
-import json
 from pathlib import Path
 
 import pyarrow.parquet as pq

@@ -30,9 +30,7 @@ def _poison(cfg: Config, args: argparse.Namespace) -> dict:
 
 def _train(cfg: Config, args: argparse.Namespace) -> dict:
     from .phases.train import train
-    r = train(cfg)
-    return {"model": r.model, "steps": r.steps, "samples": r.samples, "resumed_from_step": r.resumed_from_step,
-            "final_loss": r.metrics.get("loss"), "wall_time_s": round(r.wall_time_s, 1)}
+    return _fit_summary(train(cfg))
 
 
 def _evaluate(cfg: Config, args: argparse.Namespace) -> dict:
@@ -45,6 +43,47 @@ def _evaluate(cfg: Config, args: argparse.Namespace) -> dict:
                             f"first (it writes {trained}).")
         args.model = trained
     return cli_evaluate(cfg, args)
+
+
+def _fit_summary(r) -> dict:
+    return {"model": r.model, "steps": r.steps, "samples": r.samples, "resumed_from_step": r.resumed_from_step,
+            "final_loss": r.metrics.get("loss"), "wall_time_s": round(r.wall_time_s, 1)}
+
+
+def _overfit(cfg: Config, args: argparse.Namespace) -> dict:
+    from .phases.overfit import overfit
+    return _fit_summary(overfit(cfg, cfg.defend.model, cfg.defend.data))
+
+
+def _score(cfg: Config, args: argparse.Namespace) -> dict:
+    from . import storage
+    from .phases.score import score
+    model = args.model or (storage.join(cfg.overfit.output, "model") if cfg.score.model == "overfit"
+                           else cfg.defend.model)
+    r = score(cfg, model, cfg.defend.data)
+    return {"table": r.table, "model": model, "rows_in": r.rows.rows_in, "rows_out": r.rows.rows_out,
+            "rows_rejected": r.rows.rows_rejected, "detection": r.detection, "wall_time_s": round(r.wall_time_s, 1)}
+
+
+def _select(cfg: Config, args: argparse.Namespace) -> dict:
+    from .phases.select import select
+    r = select(cfg, cfg.score.output, cfg.defend.data)
+    return {"forget": r.forget, "retain": r.retain, **r.stats, "wall_time_s": round(r.wall_time_s, 1)}
+
+
+def _unlearn(cfg: Config, args: argparse.Namespace) -> dict:
+    from . import storage
+    from .phases.unlearn import unlearn
+    sel = cfg.select.output
+    return _fit_summary(unlearn(cfg, cfg.defend.model, storage.join(sel, "forget"), storage.join(sel, "retain")))
+
+
+def _defend(cfg: Config, args: argparse.Namespace) -> dict:
+    from .phases.defend import before_after_table, defend
+    r = defend(cfg)
+    print(before_after_table(r.report))
+    return {"cleaned_model": r.model, "report": r.output, "before": r.report["before"], "after": r.report["after"],
+            "detection": r.report["detection"], "defense_wall_time_s": r.report["defense_wall_time_s"]}
 
 
 def _pipeline(cfg: Config, args: argparse.Namespace) -> dict:
@@ -76,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     phase("train", "Train or fine-tune CLIP on shards with Ray Train (e.g. the backdoored model).", _train)
     p = phase("evaluate", "Zero-shot clean accuracy and attack success rate of a model.", _evaluate)
     p.add_argument("--model", help="open_clip local-dir checkpoint to evaluate (default: model.checkpoint)")
+    phase("overfit", "Overfit a copy of defend.model on defend.data to amplify the backdoor (UBT step 1).", _overfit)
+    p = phase("score", "Score every row of defend.data for suspicion on Ray Data (UBT step 2).", _score)
+    p.add_argument("--model", help="checkpoint to score with (default: the overfit model, or defend.model)")
+    phase("select", "Pick the top-k suspicious rows and a retain set from the score table (UBT step 3).", _select)
+    phase("unlearn", "Unlearn the selected rows from defend.model with Ray Train (UBT step 4).", _unlearn)
+    phase("defend", "Run UBT end to end on defend.model and defend.data and write a report.", _defend)
     phase("pipeline", "Run the configured phases in order (pipeline.phases).", _pipeline)
     p = phase("config", "Print the resolved config, or every key with its help (--keys).", _config)
     p.add_argument("--keys", action="store_true", help="list every config key with its default and help")

@@ -99,6 +99,7 @@ class PoisonConfig:
 @dataclass
 class TrainConfig:
     epochs: float = _f(1.1, "Passes over the training rows; fractions allowed.", gt=0)
+    steps: int | None = _f(None, "Optimiser steps; when set it replaces epochs.", ge=1)
     batch_size: int = _f(128, "Global batch size (split over workers).", ge=2)
     lr: float = _f(2e-3, "Peak learning rate (AdamW, cosine decay after warmup).", gt=0)
     weight_decay: float = _f(0.1, "AdamW weight decay (not applied to gains, biases, embeddings).", ge=0)
@@ -121,7 +122,71 @@ class EvaluateConfig:
     output: str = _f("${train.output}/eval", "Where metrics.json goes.")
 
 
-PHASES = ("prepare", "poison", "train", "evaluate")
+@dataclass
+class DefendConfig:
+    model: str = _f("${train.output}/model", "The possibly backdoored open_clip checkpoint θ₀ (local-dir, local or s3://).")
+    data: str = _f("${data.train}", "The suspicious shards D the model was trained on.")
+    output: str = _f("${run.output_dir}/defend", "Root of the defense's outputs; report.json and report.md go here.")
+    overfit: bool = _f(True, "Run the overfit phase (METHOD.md step 1); false scores with θ₀.")
+    evaluate: bool = _f(True, "Evaluate θ₀ and the cleaned model (CA, ASR) for the report.")
+
+
+@dataclass
+class OverfitConfig:
+    steps: int = _f(60, "Optimiser steps of the overfit run.", ge=1)
+    lr: float = _f(5e-4, "Learning rate (constant after a short warmup; no weight decay, no augmentation).", gt=0)
+    batch_size: int = _f(128, "Global batch size.", ge=2)
+    subset_fraction: float = _f(1.0, "Share of D to overfit on.", gt=0, le=1)
+    prioritize: str = _f("none", "Which rows form the subset: a seeded sample, or those with the weakest "
+                                 "image-text similarity under θ₀ (needs subset_fraction < 1).",
+                         choices=("none", "weak_similarity"))
+    output: str = _f("${defend.output}/overfit", "Overfit run directory; the model θₒ goes to <output>/model.")
+
+
+@dataclass
+class ScoreConfig:
+    method: str = _f("token_drop", "Suspicion score: drop of similarity under trigger-removing transforms, plain "
+                                    "cosine, or per-sample loss against a fixed negative bank.",
+                     choices=("token_drop", "cosine", "loss"))
+    model: str = _f("overfit", "Score with the overfit model θₒ or the original θ₀.", choices=("overfit", "original"))
+    token_portion: float = _f(4 / 64, "ρ: share of image tokens the token_mask transform masks.", gt=0, le=1)
+    transforms: list[str] = _f(["token_mask"], "Trigger-removing transforms of token_drop (token_mask, blur, "
+                                               "downup); several are combined as the max of standardised drops.")
+    negatives: int = _f(1024, "Captions in the negative bank of the loss score (the first distinct ones of D).", ge=1)
+    batch_size: int = _f(256, "Rows per scoring batch.", ge=1)
+    num_actors: int | None = _f(None, "Scoring actors; null: one per GPU with use_gpu, else one per cpus_per_actor "
+                                       "CPUs less one CPU left to the read tasks.", ge=1)
+    cpus_per_actor: int = _f(1, "CPUs reserved per scoring actor (Ray resources).", ge=1)
+    threads_per_actor: int | None = _f(None, "Torch threads per actor; null: this node's cores / actors.", ge=1)
+    use_gpu: bool = _f(False, "One GPU per scoring actor.")
+    top_k: list[int] = _f([50, 100, 150, 300, 600], "k of the precision@k / recall@k detection metrics.")
+    output: str = _f("${defend.output}/score", "Score table in <output>/table, detection metrics and histogram beside it.")
+
+
+@dataclass
+class SelectConfig:
+    retain_samples: int = _f(8192, "Rows of the retain set.", ge=1)
+    retain_pool: float = _f(0.5, "The retain set is a seeded sample of this least suspicious share of D.", gt=0, le=1)
+    output: str = _f("${defend.output}/select", "Forget rows go to <output>/forget, retain rows to <output>/retain.")
+
+
+@dataclass
+class UnlearnConfig:
+    num_samples: int = _f(300, "k: the most suspicious rows to unlearn.", ge=1)
+    token_portion: float = _f(4 / 64, "ρ: share of each selected image's most salient tokens the forget loss acts on.",
+                              gt=0, le=1)
+    forget: str = _f("token_invariance", "Forget loss.", choices=("token_invariance", "push_away", "local_push"))
+    steps: int = _f(100, "Optimiser steps.", ge=1)
+    lr: float = _f(1e-4, "Learning rate.", gt=0)
+    forget_weight: float = _f(1.0, "λ_f: weight of the forget loss against the retain (CLIP) loss.", ge=0)
+    margin: float = _f(0.0, "Cosine margin of push_away and local_push.", ge=-1, le=1)
+    trainable: str = _f("all", "Parameters that move.", choices=("all", "visual", "visual.early", "text"))
+    batch_size: int = _f(256, "Retain rows per step (global).", ge=2)
+    forget_batch_size: int = _f(64, "Forget rows per step (global).", ge=1)
+    output: str = _f("${defend.output}/unlearn", "Unlearn run directory; the cleaned model goes to <output>/model.")
+
+
+PHASES = ("prepare", "poison", "train", "evaluate", "defend")
 
 
 @dataclass
@@ -141,6 +206,11 @@ class Config:
     poison: PoisonConfig = field(default_factory=PoisonConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    defend: DefendConfig = field(default_factory=DefendConfig)
+    overfit: OverfitConfig = field(default_factory=OverfitConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict:

@@ -62,6 +62,12 @@ def run_pipeline(cfg: Config) -> PipelineResult:
             summary["metrics"] = r.metrics
             summary["phases"]["evaluate"] = {"clean_accuracy": r.clean_accuracy,
                                              "attack_success_rate": r.attack_success_rate}
+        elif phase == "defend":
+            from .phases.defend import defend
+            r = defend(cfg)
+            summary["defense"] = r.report
+            summary["phases"]["defend"] = {"model": r.model, "report": storage.join(r.output, "report.md"),
+                                           "defense_wall_time_s": r.report["defense_wall_time_s"]}
         summary["phases"][phase]["wall_time_s"] = round(time.time() - started, 1)
     return PipelineResult(summary)
 
@@ -78,9 +84,15 @@ def format_summary(summary: dict) -> str:
             result = f"{info['num_poisoned']} rows poisoned ({info['attack']})"
         elif phase == "train":
             result = f"{info['steps']} steps, {info['samples']} samples over {info['rows']} rows -> {info['model']}"
+        elif phase == "defend":
+            result = (f"UBT (overfit, score, select, unlearn) {info['defense_wall_time_s']:.1f} s -> {info['model']}; "
+                      f"report {info['report']}")
         else:
             asr = info["attack_success_rate"]
             result = f"CA {100 * info['clean_accuracy']:.1f}%" + (f"   ASR {100 * asr:.1f}%" if asr is not None else "")
         took = f"{info['wall_time_s']:.1f} s" if "wall_time_s" in info else "-"
         lines.append(f"{phase:<10} {took:>9}  {result}")
+    if "defense" in summary:
+        from .phases.defend import before_after_table
+        lines += ["", before_after_table(summary["defense"])]
     return "\n".join(lines)

@@ -14,6 +14,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import ray
@@ -28,6 +29,7 @@ from .config import Config, ModelConfig, TrainConfig
 from .core.batches import decode_images
 from .core.models import WEIGHTS_FILE, Clip, load_checkpoint_dir, load_clip, save_clip, write_checkpoint_dir
 from .core.objectives import Batch, build_objective
+from .core.unlearning import set_trainable
 from .errors import UserError
 from .manifest import write_manifest
 from .shards import count_rows, read_shards
@@ -46,8 +48,9 @@ class FitSpec:
     output: str
     init: ModelConfig
     train: TrainConfig
-    objective: str = "clip"
+    objective: str | Callable = "clip"   # a registered name, or a module-level factory(preprocess_cfg=..., **kwargs)
     objective_kwargs: dict = field(default_factory=dict)
+    trainable: str = "all"               # which parameters move (core.unlearning.set_trainable)
 
 
 @dataclass
@@ -110,7 +113,7 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
                                                   "samples": m.get("samples"),
                                                   "resumed_from_step": m.get("resumed_from_step"),
                                                   "final_loss": m.get("loss"), "model": model_uri,
-                                                  "objective": spec.objective}})
+                                                  "objective": _objective_name(spec)}})
     return FitResult(model_uri, rows, int(m["step"]), int(m["samples"]), int(m["resumed_from_step"]),
                      time.time() - started, dict(m), manifest)
 
@@ -123,8 +126,14 @@ def run_fingerprint(cfg: Config, spec: FitSpec) -> dict:
     return {"data": storage.file_signatures(spec.data, (".parquet",), cfg.storage), "init": vars(spec.init),
             "init_files": (storage.file_signatures(spec.init.checkpoint, (".json", ".safetensors"), cfg.storage)
                            if spec.init.checkpoint else None),
-            "objective": spec.objective, "objective_kwargs": spec.objective_kwargs, "schedule": schedule,
+            "objective": _objective_name(spec), "objective_kwargs": spec.objective_kwargs,
+            "trainable": spec.trainable, "schedule": schedule,
             "seed": cfg.run.seed}
+
+
+def _objective_name(spec: FitSpec) -> str:
+    obj = spec.objective
+    return obj if isinstance(obj, str) else f"{obj.__module__}.{obj.__qualname__}"
 
 
 def _cluster_has_gpus(cfg: Config) -> bool:
@@ -168,7 +177,10 @@ def _train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
 
     clip = load_clip(spec.init, cfg.storage, device="cpu", seed=cfg.run.seed)
-    objective = build_objective(spec.objective, preprocess_cfg=clip.preprocess_cfg, **spec.objective_kwargs)
+    factory = spec.objective if callable(spec.objective) else None
+    objective = (factory(preprocess_cfg=clip.preprocess_cfg, **spec.objective_kwargs) if factory else
+                 build_objective(spec.objective, preprocess_cfg=clip.preprocess_cfg, **spec.objective_kwargs))
+    set_trainable(clip.model, spec.trainable)
     state = {"step": 0, "samples": 0, "resumed_from_step": 0}
     checkpoint = ray.train.get_checkpoint()
     train_state = None
@@ -186,7 +198,7 @@ def _train_loop_per_worker(config: dict) -> None:
 
     per_worker = t.batch_size // world
     steps_per_epoch = max(1, config["rows"] // t.batch_size)
-    total_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
+    total_steps = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     ckpt_every = max(1, steps_per_epoch // t.checkpoints_per_epoch)
     shard = ray.train.get_dataset_shard("train")
     raw_model = model.module if hasattr(model, "module") else model
@@ -216,7 +228,8 @@ def _train_loop_per_worker(config: dict) -> None:
                 rate = (state["samples"] - tic_samples) / max(1e-9, time.time() - tic)
                 metrics.update(lr=lr, samples_per_s=rate)
                 if rank == 0:
-                    print(f"[{spec.phase}] epoch {state['step'] / steps_per_epoch:.2f}/{t.epochs:g} "
+                    print(f"[{spec.phase}] epoch {state['step'] / steps_per_epoch:.2f}/"
+                          f"{total_steps / steps_per_epoch:.2f} "
                           f"step {state['step']}/{total_steps} loss {metrics['loss']:.4f} "
                           f"{rate:.0f} samples/s lr {lr:.2e}", flush=True)
             if state["step"] % ckpt_every == 0 or state["step"] == total_steps:

@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 TRIGGER_FILE = "trigger.json"
 KINDS = ("badnet", "blended", "sig", "wanet", "label_consistent")
 BADNET_LOCATIONS = ("corner", "centre", "random")
-HARDENINGS = ("none", "noise")
+HARDENINGS = ("none", "noise", "occlude")
 
 PathLike = Union[str, Path]
 Validator = Callable[[str, str, Any], Any]
@@ -278,9 +278,24 @@ class LabelConsistentTrigger(BadNetTrigger):
         if self.params["hardening"] == "none":
             return image
         digest = hashlib.sha256(f"{self.seed}:{key}".encode("utf-8")).digest()
-        noise = np.random.default_rng(int.from_bytes(digest[:8], "big")).integers(0, 256, size=image.shape)
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
         weight = self.params["hardening_strength"]
-        return _to_uint8((1.0 - weight) * image.astype(np.float64) + weight * noise)
+        if self.params["hardening"] == "noise":
+            noise = rng.integers(0, 256, size=image.shape)
+            return _to_uint8((1.0 - weight) * image.astype(np.float64) + weight * noise)
+        out = image.copy()
+        h, w = image.shape[:2]
+        rows, cols = int(round(weight * h)), int(round(weight * w))
+        side = int(rng.integers(0, 4))
+        if side == 0:
+            out[:rows] = 0
+        elif side == 1:
+            out[h - rows:] = 0
+        elif side == 2:
+            out[:, :cols] = 0
+        else:
+            out[:, w - cols:] = 0
+        return out
 
     def poison(self, image, key=""):
         return self.apply(self.harden(_check_image(image), key), key)

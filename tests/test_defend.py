@@ -1,0 +1,130 @@
+"""UBT through real Ray: scoring on Ray Data with an actor pool, bounded top-k selection, and `ubt defend`
+end to end on a small backdoored model built here."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from ubt_ray.cli import main
+from ubt_ray.config import ModelConfig, load_config
+from ubt_ray.core.batches import decode_images
+from ubt_ray.core.models import load_clip, save_clip
+from ubt_ray.core.scoring import score_batch, token_grid
+from ubt_ray.phases.score import score
+from ubt_ray.phases.select import merge_top_k, top_k
+
+from helpers import caption_shards, fashion_mnist_shards, last_json
+
+BROKEN_KEY = "row-000007"
+
+
+@pytest.fixture(scope="module")
+def scored_input(tmp_path_factory):
+    """Three shard files, a few rows marked poisoned, one row whose image bytes are not an image."""
+    root = tmp_path_factory.mktemp("score")
+    src = Path(caption_shards(root / "src", rows=300, files=3))
+    out = root / "shards"
+    out.mkdir()
+    for f in sorted(src.glob("*.parquet")):
+        t = pq.read_table(f)
+        keys = t.column("key").to_pylist()
+        images = [b"not an image" if k == BROKEN_KEY else im for k, im in zip(keys, t.column("image").to_pylist())]
+        t = t.set_column(t.column_names.index("image"), "image", pa.array(images, pa.binary()))
+        t = t.append_column("is_poison", pa.array([int(k[-6:]) % 25 == 0 for k in keys]))
+        pq.write_table(t, out / f.name)
+    model = root / "model"
+    save_clip(load_clip(ModelConfig(), seed=3), str(model))
+    return out, model
+
+
+def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scored_input, tmp_path):
+    data, model = scored_input
+    cfg = load_config(None, ["score.num_actors=2", "score.batch_size=64", f"score.output={tmp_path / 'scores'}",
+                             "score.top_k=[5, 10]"])
+    result = score(cfg, str(model), str(data))
+    table = pq.read_table(result.table)
+    keys = table.column("key").to_pylist()
+    source = pq.read_table(data)
+    expected = [k for k in source.column("key").to_pylist() if k != BROKEN_KEY]
+    assert sorted(keys) == sorted(expected) and len(set(keys)) == len(keys)
+    assert (result.rows.rows_in, result.rows.rows_out, result.rows.rows_rejected) == (300, 299, 1)
+    manifest = json.loads((tmp_path / "scores" / "manifest.json").read_text())
+    assert manifest["rows"]["rejected_examples"] == {"image undecodable (UnidentifiedImageError)": [BROKEN_KEY]}
+    assert manifest["actors"] == 2
+
+    # The same function in this process, in batches of another size, gives the same scores.
+    clip = load_clip(ModelConfig(checkpoint=str(model)))
+    clip.model.eval().requires_grad_(False)
+    rows = {r["key"]: r for r in source.to_pylist() if r["key"] != BROKEN_KEY}
+    mine = {}
+    for start in range(0, len(expected), 50):
+        chunk = expected[start:start + 50]
+        out = score_batch(clip.model, decode_images([rows[k]["image"] for k in chunk], 32),
+                          clip.tokenizer([rows[k]["caption"] for k in chunk]), clip.preprocess_cfg,
+                          token_grid(clip.model, 32))
+        mine.update(zip(chunk, out["score"].tolist()))
+    got = dict(zip(keys, table.column("score").to_pylist()))
+    assert np.allclose([got[k] for k in expected], [mine[k] for k in expected], atol=1e-5)
+    assert table.column("token_order").type == pa.list_(pa.int16())
+    detection = json.loads((tmp_path / "scores" / "detection.json").read_text())
+    assert detection["poisons"] == 12 and 0 <= detection["auroc"] <= 1 and "precision@10" in detection
+    assert (tmp_path / "scores" / "score_histogram.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_top_k_is_the_same_whatever_the_number_of_blocks(ray_local):
+    rng = np.random.default_rng(0)
+    n, k = 5000, 37
+    scores = np.round(rng.normal(size=n), 2)  # rounded: many ties, broken by key
+    table = pa.table({"key": [f"k{i:05d}" for i in rng.permutation(n)], "score": scores})
+    full = sorted(zip(-scores, table.column("key").to_pylist()))[:k]
+    expected = [key for _, key in full]
+    for blocks in (1, 3, 16):
+        got = top_k(ray.data.from_arrow(table).repartition(blocks), k, "score")
+        assert got.column("key").to_pylist() == expected, blocks
+    # The driver-side merge alone, over tables of every size, agrees too.
+    parts = [table.slice(i, 700) for i in range(0, n, 700)]
+    assert merge_top_k(parts, k, "score").column("key").to_pylist() == expected
+
+
+@pytest.fixture(scope="module")
+def backdoored(ray_local, tmp_path_factory):
+    """A tiny CLIP trained on 4,000 Fashion-MNIST rows with a 150-row BadNet backdoor."""
+    root = tmp_path_factory.mktemp("backdoor")
+    overrides = [f"run.output_dir={root}", f"data.clean_train={fashion_mnist_shards(root / 'clean', rows=4000)}",
+                 f"data.test={fashion_mnist_shards(root / 'test', split='test', rows=1000)}",
+                 "poison.num_poisons=150", "poison.params={size: 6}", "train.epochs=6", "train.warmup_steps=10",
+                 "train.threads_per_worker=2"]
+    assert main(["poison", *overrides]) == 0
+    assert main(["train", *overrides]) == 0
+    return root, overrides
+
+
+def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys):
+    root, overrides = backdoored
+    capsys.readouterr()
+    code = main(["defend", *overrides, "overfit.steps=10", "unlearn.num_samples=150", "unlearn.steps=40",
+                 "unlearn.batch_size=128", "select.retain_samples=2000", "score.top_k=[50, 150]"])
+    assert code == 0
+    out = capsys.readouterr().out
+    summary = last_json(out)
+    before, after = summary["before"], summary["after"]
+    assert before["attack_success_rate"] >= 0.6, before  # the backdoor is there to remove
+    assert after["attack_success_rate"] <= 0.5 * before["attack_success_rate"], (before, after)
+    assert after["clean_accuracy"] >= before["clean_accuracy"] - 0.05, (before, after)
+    assert summary["detection"]["auroc"] >= 0.8
+    assert "| after UBT |" in out
+    report = json.loads((root / "defend" / "report.json").read_text())
+    assert set(report["phases"]) == {"overfit", "score", "select", "unlearn"}
+    assert report["selection"]["num_forget"] == 150 and report["selection"]["num_retain"] == 2000
+    assert (root / "defend" / "report.md").read_text().startswith("# UBT defense report")
+    # The cleaned model is a plain open_clip checkpoint, and differs from the backdoored one.
+    cleaned, _, _ = open_clip.create_model_and_transforms(f"local-dir:{summary['cleaned_model']}")
+    original, _, _ = open_clip.create_model_and_transforms(f"local-dir:{root / 'attack' / 'model'}")
+    assert any(not torch.equal(a, b) for a, b in zip(cleaned.state_dict().values(), original.state_dict().values()))

@@ -1,0 +1,137 @@
+"""The pure-torch core of UBT: token saliency, trigger-removing transforms, scores, forget losses, trainable sets."""
+
+import numpy as np
+import pytest
+import torch
+
+from ubt_ray.config import ModelConfig
+from ubt_ray.core.models import load_clip
+from ubt_ray.core.objectives import Batch
+from ubt_ray.core.scoring import (TokenGrid, apply_mask, blur, combine_drops, downup, score_batch, token_grid,
+                                  token_mask, tokens_to_take)
+from ubt_ray.core.unlearning import ForgetSet, UnlearnObjective, prepare_forget_inputs, set_trainable
+
+
+@pytest.fixture(scope="module")
+def clip():
+    c = load_clip(ModelConfig(), seed=0)
+    c.model.eval()
+    return c
+
+
+def batch(clip, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    tokens = clip.tokenizer([f"a photo of a {w}" for w in ["shirt", "bag", "boot", "coat", "dress", "sandal"][:n]])
+    return pixels, tokens
+
+
+def test_grid_and_token_counts(clip):
+    grid = token_grid(clip.model, clip.image_size)
+    assert (grid.patch, grid.side, grid.count) == (4, 8, 64)
+    assert tokens_to_take(4 / 64, grid) == 4 and tokens_to_take(1e-6, grid) == 1 and tokens_to_take(1.0, grid) == 64
+
+
+def test_token_mask_covers_exactly_the_chosen_tokens():
+    grid = TokenGrid(patch=4, side=8)
+    order = torch.arange(64).flip(0)[None]  # token 63 (bottom-right) first
+    mask = token_mask(order, 2, grid)
+    assert mask.shape == (1, 1, 32, 32) and int(mask.sum()) == 2 * 16
+    assert mask[0, 0, 28:, 28:].all() and mask[0, 0, 28:, 24:28].all()
+    assert int(token_mask(order, 2, grid, keep=True).sum()) == 62 * 16
+    x = torch.randn(1, 3, 32, 32)
+    masked = apply_mask(x, mask)
+    assert torch.all(masked[..., 28:, 24:] == 0) and torch.equal(masked[..., :28, :], x[..., :28, :])
+
+
+def test_blur_and_downup_remove_fine_patterns_and_keep_flat_images():
+    flat = torch.full((1, 3, 32, 32), 0.7)
+    assert torch.allclose(blur(flat), flat) and torch.allclose(downup(flat), flat)
+    checker = (torch.arange(32)[None, :] + torch.arange(32)[:, None]) % 2
+    x = checker.float().expand(1, 3, 32, 32)
+    assert downup(x).std() < 0.05 * x.std() and blur(x).std() < 0.2 * x.std()
+
+
+@pytest.mark.parametrize("method,transforms", [("token_drop", ("token_mask",)), ("token_drop", ("blur", "downup")),
+                                               ("cosine", ()), ("loss", ())])
+def test_scores_do_not_depend_on_the_batch(clip, method, transforms):
+    pixels, tokens = batch(clip)
+    grid = token_grid(clip.model, clip.image_size)
+    negatives = torch.nn.functional.normalize(torch.randn(16, 128), dim=-1)
+    kw = dict(grid=grid, method=method, transforms=transforms, negatives=negatives, logit_scale=10.0)
+    whole = score_batch(clip.model, pixels, tokens, clip.preprocess_cfg, **kw)
+    for i in (0, 3, 5):
+        alone = score_batch(clip.model, pixels[i:i + 1], tokens[i:i + 1], clip.preprocess_cfg, **kw)
+        for name, values in alone.items():
+            if name == "token_order":
+                assert torch.equal(values[0], whole[name][i])
+            else:
+                assert torch.allclose(values[0], whole[name][i], atol=1e-5), name
+    if method == "token_drop" and len(transforms) == 1:
+        assert torch.equal(whole["score"], whole["drop_token_mask"]) and whole["token_order"].shape == (6, 64)
+    if method == "cosine":
+        assert torch.equal(whole["score"], -whole["cos"])
+
+
+def test_token_saliency_finds_the_token_that_moves_the_similarity(clip):
+    """A patch that is the only thing differing between two images ranks first in the saliency order."""
+    pixels, tokens = batch(clip, n=1)
+    pixels = torch.zeros_like(pixels)
+    pixels[..., 28:, 28:] = 255  # all the image's content sits in the bottom-right token
+    out = score_batch(clip.model, pixels, tokens, clip.preprocess_cfg, token_grid(clip.model, 32))
+    assert int(out["token_order"][0, 0]) == 63
+
+
+def test_combine_drops_standardises_then_takes_the_max():
+    drops = {"blur": torch.tensor([1.0, 0.0, 5.0]), "token_mask": torch.tensor([0.0, 10.0, 0.0])}
+    stats = {"blur": (1.0, 2.0), "token_mask": (0.0, 10.0)}
+    best, which = combine_drops(drops, stats)
+    assert torch.allclose(best, torch.tensor([0.0, 1.0, 2.0])) and which == ["blur", "token_mask", "blur"]
+
+
+@pytest.mark.parametrize("kind", ["token_invariance", "push_away", "local_push"])
+def test_forget_loss_falls_with_training(kind):
+    clip = load_clip(ModelConfig(), seed=0)
+    reference = load_clip(ModelConfig(), seed=0).model.eval().requires_grad_(False)
+    pixels, tokens = batch(clip)
+    grid = token_grid(clip.model, 32)
+    forget = ForgetSet(pixels[:4], tokens[:4], ["token_mask", "blur", "downup", "token_mask"], None)
+    inputs = prepare_forget_inputs(reference, forget, clip.preprocess_cfg, grid, 4 / 64, kind)
+    objective = UnlearnObjective(clip.preprocess_cfg, forget, inputs, kind, forget_weight=100.0, margin=-1.0,
+                                 forget_batch_size=4, seed=0)
+    retain = Batch(pixels[4:], tokens[4:], ["a", "b"])
+    model = clip.model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    first = None
+    for _ in range(8):
+        loss, metrics = objective(model, retain)
+        first = metrics["forget_loss"] if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert np.isfinite(metrics["loss"]) and metrics["forget_loss"] < first
+
+
+def test_token_invariance_starts_from_what_the_reference_sees_without_the_tokens(clip):
+    pixels, tokens = batch(clip, n=2)
+    forget = ForgetSet(pixels, tokens, ["token_mask", "token_mask"], None)
+    grid = token_grid(clip.model, 32)
+    targets = prepare_forget_inputs(clip.model, forget, clip.preprocess_cfg, grid, 1.0, "token_invariance")
+    # With every token masked, x̄ is the all-mean image for both rows: the same target.
+    assert torch.allclose(targets[0], targets[1], atol=1e-6)
+
+
+def test_set_trainable_moves_only_the_named_part(clip):
+    model = load_clip(ModelConfig(), seed=0).model
+    total = sum(p.numel() for p in model.parameters())
+    assert set_trainable(model, "all") == total
+    visual = set_trainable(model, "visual")
+    assert all(p.requires_grad == n.startswith("visual.") for n, p in model.named_parameters())
+    early = set_trainable(model, "visual.early")
+    assert 0 < early < visual
+    assert model.visual.transformer.resblocks[0].attn.in_proj_weight.requires_grad
+    assert not model.visual.transformer.resblocks[-1].attn.in_proj_weight.requires_grad
+    text = set_trainable(model, "text")
+    assert text + visual == total - 1  # all but the logit scale
+    with pytest.raises(ValueError, match="unknown trainable"):
+        set_trainable(model, "heads")

@@ -1,0 +1,136 @@
+"""Token-portion unlearning (METHOD.md step 4), pure torch: L = forget_weight * L_forget + L_retain.
+
+The retain loss is the CLIP loss on the loop's batch (least suspicious rows). The forget loss acts on the
+selected suspicious rows, held in memory (k is small): `token_invariance` pulls f_θ(x) towards what the
+original model saw without the trigger, stopgrad f_θ₀(x̄); `push_away` pushes cos(f_θ(x), g_θ(t)) below a
+margin on the whole image; `local_push` does the same on the image with only its top-ρ tokens kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .batches import normalize
+from .objectives import Batch, clip_loss
+from .scoring import (TokenGrid, apply_mask, image_features, remove_trigger, text_features, token_mask,
+                      token_order, token_saliency, tokens_to_take)
+
+FORGET_LOSSES = ("token_invariance", "push_away", "local_push")
+TRAINABLE = ("all", "visual", "visual.early", "text")
+
+
+@dataclass
+class ForgetSet:
+    """The selected rows: uint8 pixels (k, 3, H, W), caption tokens (k, L), the transform that flagged each
+    row, and each row's token order by saliency (None where the score gave none: computed with θ₀ then)."""
+    pixels: torch.Tensor
+    tokens: torch.Tensor
+    transforms: list[str]
+    orders: torch.Tensor | None
+
+
+def prepare_forget_inputs(reference: torch.nn.Module, forget: ForgetSet, preprocess_cfg: dict, grid: TokenGrid,
+                          token_portion: float, kind: str, batch_size: int = 256) -> torch.Tensor:
+    """What each forget row is trained towards, computed once with the frozen θ₀ (`reference`):
+    token_invariance: the target features f_θ₀(x̄); local_push: the normalised images with only the
+    top-ρ tokens kept; push_away: the normalised images."""
+    count = tokens_to_take(token_portion, grid)
+    out = []
+    for start in range(0, len(forget.pixels), batch_size):
+        part = slice(start, start + batch_size)
+        x = normalize(forget.pixels[part], preprocess_cfg)
+        if kind == "push_away":
+            out.append(x)
+            continue
+        order = forget.orders[part] if forget.orders is not None else None
+        if order is None:
+            text = text_features(reference, forget.tokens[part]).detach()
+            order = token_order(token_saliency(reference, x, text, grid))
+        if kind == "local_push":
+            out.append(apply_mask(x, token_mask(order, count, grid, keep=True)))
+            continue
+        cleaned = torch.stack([remove_trigger(x[i:i + 1], t, order[i:i + 1], count, grid)[0]
+                               for i, t in enumerate(forget.transforms[part])])
+        with torch.no_grad():
+            out.append(image_features(reference, cleaned))
+    return torch.cat(out)
+
+
+class UnlearnObjective:
+    """One unlearning step: CLIP loss on the retain batch plus the forget loss on a forget mini-batch.
+
+    The forget mini-batch of step s is a seeded permutation's slice, split over DDP ranks; both parts go
+    through one model(...) call so that DDP sees a single forward.
+    """
+
+    def __init__(self, preprocess_cfg: dict, forget: ForgetSet, inputs: torch.Tensor, kind: str,
+                 forget_weight: float, margin: float, forget_batch_size: int, seed: int):
+        if kind not in FORGET_LOSSES:
+            raise ValueError(f"unknown forget loss {kind!r}: use one of {', '.join(FORGET_LOSSES)}")
+        self.preprocess_cfg, self.forget, self.inputs, self.kind = preprocess_cfg, forget, inputs, kind
+        self.forget_weight, self.margin = forget_weight, margin
+        self.forget_batch_size = min(forget_batch_size, len(forget.pixels))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+
+    def _next_indices(self) -> torch.Tensor:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        while len(self.order) < self.forget_batch_size:
+            self.order += torch.randperm(len(self.forget.pixels), generator=self.generator).tolist()
+        chosen, self.order = self.order[:self.forget_batch_size], self.order[self.forget_batch_size:]
+        mine = chosen[rank::world] or chosen[:1]
+        return torch.tensor(mine, dtype=torch.long)
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        idx = self._next_indices()
+        device = batch.pixels.device
+        retain_x = normalize(batch.pixels, self.preprocess_cfg)
+        if self.kind == "token_invariance":
+            forget_x = normalize(self.forget.pixels[idx].to(device), self.preprocess_cfg)
+        else:
+            forget_x = self.inputs[idx].to(device)
+        unique, inverse = torch.unique(batch.tokens, dim=0, return_inverse=True)
+        texts = unique if self.kind == "token_invariance" else torch.cat([unique, self.forget.tokens[idx].to(device)])
+        image_f, text_f, logit_scale = model(torch.cat([retain_x, forget_x]), texts)[:3]
+        n, u = len(retain_x), len(unique)
+        retain = clip_loss(image_f[:n], text_f[:u][inverse], logit_scale)
+        if self.kind == "token_invariance":
+            forget = (1 - (image_f[n:] * self.inputs[idx].to(device)).sum(-1)).mean()
+        else:
+            forget = F.relu((image_f[n:] * text_f[u:]).sum(-1) - self.margin).mean()
+        loss = retain + self.forget_weight * forget
+        return loss, {"loss": float(loss.detach()), "retain_loss": float(retain.detach()),
+                      "forget_loss": float(forget.detach()), "logit_scale": float(logit_scale.detach())}
+
+
+def set_trainable(model: torch.nn.Module, which: str) -> int:
+    """Freeze every parameter outside `which` (all, visual, visual.early = patch embedding and the first half
+    of the vision blocks, text); returns how many parameters stay trainable."""
+    if which not in TRAINABLE:
+        raise ValueError(f"unknown trainable set {which!r}: use one of {', '.join(TRAINABLE)}")
+    blocks = getattr(getattr(getattr(model, "visual", None), "transformer", None), "resblocks", None)
+    early = len(blocks) // 2 if blocks is not None else 0
+
+    def moves(name: str) -> bool:
+        if which == "all":
+            return True
+        if which == "text":
+            return not name.startswith("visual.") and name != "logit_scale"
+        if not name.startswith("visual."):
+            return False
+        if which == "visual":
+            return True
+        if name.startswith("visual.transformer.resblocks."):
+            return int(name.split(".")[3]) < early
+        return not name.startswith(("visual.ln_post", "visual.proj", "visual.attn_pool"))
+
+    count = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(moves(name))
+        count += p.numel() if p.requires_grad else 0
+    return count

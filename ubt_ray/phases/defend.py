@@ -1,0 +1,113 @@
+"""defend: UBT end to end on a possibly backdoored checkpoint and its suspicious shards (METHOD.md steps 1-5).
+
+overfit -> score -> select -> unlearn, with CA and ASR of θ₀ and of the cleaned model, and a report
+(`report.json`, `report.md`) of the detection metrics, rows and wall time of every phase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .. import storage
+from ..config import Config
+from ..errors import UserError
+from .evaluate import evaluate
+from .overfit import overfit
+from .score import score
+from .select import select
+from .unlearn import unlearn
+
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+DEFENSE_PHASES = ("overfit", "score", "select", "unlearn")
+
+
+@dataclass
+class DefendResult:
+    model: str
+    report: dict
+    output: str
+
+
+def defend(cfg: Config) -> DefendResult:
+    """Run UBT on `defend.model` and `defend.data`; the cleaned model goes to <unlearn.output>/model."""
+    d = cfg.defend
+    if not storage.exists(d.model, cfg.storage):
+        raise UserError(f"defend.model={d.model} does not exist: train the backdoored model first "
+                        f"(`ubt train`) or point defend.model at an open_clip local-dir checkpoint.")
+    phases: dict[str, dict] = {}
+    before = _evaluate(cfg, d.model, "eval_before") if d.evaluate else None
+
+    scoring_model = d.model
+    if d.overfit and cfg.score.model == "overfit":
+        r = overfit(cfg, d.model, d.data)
+        scoring_model = r.model
+        phases["overfit"] = {"wall_time_s": r.wall_time_s, "rows": r.rows, "steps": r.steps,
+                             "sample_passes": r.samples, "model": r.model}
+    s = score(cfg, scoring_model, d.data)
+    phases["score"] = {"wall_time_s": s.wall_time_s, "rows": s.rows.rows_in, "rows_rejected": s.rows.rows_rejected,
+                       "sample_passes": s.rows.rows_out, "model": scoring_model, "table": s.table}
+    sel = select(cfg, cfg.score.output, d.data)
+    phases["select"] = {"wall_time_s": sel.wall_time_s, "rows": sel.stats["scored_rows"],
+                        "num_forget": sel.num_forget, "num_retain": sel.num_retain}
+    u = unlearn(cfg, d.model, sel.forget, sel.retain)
+    phases["unlearn"] = {"wall_time_s": u.wall_time_s, "rows": u.rows, "steps": u.steps,
+                         "sample_passes": u.samples + u.steps * cfg.unlearn.forget_batch_size, "model": u.model}
+    after = _evaluate(cfg, u.model, "eval_after") if d.evaluate else None
+
+    report = {
+        "run": cfg.run.name, "model": d.model, "data": d.data, "cleaned_model": u.model,
+        "before": _metrics(before), "after": _metrics(after),
+        "detection": s.detection, "selection": sel.stats, "phases": phases,
+        "defense_wall_time_s": round(sum(p["wall_time_s"] for p in phases.values()), 1),
+        "settings": {"score": dataclasses.asdict(cfg.score), "unlearn": dataclasses.asdict(cfg.unlearn),
+                     "overfit": dataclasses.asdict(cfg.overfit) if "overfit" in phases else None,
+                     "select": dataclasses.asdict(cfg.select)},
+    }
+    storage.write_json(storage.join(d.output, REPORT_JSON), report, cfg.storage)
+    storage.write_bytes(storage.join(d.output, REPORT_MD), format_report(report).encode(), cfg.storage)
+    return DefendResult(u.model, report, d.output)
+
+
+def _evaluate(cfg: Config, model: str, name: str):
+    out = storage.join(cfg.defend.output, name)
+    return evaluate(dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, output=out)), model)
+
+
+def _metrics(result) -> dict | None:
+    if result is None:
+        return None
+    return {"clean_accuracy": result.clean_accuracy, "attack_success_rate": result.attack_success_rate}
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def before_after_table(report: dict) -> str:
+    """CA and ASR of θ₀ and of the cleaned model, as a Markdown table."""
+    b, a = report["before"] or {}, report["after"] or {}
+    return "\n".join(["| model | CA | ASR |", "|---|---|---|",
+                      f"| before (θ₀) | {_pct(b.get('clean_accuracy'))} | {_pct(b.get('attack_success_rate'))} |",
+                      f"| after UBT | {_pct(a.get('clean_accuracy'))} | {_pct(a.get('attack_success_rate'))} |"])
+
+
+def format_report(report: dict) -> str:
+    """The report as Markdown: before/after table, detection, and every phase's rows and time."""
+    lines = [f"# UBT defense report: {report['run']}", "",
+             f"Model: `{report['model']}`  ", f"Data: `{report['data']}`  ",
+             f"Cleaned model: `{report['cleaned_model']}`", "", before_after_table(report), ""]
+    det = report.get("detection")
+    if det and "auroc" in det:
+        pk = ", ".join(f"{k.split('@')[0]}@{k.split('@')[1]} {v:.2f}" for k, v in det.items() if "@" in k)
+        lines += [f"Detection ({det['poisons']} poisons in {det['rows']} rows): AUROC {det['auroc']:.3f}; {pk}", ""]
+    sel = report["selection"]
+    if "forget_precision" in sel:
+        lines += [f"Forget set: {sel['num_forget']} rows, {sel['forget_poisons']} poisoned "
+                  f"({_pct(sel['forget_precision'])}); retain set: {sel['num_retain']} rows, "
+                  f"{sel['retain_poisons']} poisoned.", ""]
+    lines += ["| phase | rows | wall time |", "|---|---|---|"]
+    for name, p in report["phases"].items():
+        lines.append(f"| {name} | {p.get('rows', '')} | {p['wall_time_s']:.1f} s |")
+    lines += [f"| **defense total** | | **{report['defense_wall_time_s']:.1f} s** |", ""]
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""overfit: fine-tune a copy θₒ of the suspicious model on D so the backdoor shortcut grows (METHOD.md step 1).
+
+High learning rate, no weight decay, no augmentation, a few dozen steps of the one training loop. With
+`overfit.subset_fraction` < 1 it trains on a subset: a seeded sample, or (`prioritize: weak_similarity`)
+the rows whose image-text similarity under θ₀ is weakest, found by a `cosine` scoring pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .. import storage
+from ..cluster import ensure_ray
+from ..config import Config
+from ..errors import UserError
+from ..shards import read_columns, read_shards, validate_and_write
+from ..train_loop import FitResult, FitSpec, fit
+from .score import TABLE, score
+
+HASH_SPAN = 1 << 63
+
+
+def overfit(cfg: Config, model_uri: str, data: str) -> FitResult:
+    """Overfit the checkpoint at `model_uri` on `data` (or its configured subset); θₒ goes to <output>/model."""
+    o = cfg.overfit
+    if o.prioritize == "weak_similarity" and o.subset_fraction >= 1:
+        raise UserError("overfit.prioritize=weak_similarity picks the weakest rows of a subset, but "
+                        "overfit.subset_fraction is 1: set it below 1 (e.g. 0.1).")
+    train_data = data if o.subset_fraction >= 1 else _subset(cfg, model_uri, data)
+    schedule = dataclasses.replace(cfg.train, steps=o.steps, lr=o.lr, batch_size=o.batch_size, weight_decay=0.0,
+                                   warmup_steps=min(cfg.train.warmup_steps, o.steps // 5), output=o.output)
+    return fit(cfg, FitSpec(phase="overfit", data=train_data, output=o.output,
+                            init=dataclasses.replace(cfg.model, checkpoint=model_uri), train=schedule))
+
+
+def _subset(cfg: Config, model_uri: str, data: str) -> str:
+    o = cfg.overfit
+    ensure_ray(cfg.ray)
+    out = storage.join(o.output, "subset")
+    if o.prioritize == "weak_similarity":
+        sim = storage.join(o.output, "similarity")
+        weak = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, method="cosine"))
+        score(weak, model_uri, data, output=sim)
+        cos = read_columns(storage.join(sim, TABLE), cfg.storage, ["key", "cos"])
+        threshold = float(np.quantile(cos.column("cos").to_numpy(), o.subset_fraction))
+        keys = frozenset(cos.column("key").filter(pc.less_equal(cos.column("cos"), threshold)).to_pylist())
+        ds = read_shards(data, cfg).map_batches(_keep_keys, batch_format="pyarrow", fn_kwargs={"keys": keys})
+    else:
+        ds = read_shards(data, cfg).map_batches(_keep_sample, batch_format="pyarrow",
+                                                fn_kwargs={"fraction": o.subset_fraction, "seed": cfg.run.seed})
+    validate_and_write(ds, out, cfg, rows_per_file=cfg.poison.rows_per_file)
+    return out
+
+
+def _keep_keys(table: pa.Table, keys: frozenset) -> pa.Table:
+    return table.filter(pa.array([k in keys for k in table.column("key").to_pylist()], pa.bool_()))
+
+
+def _keep_sample(table: pa.Table, fraction: float, seed: int) -> pa.Table:
+    """Rows whose hash of (seed, key) falls in the first `fraction` of the hash range: a seeded sample that
+    does not depend on how the rows are split into blocks."""
+    limit = int(fraction * HASH_SPAN)
+    keep = [int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "big") >> 1 < limit
+            for k in table.column("key").to_pylist()]
+    return table.filter(pa.array(keep, pa.bool_()))

@@ -1,0 +1,216 @@
+"""score: every row of the suspicious shards gets a suspicion score (METHOD.md step 2), on Ray Data.
+
+`read_parquet -> map_batches(Scorer, compute=ActorPoolStrategy) -> write_parquet`: each actor loads the model
+once; nothing is collected on the driver. Rows whose image cannot be decoded are counted as rejected, with
+their keys, in the manifest. Several transforms are combined after a pass over the (small) drop columns.
+When the shards carry `is_poison`, detection metrics and a score histogram are written beside the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from ray.data import ActorPoolStrategy
+
+from .. import storage
+from ..cluster import ensure_ray
+from ..config import Config, ModelConfig, ScoreConfig, StorageConfig
+from ..core.batches import decode_image
+from ..core.models import load_clip
+from ..core.scoring import TRANSFORMS, combine_drops, score_batch, text_features, token_grid
+from ..core.zeroshot import auroc, precision_recall_at_k
+from ..errors import UserError
+from ..manifest import RowCounts, write_manifest
+from ..shards import RowLedger, count_rows, read_columns, read_shards, shard_schema
+
+TABLE = "table"
+DETECTION_FILE = "detection.json"
+HISTOGRAM_FILE = "score_histogram.png"
+
+
+@dataclass
+class ScoreResult:
+    """Where the score table went, the row accounting, and the detection metrics (when ground truth exists)."""
+    table: str
+    rows: RowCounts
+    detection: dict | None
+    wall_time_s: float
+    manifest: dict
+
+
+class Scorer:
+    """Ray Data actor: loads the model once, then scores batches of rows (pyarrow in, pyarrow out)."""
+
+    def __init__(self, model: ModelConfig, storage_cfg: StorageConfig, settings: ScoreConfig, seed: int,
+                 negative_captions: list[str], threads: int, use_gpu: bool, ledger):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.clip = load_clip(model, storage_cfg, self.device, seed=seed)
+        self.clip.model.eval().requires_grad_(False)
+        self.grid = token_grid(self.clip.model, self.clip.image_size)
+        self.s, self.ledger = settings, ledger
+        self.negatives = None
+        if settings.method == "loss":
+            with torch.no_grad():
+                self.negatives = text_features(self.clip.model, self.clip.tokenizer(negative_captions).to(self.device))
+        self.logit_scale = float(self.clip.model.logit_scale.exp())
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        keys = table.column("key").to_pylist()
+        counts, pixels, kept = RowCounts(rows_in=len(keys)), [], []
+        for i, data in enumerate(table.column("image").to_pylist()):
+            try:
+                pixels.append(decode_image(data, self.clip.image_size))
+                kept.append(i)
+            except Exception as e:  # noqa: BLE001 - any undecodable image is a counted rejection, not a crash
+                counts.reject(f"image undecodable ({type(e).__name__})", keys[i])
+        counts.rows_out = len(kept)
+        ray.get(self.ledger.add.remote(counts))
+        table = table.take(pa.array(kept, pa.int64()))
+        if not kept:
+            return _empty_output(table, self.s)
+        captions = table.column("caption").to_pylist()
+        out = score_batch(self.clip.model, torch.from_numpy(np.stack(pixels)).to(self.device),
+                          self.clip.tokenizer(captions).to(self.device), self.clip.preprocess_cfg, self.grid,
+                          self.s.method, self.s.token_portion, tuple(self.s.transforms), self.negatives,
+                          self.logit_scale)
+        columns = {"key": table.column("key")}
+        for name, values in out.items():
+            if name == "token_order":
+                columns[name] = pa.array(values.to(torch.int16).cpu().numpy().tolist(), pa.list_(pa.int16()))
+            else:
+                columns[name] = pa.array(values.detach().float().cpu().numpy())
+        if "is_poison" in table.column_names:
+            columns["is_poison"] = table.column("is_poison").fill_null(False)
+        return pa.table(columns)
+
+
+def _empty_output(table: pa.Table, s: ScoreConfig) -> pa.Table:
+    cols = {"key": pa.array([], pa.string()), "cos": pa.array([], pa.float32())}
+    if s.method == "token_drop":
+        cols.update({f"drop_{t}": pa.array([], pa.float32()) for t in s.transforms})
+        if "token_mask" in s.transforms:
+            cols["token_order"] = pa.array([], pa.list_(pa.int16()))
+    if s.method == "loss":
+        cols["loss"] = pa.array([], pa.float32())
+    if s.method != "token_drop" or len(s.transforms) == 1:
+        cols["score"] = pa.array([], pa.float32())
+    if "is_poison" in table.column_names:
+        cols["is_poison"] = pa.array([], pa.bool_())
+    return pa.table(cols)
+
+
+def _combine(table: pa.Table, stats: dict) -> pa.Table:
+    drops = {name: torch.from_numpy(table.column(f"drop_{name}").to_numpy(zero_copy_only=False)) for name in stats}
+    best, which = combine_drops(drops, stats)
+    return table.append_column("score", pa.array(best.numpy())).append_column("transform", pa.array(which, pa.string()))
+
+
+def check_settings(s: ScoreConfig) -> None:
+    """Refuse transform lists the scorer cannot run, in one sentence."""
+    bad = [t for t in s.transforms if t not in TRANSFORMS]
+    if bad or not s.transforms or len(set(s.transforms)) != len(s.transforms):
+        raise UserError(f"score.transforms={s.transforms} must name each of {', '.join(TRANSFORMS)} at most once, "
+                        f"and at least one of them.")
+
+
+def num_actors(s: ScoreConfig) -> int:
+    """One actor per GPU, or per `cpus_per_actor` CPUs less one CPU, which Ray Data's read tasks need: actors
+    holding every CPU would starve the reads that feed them."""
+    resources = ray.cluster_resources()
+    if s.use_gpu:
+        return max(1, int(resources.get("GPU", 0)))
+    return max(1, int(resources.get("CPU", 1) - 1) // s.cpus_per_actor)
+
+
+def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> ScoreResult:
+    """Score every row of `data` with the checkpoint at `model_uri`; the table goes to `<output>/table`."""
+    started = time.time()
+    s = cfg.score
+    check_settings(s)
+    output = output or s.output
+    ensure_ray(cfg.ray)
+    schema = shard_schema(data, cfg.storage)
+    columns = ["key", "image", "caption"] + (["is_poison"] if "is_poison" in schema.names else [])
+    negatives = []
+    if s.method == "loss":
+        captions = read_columns(data, cfg.storage, ["caption"], max_rows=max(s.negatives * 50, 10_000))
+        negatives = list(dict.fromkeys(captions.column("caption").to_pylist()))[:s.negatives]
+    actors = s.num_actors or num_actors(s)
+    ledger = RowLedger.remote()
+    model = dataclasses.replace(cfg.model, checkpoint=model_uri)
+    ds = read_shards(data, cfg, columns=columns).map_batches(
+        Scorer, batch_format="pyarrow", batch_size=s.batch_size,
+        compute=ActorPoolStrategy(size=actors), num_cpus=s.cpus_per_actor, num_gpus=1 if s.use_gpu else 0,
+        fn_constructor_kwargs={"model": model, "storage_cfg": cfg.storage, "settings": s, "seed": cfg.run.seed,
+                               "negative_captions": negatives,
+                               "threads": s.threads_per_actor or max(1, (os.cpu_count() or 1) // actors),
+                               "use_gpu": s.use_gpu, "ledger": ledger})
+    stats = None
+    if s.method == "token_drop" and len(s.transforms) > 1:
+        ds = ds.materialize()  # in the object store, not on the driver: the drops' statistics need every row
+        stats = {t: (float(ds.mean(f"drop_{t}")), float(ds.std(f"drop_{t}"))) for t in s.transforms}
+        ds = ds.map_batches(_combine, batch_format="pyarrow", fn_kwargs={"stats": stats})
+    table_uri = storage.join(output, TABLE)
+    storage.remove_dir(table_uri, cfg.storage)
+    loc = storage.resolve(table_uri, cfg.storage)
+    with storage.friendly_errors(table_uri, cfg.storage, "write"):
+        ds.write_parquet(loc.path, filesystem=loc.fs)
+    rows = ray.get(ledger.get.remote())
+    ray.kill(ledger)
+    rows.check("score")
+    written = count_rows(table_uri, cfg.storage) if rows.rows_out else 0
+    if written != rows.rows_out:
+        raise RuntimeError(f"score: {rows.rows_out} rows scored but {written} written; this is a bug in ubt_ray.")
+    detection = None
+    if "is_poison" in columns and rows.rows_out:
+        detection = detection_metrics(table_uri, cfg, s.top_k, output)
+    manifest = write_manifest(output, "score", cfg, inputs={"data": data, "model": model_uri}, rows=rows,
+                              started=started, extra={"table": table_uri, "method": s.method,
+                                                      "transforms": s.transforms, "token_portion": s.token_portion,
+                                                      "actors": actors, "transform_stats": stats,
+                                                      "detection": detection})
+    return ScoreResult(table_uri, rows, detection, time.time() - started, manifest)
+
+
+def detection_metrics(table_uri: str, cfg: Config, ks: list[int], output: str) -> dict:
+    """AUROC and precision/recall@k of the scores against `is_poison`, plus the histogram PNG."""
+    t = read_columns(table_uri, cfg.storage, ["score", "is_poison"])
+    scores = t.column("score").to_numpy().astype(np.float64)
+    truth = t.column("is_poison").to_numpy(zero_copy_only=False).astype(bool)
+    metrics = {"rows": len(scores), "poisons": int(truth.sum())}
+    if 0 < truth.sum() < len(truth):
+        metrics["auroc"] = auroc(scores, truth)
+        metrics.update(precision_recall_at_k(scores, truth, [k for k in ks if k <= len(scores)]))
+    storage.write_json(storage.join(output, DETECTION_FILE), metrics, cfg.storage)
+    storage.write_bytes(storage.join(output, HISTOGRAM_FILE), histogram_png(scores, truth, cfg.score.method),
+                        cfg.storage)
+    return metrics
+
+
+def histogram_png(scores: np.ndarray, truth: np.ndarray, method: str) -> bytes:
+    """Score histogram of clean and poisoned rows (densities, shared bins) as PNG bytes."""
+    import io
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    bins = np.histogram_bin_edges(scores, bins=60)
+    ax.hist(scores[~truth], bins=bins, density=True, alpha=0.6, label=f"clean ({int((~truth).sum())})")
+    if truth.any():
+        ax.hist(scores[truth], bins=bins, density=True, alpha=0.6, label=f"poison ({int(truth.sum())})")
+    ax.set_xlabel(f"{method} score")
+    ax.set_ylabel("density")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

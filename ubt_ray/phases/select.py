@@ -1,0 +1,185 @@
+"""select: the top-k most suspicious rows to unlearn, and a retain set of the least suspicious (METHOD.md step 3).
+
+Driver memory is bounded by k (and by the retain set's size), never by |D|: each block keeps its own top-k
+(a Ray Data task), and the driver merges those k-row tables one at a time. Ties are broken by key, so the
+result does not depend on how the table is split into blocks. The retain set is a seeded sample (rows ordered
+by a hash of seed and key) of the rows whose score is below the `select.retain_pool` quantile, estimated on
+that same sample, so it is spread over captions like D rather than skewed toward whatever scores lowest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from .. import storage
+from ..cluster import ensure_ray
+from ..config import Config
+from ..errors import UserError
+from ..manifest import write_manifest
+from ..shards import count_rows, read_shards
+from .score import TABLE
+
+FORGET, RETAIN = "forget", "retain"
+
+
+@dataclass
+class SelectResult:
+    forget: str
+    retain: str
+    num_forget: int
+    num_retain: int
+    stats: dict
+    wall_time_s: float
+    manifest: dict
+
+
+def _order(by: str, descending: bool) -> list[tuple[str, str]]:
+    return [(by, "descending" if descending else "ascending"), ("key", "ascending")]
+
+
+def block_top_k(table: pa.Table, k: int, by: str, descending: bool = True) -> pa.Table:
+    """The k first rows of `table` ordered by `by` (ties by key)."""
+    return table.take(pc.sort_indices(table, sort_keys=_order(by, descending))[:k])
+
+
+def merge_top_k(tables: Iterable[pa.Table], k: int, by: str, descending: bool = True) -> pa.Table | None:
+    """Merge per-block top-k tables into the global top-k, holding at most 2k rows plus one table at a time."""
+    best = None
+    for t in tables:
+        if t.num_rows == 0:
+            continue
+        best = t if best is None else pa.concat_tables([best, t], promote_options="permissive")
+        best = block_top_k(best, k, by, descending)
+    return best
+
+
+def top_k(ds: ray.data.Dataset, k: int, by: str, descending: bool = True) -> pa.Table | None:
+    """The global top-k rows of a Ray Dataset by column `by`, with driver memory bounded by k."""
+    per_block = ds.map_batches(block_top_k, batch_format="pyarrow", batch_size=None,
+                               fn_kwargs={"k": k, "by": by, "descending": descending})
+    return merge_top_k(per_block.iter_batches(batch_format="pyarrow", batch_size=None), k, by, descending)
+
+
+def _with_hash(table: pa.Table, seed: int) -> pa.Table:
+    h = [int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "big") >> 1
+         for k in table.column("key").to_pylist()]
+    return table.append_column("sample_hash", pa.array(h, pa.int64()))
+
+
+def _pick(table: pa.Table, forget: dict, retain: frozenset) -> pa.Table:
+    """Ray Data UDF: keep the selected rows, tagged with their set and (forget rows) their score columns."""
+    keys = table.column("key").to_pylist()
+    keep = [i for i, k in enumerate(keys) if k in forget or k in retain]
+    table = table.take(pa.array(keep, pa.int64()))
+    keys = [keys[i] for i in keep]
+    table = table.append_column("set", pa.array([FORGET if k in forget else RETAIN for k in keys], pa.string()))
+    rank = [forget[k]["rank"] if k in forget else -1 for k in keys]
+    table = table.append_column("rank", pa.array(rank, pa.int32()))
+    for name in ("score", "transform", "token_order"):
+        sample = next(iter(forget.values()), {})
+        if name in sample:
+            typ = {"score": pa.float32(), "transform": pa.string(), "token_order": pa.list_(pa.int16())}[name]
+            table = table.append_column(name, pa.array([forget[k][name] if k in forget else None for k in keys], typ))
+    return table
+
+
+def _candidates(table: pa.Table, k: int, sample_size: int, seed: int) -> pa.Table:
+    """Ray Data UDF: a block's top-k by score and its first `sample_size` rows by hash, tagged by role."""
+    top = block_top_k(table, k, "score").append_column("role", pa.array([FORGET] * min(k, table.num_rows)))
+    hashed = block_top_k(_with_hash(table.select(["key", "score"]), seed), sample_size, "sample_hash", False)
+    hashed = hashed.append_column("role", pa.array([RETAIN] * hashed.num_rows))
+    return pa.concat_tables([top, hashed], promote_options="permissive")
+
+
+def select(cfg: Config, scores: str, data: str, output: str | None = None, k: int | None = None) -> SelectResult:
+    """Write the top-k rows of the score table under `scores` (with their images) to `<output>/forget`,
+    and a retain set to `<output>/retain`."""
+    started = time.time()
+    sel = cfg.select
+    output = output or sel.output
+    k = k or cfg.unlearn.num_samples
+    ensure_ray(cfg.ray)
+    table_uri = storage.join(scores, TABLE)
+    total = count_rows(table_uri, cfg.storage)
+    if total <= k:
+        raise UserError(f"unlearn.num_samples={k} is not below the {total} scored rows under {table_uri}: "
+                        f"select fewer rows to unlearn.")
+    score_ds = read_shards(table_uri, cfg, required=("key", "score"))
+    names = score_ds.schema().names
+    keep = [c for c in ("key", "score", "transform", "token_order", "is_poison") if c in names]
+    # The retain sample: the first rows by a hash of (seed, key), enough that the pool's share covers the set.
+    wanted = min(sel.retain_samples, total - k)
+    sample_size = min(total, math.ceil(wanted / sel.retain_pool * 1.25) + k + 1000)
+    # One pass over the score table yields both candidate sets; the driver merges them block by block.
+    merged = {FORGET: None, RETAIN: None}
+    candidates = score_ds.select_columns(keep).map_batches(
+        _candidates, batch_format="pyarrow", batch_size=None,
+        fn_kwargs={"k": k, "sample_size": sample_size, "seed": cfg.run.seed})
+    for batch in candidates.iter_batches(batch_format="pyarrow", batch_size=None):
+        for role, by, size, desc in ((FORGET, "score", k, True), (RETAIN, "sample_hash", sample_size, False)):
+            part = batch.filter(pc.equal(batch.column("role"), role)).drop_columns(["role"])
+            if role == RETAIN:
+                part = part.select(["key", "score", "sample_hash"])
+            else:
+                part = part.drop_columns(["sample_hash"])
+            merged[role] = merge_top_k([t for t in (merged[role], part) if t is not None], size, by, desc)
+    forget_table, sample = merged[FORGET], merged[RETAIN]
+    forget = {}
+    for rank, row in enumerate(forget_table.to_pylist()):
+        forget[row["key"]] = {"rank": rank, **{c: row[c] for c in ("score", "transform", "token_order") if c in row}}
+    threshold = float(np.quantile(sample.column("score").to_numpy(), sel.retain_pool)) if sel.retain_pool < 1 \
+        else math.inf
+    retain = [row["key"] for row in sample.to_pylist() if row["score"] <= threshold and row["key"] not in forget]
+    retain = frozenset(retain[:wanted])
+    if len(retain) < 2:
+        raise UserError(f"only {len(retain)} rows qualify for the retain set: raise select.retain_pool.")
+
+    # The chosen rows, k + retain_samples of them, come to the driver and are written from here.
+    picked = read_shards(data, cfg).map_batches(_pick, batch_format="pyarrow",
+                                                fn_kwargs={"forget": forget, "retain": retain})
+    tables = [t for t in picked.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
+    rows = pa.concat_tables(tables, promote_options="permissive")
+    forget_uri, retain_uri = storage.join(output, FORGET), storage.join(output, RETAIN)
+    parts = {}
+    for name, uri in ((FORGET, forget_uri), (RETAIN, retain_uri)):
+        part = rows.filter(pc.equal(rows.column("set"), name)).drop_columns(["set"])
+        if name == RETAIN:
+            part = part.drop_columns([c for c in ("rank", "score", "transform", "token_order") if c in part.column_names])
+        parts[name] = part
+        write_table(part, uri, cfg)
+    if parts[FORGET].num_rows != len(forget) or parts[RETAIN].num_rows != len(retain):
+        raise UserError(f"the score table under {scores} names rows that are not in {data}: score the same "
+                        f"shards you select from.")
+    stats = {"scored_rows": total, "num_forget": len(forget), "num_retain": len(retain),
+             "retain_threshold": threshold, "retain_sample_rows": sample.num_rows,
+             "lowest_forget_score": float(forget_table.column("score")[-1].as_py())}
+    if "is_poison" in names:
+        stats["forget_poisons"] = int(pc.sum(forget_table.column("is_poison")).as_py() or 0)
+        stats["forget_precision"] = stats["forget_poisons"] / len(forget)
+        if "is_poison" in parts[RETAIN].column_names:
+            stats["retain_poisons"] = int(pc.sum(parts[RETAIN].column("is_poison")).as_py() or 0)
+    manifest = write_manifest(output, "select", cfg, inputs={"scores": table_uri, "data": data},
+                              rows=None, started=started,
+                              extra={"forget": forget_uri, "retain": retain_uri, **stats,
+                                     "not_selected_rows": total - len(forget) - len(retain)})
+    return SelectResult(forget_uri, retain_uri, len(forget), len(retain), stats, time.time() - started, manifest)
+
+
+def write_table(table: pa.Table, uri: str, cfg: Config) -> None:
+    """One Parquet file `part-0.parquet` under `uri`, replacing what was there."""
+    storage.remove_dir(uri, cfg.storage)
+    storage.make_dir(uri, cfg.storage)
+    file_uri = storage.join(uri, "part-0.parquet")
+    loc = storage.resolve(file_uri, cfg.storage)
+    with storage.friendly_errors(file_uri, cfg.storage, "write"):
+        pq.write_table(table, loc.path, filesystem=loc.fs)
