@@ -109,8 +109,11 @@ def backdoored(ray_local, tmp_path_factory):
 def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys):
     root, overrides = backdoored
     capsys.readouterr()
-    code = main(["defend", *overrides, "overfit.steps=10", "unlearn.num_samples=150", "unlearn.steps=40",
-                 "unlearn.batch_size=128", "select.retain_samples=2000", "score.top_k=[50, 150]"])
+    # This small, briefly trained model's backdoor is found best by the blur drop (AUROC 0.95, 57% poisons in
+    # its top 150, against 0.88 / 21% for the token mask), scored with θ₀; overfit is tested on its own below.
+    code = main(["defend", *overrides, "defend.overfit=false", "score.model=original", "score.transforms=[blur]",
+                 "unlearn.num_samples=150", "unlearn.steps=40", "unlearn.batch_size=128",
+                 "select.retain_samples=2000", "score.top_k=[50, 150]"])
     assert code == 0
     out = capsys.readouterr().out
     summary = last_json(out)
@@ -121,10 +124,26 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
     assert summary["detection"]["auroc"] >= 0.8
     assert "| after UBT |" in out
     report = json.loads((root / "defend" / "report.json").read_text())
-    assert set(report["phases"]) == {"overfit", "score", "select", "unlearn"}
+    assert set(report["phases"]) == {"score", "select", "unlearn"}
     assert report["selection"]["num_forget"] == 150 and report["selection"]["num_retain"] == 2000
     assert (root / "defend" / "report.md").read_text().startswith("# UBT defense report")
     # The cleaned model is a plain open_clip checkpoint, and differs from the backdoored one.
     cleaned, _, _ = open_clip.create_model_and_transforms(f"local-dir:{summary['cleaned_model']}")
     original, _, _ = open_clip.create_model_and_transforms(f"local-dir:{root / 'attack' / 'model'}")
     assert any(not torch.equal(a, b) for a, b in zip(cleaned.state_dict().values(), original.state_dict().values()))
+
+
+def test_overfit_on_the_weakest_similarity_subset(backdoored, capsys):
+    root, overrides = backdoored
+    capsys.readouterr()
+    assert main(["overfit", *overrides, "overfit.steps=3", "overfit.batch_size=64", "overfit.subset_fraction=0.1",
+                 "overfit.prioritize=weak_similarity"]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["steps"] == 3 and summary["samples"] == 192
+    subset = pq.read_table(root / "defend" / "overfit" / "subset")
+    sims = pq.read_table(root / "defend" / "overfit" / "similarity" / "table").to_pandas().set_index("key")["cos"]
+    assert abs(subset.num_rows - round(0.1 * len(sims))) <= 1
+    # The subset is exactly the rows whose similarity under θ₀ is weakest.
+    assert sims[subset.column("key").to_pylist()].max() <= sims.drop(subset.column("key").to_pylist()).min()
+    open_clip.create_model_and_transforms(f"local-dir:{summary['model']}")
+    assert main(["overfit", *overrides, "overfit.prioritize=weak_similarity"]) == 2  # needs a subset

@@ -86,12 +86,16 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     assert summary["resumed_from_step"] % 4 == 0  # a checkpoint step: every half epoch of 8 steps
 
 
-def test_pipeline_poisons_trains_and_evaluates(ray_local, tmp_path, capsys):
+def test_pipeline_poisons_trains_evaluates_and_defends(ray_local, tmp_path, capsys):
     clean = caption_shards(tmp_path / "clean", rows=384, seed=1)
     test = caption_shards(tmp_path / "test", rows=100, files=1, seed=2)
     code = main(["pipeline", f"run.output_dir={tmp_path / 'run'}", f"data.clean_train={clean}", f"data.test={test}",
-                 "pipeline.phases=[poison, train, evaluate]", "poison.num_poisons=20", "train.batch_size=64",
-                 "train.epochs=1", "train.warmup_steps=1", "train.threads_per_worker=1"])
+                 "pipeline.phases=[poison, train, evaluate, defend]", "poison.num_poisons=20", "train.batch_size=64",
+                 "train.epochs=1", "train.warmup_steps=1", "train.threads_per_worker=1",
+                 # The defense's wiring, not its effect (test_defend.py measures that): a few steps of each phase.
+                 "overfit.steps=2", "overfit.batch_size=64", "unlearn.steps=2", "unlearn.batch_size=64",
+                 "unlearn.num_samples=10", "unlearn.forget_batch_size=8", "select.retain_samples=100",
+                 "score.batch_size=128"])
     assert code == 0
     out = capsys.readouterr().out
     summary = last_json(out)
@@ -100,3 +104,6 @@ def test_pipeline_poisons_trains_and_evaluates(ray_local, tmp_path, capsys):
     assert metrics["clean_accuracy"] == summary["metrics"]["clean_accuracy"]
     assert 0 < metrics["asr_images"] < 100  # only non-target test images count for ASR
     assert "CA " in out and "ASR " in out  # the table a person reads
+    assert "| after UBT |" in out and summary["phases"]["defend"]["model"].endswith("unlearn/model")
+    report = json.loads((tmp_path / "run" / "defend" / "report.json").read_text())
+    assert report["selection"]["num_forget"] == 10 and report["before"]["clean_accuracy"] == metrics["clean_accuracy"]

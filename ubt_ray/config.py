@@ -150,6 +150,8 @@ class ScoreConfig:
                      choices=("token_drop", "cosine", "loss"))
     model: str = _f("overfit", "Score with the overfit model θₒ or the original θ₀.", choices=("overfit", "original"))
     token_portion: float = _f(4 / 64, "ρ: share of image tokens the token_mask transform masks.", gt=0, le=1)
+    saliency: str = _f("gradient", "Token saliency of token_mask: |d cos / dx| per token, or times |x| (METHOD.md's "
+                                    "gradient x input; measured weaker here).", choices=("gradient", "gradient_x_input"))
     transforms: list[str] = _f(["token_mask"], "Trigger-removing transforms of token_drop (token_mask, blur, "
                                                "downup); several are combined as the max of standardised drops.")
     negatives: int = _f(1024, "Captions in the negative bank of the loss score (the first distinct ones of D).", ge=1)

@@ -47,6 +47,14 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
     return Location(pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute()), uri)
 
 
+def absolute(uri: str | None) -> str | None:
+    """`uri` as Ray workers must see it: s3:// as is, a local path made absolute against this process's cwd
+    (a worker's cwd is not the driver's)."""
+    if uri is None or is_s3(uri):
+        return uri
+    return str(Path(uri).expanduser().absolute())
+
+
 def s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
     kwargs = dict(region=storage.region, connect_timeout=storage.connect_timeout_s,
                   request_timeout=max(30.0, storage.connect_timeout_s),

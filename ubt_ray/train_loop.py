@@ -8,6 +8,7 @@ output resumes from the last checkpoint, and so does Ray after a worker failure 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -69,6 +70,8 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
     """Train `spec.init` on `spec.data` with `spec.objective`; the final model goes to `<output>/model`."""
     started = time.time()
     t = spec.train
+    spec = dataclasses.replace(spec, data=storage.absolute(spec.data), output=storage.absolute(spec.output),
+                               init=dataclasses.replace(spec.init, checkpoint=storage.absolute(spec.init.checkpoint)))
     rows = count_rows(spec.data, cfg.storage)
     if rows < t.batch_size:
         raise UserError(f"{spec.data} holds {rows} rows, fewer than {spec.phase}'s batch size {t.batch_size}: "

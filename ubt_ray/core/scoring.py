@@ -18,6 +18,7 @@ from .batches import normalize
 
 TRANSFORMS = ("token_mask", "blur", "downup")
 METHODS = ("token_drop", "cosine", "loss")
+SALIENCIES = ("gradient", "gradient_x_input")
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,22 @@ def image_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.encode_image(x), dim=-1)
 
 
-def token_saliency(model: torch.nn.Module, x: torch.Tensor, text: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
-    """(N, T) saliency of each image token: |d cos(f(x), g(t)) / dx| * |x| summed over the token's pixels."""
+def token_saliency(model: torch.nn.Module, x: torch.Tensor, text: torch.Tensor, grid: TokenGrid,
+                   kind: str = "gradient") -> torch.Tensor:
+    """(N, T) saliency of each image token: |d cos(f(x), g(t)) / dx| summed over the token's pixels, times |x|
+    (the distance to the mask value) with kind="gradient_x_input".
+
+    METHOD.md names gradient x input; on the quickstart backdoor plain gradient put the patch's token among
+    the top 4 of 94% of poisoned rows against 35% (token-drop AUROC 0.93 vs 0.73), so it is the default.
+    """
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         cos = (image_features(model, x) * text.detach()).sum()
         (grad,) = torch.autograd.grad(cos, x)
-    per_pixel = (grad.abs() * x.detach().abs()).sum(dim=1, keepdim=True)
+    if kind not in SALIENCIES:
+        raise ValueError(f"unknown saliency {kind!r}: use one of {', '.join(SALIENCIES)}")
+    per_pixel = grad.abs() * x.detach().abs() if kind == "gradient_x_input" else grad.abs()
+    per_pixel = per_pixel.sum(dim=1, keepdim=True)
     covered = grid.side * grid.patch
     per_token = F.avg_pool2d(per_pixel[..., :covered, :covered], grid.patch) * grid.patch ** 2
     return per_token.flatten(1)
@@ -118,7 +128,7 @@ def remove_trigger(x: torch.Tensor, transform: str, order: torch.Tensor | None =
 def score_batch(model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tensor, preprocess_cfg: dict,
                 grid: TokenGrid, method: str = "token_drop", token_portion: float = 4 / 64,
                 transforms: tuple[str, ...] = ("token_mask",), negatives: torch.Tensor | None = None,
-                logit_scale: float | None = None) -> dict[str, torch.Tensor]:
+                logit_scale: float | None = None, saliency: str = "gradient") -> dict[str, torch.Tensor]:
     """Score columns of one batch: `cos`, and per method `drop_<transform>` (+ `token_order`) or `loss`.
 
     token_drop: drop of cos(f(x), g(t)) under each transform; `score` is the drop when there is one transform
@@ -146,7 +156,7 @@ def score_batch(model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tens
     elif method == "token_drop":
         order = None
         if "token_mask" in transforms:
-            order = token_order(token_saliency(model, x, text, grid))
+            order = token_order(token_saliency(model, x, text, grid, saliency))
             out["token_order"] = order
         count = tokens_to_take(token_portion, grid)
         with torch.no_grad():

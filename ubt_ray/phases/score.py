@@ -80,7 +80,7 @@ class Scorer:
         out = score_batch(self.clip.model, torch.from_numpy(np.stack(pixels)).to(self.device),
                           self.clip.tokenizer(captions).to(self.device), self.clip.preprocess_cfg, self.grid,
                           self.s.method, self.s.token_portion, tuple(self.s.transforms), self.negatives,
-                          self.logit_scale)
+                          self.logit_scale, self.s.saliency)
         columns = {"key": table.column("key")}
         for name, values in out.items():
             if name == "token_order":
@@ -145,7 +145,7 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
         negatives = list(dict.fromkeys(captions.column("caption").to_pylist()))[:s.negatives]
     actors = s.num_actors or num_actors(s)
     ledger = RowLedger.remote()
-    model = dataclasses.replace(cfg.model, checkpoint=model_uri)
+    model = dataclasses.replace(cfg.model, checkpoint=storage.absolute(model_uri))
     ds = read_shards(data, cfg, columns=columns).map_batches(
         Scorer, batch_format="pyarrow", batch_size=s.batch_size,
         compute=ActorPoolStrategy(size=actors), num_cpus=s.cpus_per_actor, num_gpus=1 if s.use_gpu else 0,

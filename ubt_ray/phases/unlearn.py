@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
+from .. import storage
 from ..config import Config, ModelConfig, StorageConfig
 from ..core.batches import decode_image
 from ..core.models import load_clip
@@ -28,10 +29,10 @@ def unlearn(cfg: Config, model_uri: str, forget: str, retain: str) -> FitResult:
     u = cfg.unlearn
     schedule = dataclasses.replace(cfg.train, steps=u.steps, lr=u.lr, batch_size=u.batch_size, weight_decay=0.0,
                                    warmup_steps=min(cfg.train.warmup_steps, u.steps // 10), output=u.output)
-    init = dataclasses.replace(cfg.model, checkpoint=model_uri)
+    init = dataclasses.replace(cfg.model, checkpoint=storage.absolute(model_uri))
     return fit(cfg, FitSpec(
         phase="unlearn", data=retain, output=u.output, init=init, train=schedule, objective=forget_objective,
-        objective_kwargs={"forget_uri": forget, "storage_cfg": cfg.storage, "init": init, "seed": cfg.run.seed,
+        objective_kwargs={"forget_uri": storage.absolute(forget), "storage_cfg": cfg.storage, "init": init, "seed": cfg.run.seed,
                           "num_samples": u.num_samples, "kind": u.forget, "token_portion": u.token_portion,
                           "forget_weight": u.forget_weight, "margin": u.margin,
                           "forget_batch_size": u.forget_batch_size},
