@@ -14,7 +14,7 @@ from ..config import Config
 from ..errors import UserError
 from .evaluate import evaluate
 from .overfit import overfit
-from .score import score
+from .score import check_settings, score
 from .select import select
 from .unlearn import unlearn
 
@@ -32,6 +32,7 @@ class DefendResult:
 def defend(cfg: Config) -> DefendResult:
     """Run UBT on `defend.model` and `defend.data`; the cleaned model goes to <unlearn.output>/model."""
     d = cfg.defend
+    check_settings(cfg.score)  # before any phase runs, not after the first ones
     if not storage.exists(d.model, cfg.storage):
         raise UserError(f"defend.model={d.model} does not exist: train the backdoored model first "
                         f"(`ubt train`) or point defend.model at an open_clip local-dir checkpoint.")
