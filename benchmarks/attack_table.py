@@ -1,6 +1,6 @@
-"""Benchmark: every attack of the attack side, end to end (prepare, poison, train, evaluate), into one table.
+"""Benchmark: every attack end to end (prepare, poison, train, evaluate, then UBT's defend), into one table.
 
-    .venv/bin/python benchmarks/attack_table.py [--attacks badnet sig ...] [--out benchmarks/results] [overrides...]
+    .venv/bin/python benchmarks/attack_table.py [--attacks badnet sig ...] [--no-defend] [--out DIR] [overrides...]
 
 Each attack runs `ubt pipeline --config configs/attacks/<attack>.yaml` in its own process (its own local Ray),
 one after the other so that the timings do not share the CPU. Writes attack_table.md and attack_table.json.
@@ -35,20 +35,32 @@ def run_attack(attack: str, overrides: list[str]) -> dict:
             "clean_accuracy": summary["metrics"]["clean_accuracy"],
             "attack_success_rate": summary["metrics"]["attack_success_rate"],
             "train_time_s": phases["train"]["wall_time_s"],
+            **_defense(summary.get("defense")),
             "total_time_s": round(time.time() - started, 1)}
 
 
+def _defense(report: dict | None) -> dict:
+    if not report:
+        return {}
+    return {"ubt_clean_accuracy": report["after"]["clean_accuracy"],
+            "ubt_attack_success_rate": report["after"]["attack_success_rate"],
+            "ubt_auroc": (report.get("detection") or {}).get("auroc"),
+            "ubt_defense_time_s": report["defense_wall_time_s"]}
+
+
 def to_markdown(rows: list[dict]) -> str:
-    out = ["| attack | poisons | poison rate | CA | ASR | attack training time | whole pipeline |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| attack | poisons | poison rate | CA | ASR | attack training time | CA after UBT | ASR after UBT | "
+           "detection AUROC | defense time | whole pipeline |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['attack']} | failed: {r['error']} | | | | | |")
+            out.append(f"| {r['attack']} | failed: {r['error']} | | | | | | | | | |")
             continue
         rate = f"{100 * r['poisons'] / r['train_rows']:.2f}%" if r.get("train_rows") else "?"
         out.append(f"| {r['attack']} | {r['poisons']} | {rate} | {100 * r['clean_accuracy']:.1f}% | "
                    f"{100 * r['attack_success_rate']:.1f}% | {r['train_time_s'] / 60:.1f} min | "
-                   f"{r['total_time_s'] / 60:.1f} min |")
+                   + (f"{100 * r['ubt_clean_accuracy']:.1f}% | {100 * r['ubt_attack_success_rate']:.1f}% | "
+                      f"{r['ubt_auroc']:.3f} | {r['ubt_defense_time_s'] / 60:.1f} min | " if "ubt_clean_accuracy" in r
+                      else "| | | | ") + f"{r['total_time_s'] / 60:.1f} min |")
     return "\n".join(out) + "\n"
 
 
@@ -56,7 +68,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--no-defend", action="store_true", help="stop after the attack's evaluation")
     args, overrides = parser.parse_known_args()
+    if args.no_defend:
+        overrides.append("pipeline.phases=[prepare, poison, train, evaluate]")
     rows = []
     for attack in args.attacks:
         rows.append(run_attack(attack, overrides))

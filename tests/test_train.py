@@ -93,7 +93,7 @@ def test_pipeline_poisons_trains_evaluates_and_defends(ray_local, tmp_path, caps
                  "pipeline.phases=[poison, train, evaluate, defend]", "poison.num_poisons=20", "train.batch_size=64",
                  "train.epochs=1", "train.warmup_steps=1", "train.threads_per_worker=1",
                  # The defense's wiring, not its effect (test_defend.py measures that): a few steps of each phase.
-                 "overfit.steps=2", "overfit.batch_size=64", "unlearn.steps=2", "unlearn.batch_size=64",
+                 "defend.overfit=false", "unlearn.steps=2", "unlearn.batch_size=64",
                  "unlearn.num_samples=10", "unlearn.forget_batch_size=8", "select.retain_samples=100",
                  "score.batch_size=128"])
     assert code == 0

@@ -6,6 +6,8 @@ optional `label` int32 and `is_poison` bool.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -176,3 +178,9 @@ def validate_and_write(ds: ray.data.Dataset, uri: str, cfg: Config, rows_per_fil
                            f"this is a bug in ubt_ray, please report it.")
     counts.check(uri)
     return counts
+
+
+def key_hash(key: str, seed: int) -> int:
+    """A 63-bit hash of (seed, key): a seeded random order of rows that does not depend on how they are split
+    into files or blocks (sha256, not hash(), which Python salts per process)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") >> 1

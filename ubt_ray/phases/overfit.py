@@ -8,7 +8,6 @@ the rows whose image-text similarity under θ₀ is weakest, found by a `cosine`
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +17,7 @@ from .. import storage
 from ..cluster import ensure_ray
 from ..config import Config
 from ..errors import UserError
-from ..shards import read_columns, read_shards, validate_and_write
+from ..shards import key_hash, read_columns, read_shards, validate_and_write
 from ..train_loop import FitResult, FitSpec, fit
 from .score import TABLE, score
 
@@ -65,6 +64,5 @@ def _keep_sample(table: pa.Table, fraction: float, seed: int) -> pa.Table:
     """Rows whose hash of (seed, key) falls in the first `fraction` of the hash range: a seeded sample that
     does not depend on how the rows are split into blocks."""
     limit = int(fraction * HASH_SPAN)
-    keep = [int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "big") >> 1 < limit
-            for k in table.column("key").to_pylist()]
+    keep = [key_hash(k, seed) < limit for k in table.column("key").to_pylist()]
     return table.filter(pa.array(keep, pa.bool_()))

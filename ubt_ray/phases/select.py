@@ -9,7 +9,6 @@ that same sample, so it is spread over captions like D rather than skewed toward
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from ..cluster import ensure_ray
 from ..config import Config
 from ..errors import UserError
 from ..manifest import write_manifest
-from ..shards import count_rows, read_shards
+from ..shards import count_rows, key_hash, read_shards
 from .score import TABLE
 
 FORGET, RETAIN = "forget", "retain"
@@ -71,8 +70,7 @@ def top_k(ds: ray.data.Dataset, k: int, by: str, descending: bool = True) -> pa.
 
 
 def _with_hash(table: pa.Table, seed: int) -> pa.Table:
-    h = [int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "big") >> 1
-         for k in table.column("key").to_pylist()]
+    h = [key_hash(k, seed) for k in table.column("key").to_pylist()]
     return table.append_column("sample_hash", pa.array(h, pa.int64()))
 
 
