@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_io import write_results
+
 REPO = Path(__file__).resolve().parent.parent
 ATTACKS = ("badnet", "blended", "sig", "wanet", "label_consistent")
 
@@ -76,11 +78,7 @@ def main() -> None:
     for attack in args.attacks:
         rows.append(run_attack(attack, overrides))
         print(json.dumps(rows[-1]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attack_table.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "attack_table.md").write_text(to_markdown(rows))
-    print(to_markdown(rows))
+    write_results(args.out, "attack_table", rows, to_markdown(rows))
 
 
 if __name__ == "__main__":

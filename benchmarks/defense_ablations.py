@@ -33,6 +33,8 @@ from ubt_ray.phases.score import score  # noqa: E402
 from ubt_ray.phases.select import select  # noqa: E402
 from ubt_ray.phases.unlearn import unlearn  # noqa: E402
 
+from results_io import write_results  # noqa: E402
+
 GROUPS = ("detection", "forget", "portion", "samples", "scores")
 PORTIONS = (1 / 64, 4 / 64, 16 / 64, 1.0)
 
@@ -160,11 +162,7 @@ def main() -> None:
     started = time.time()
     result = run(load_config(args.config, overrides), args.groups, args.eval_rows)
     result["total_s"] = round(time.time() - started, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "defense_ablations.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "defense_ablations.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_results(args.out, "defense_ablations", result, to_markdown(result))
 
 
 if __name__ == "__main__":

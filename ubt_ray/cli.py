@@ -73,9 +73,10 @@ def _select(cfg: Config, args: argparse.Namespace) -> dict:
 
 def _unlearn(cfg: Config, args: argparse.Namespace) -> dict:
     from . import storage
+    from .phases.select import FORGET, RETAIN
     from .phases.unlearn import unlearn
     sel = cfg.select.output
-    return _fit_summary(unlearn(cfg, cfg.defend.model, storage.join(sel, "forget"), storage.join(sel, "retain")))
+    return _fit_summary(unlearn(cfg, cfg.defend.model, storage.join(sel, FORGET), storage.join(sel, RETAIN)))
 
 
 def _defend(cfg: Config, args: argparse.Namespace) -> dict:

@@ -180,9 +180,7 @@ def _train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
 
     clip = load_clip(spec.init, cfg.storage, device="cpu", seed=cfg.run.seed)
-    factory = spec.objective if callable(spec.objective) else None
-    objective = (factory(preprocess_cfg=clip.preprocess_cfg, **spec.objective_kwargs) if factory else
-                 build_objective(spec.objective, preprocess_cfg=clip.preprocess_cfg, **spec.objective_kwargs))
+    objective = build_objective(spec.objective, preprocess_cfg=clip.preprocess_cfg, **spec.objective_kwargs)
     set_trainable(clip.model, spec.trainable)
     state = {"step": 0, "samples": 0, "resumed_from_step": 0}
     checkpoint = ray.train.get_checkpoint()

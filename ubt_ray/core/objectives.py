@@ -68,8 +68,10 @@ ObjectiveFactory = Callable[..., Objective]
 OBJECTIVES: dict[str, ObjectiveFactory] = {"clip": ClipObjective}
 
 
-def build_objective(name: str, **kwargs) -> Objective:
-    """The objective registered under `name`."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}: registered are {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name](**kwargs)
+def build_objective(objective: str | ObjectiveFactory, **kwargs) -> Objective:
+    """The objective registered under `objective`, or built by `objective` when it is a factory function."""
+    if callable(objective):
+        return objective(**kwargs)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}: registered are {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[objective](**kwargs)

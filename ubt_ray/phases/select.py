@@ -29,6 +29,8 @@ from ..shards import count_rows, key_hash, read_shards
 from .score import TABLE
 
 FORGET, RETAIN = "forget", "retain"
+# Score-table columns the forget rows carry into their shards (those the score table has).
+FORGET_COLUMNS = {"score": pa.float32(), "transform": pa.string(), "token_order": pa.list_(pa.int16())}
 
 
 @dataclass
@@ -83,10 +85,9 @@ def _pick(table: pa.Table, forget: dict, retain: frozenset) -> pa.Table:
     table = table.append_column("set", pa.array([FORGET if k in forget else RETAIN for k in keys], pa.string()))
     rank = [forget[k]["rank"] if k in forget else -1 for k in keys]
     table = table.append_column("rank", pa.array(rank, pa.int32()))
-    for name in ("score", "transform", "token_order"):
-        sample = next(iter(forget.values()), {})
-        if name in sample:
-            typ = {"score": pa.float32(), "transform": pa.string(), "token_order": pa.list_(pa.int16())}[name]
+    carried = next(iter(forget.values()), {})
+    for name, typ in FORGET_COLUMNS.items():
+        if name in carried:
             table = table.append_column(name, pa.array([forget[k][name] if k in forget else None for k in keys], typ))
     return table
 
@@ -114,7 +115,7 @@ def select(cfg: Config, scores: str, data: str, output: str | None = None, k: in
                         f"select fewer rows to unlearn.")
     score_ds = read_shards(table_uri, cfg, required=("key", "score"))
     names = score_ds.schema().names
-    keep = [c for c in ("key", "score", "transform", "token_order", "is_poison") if c in names]
+    keep = [c for c in ("key", *FORGET_COLUMNS, "is_poison") if c in names]
     # The retain sample: the first rows by a hash of (seed, key), enough that the pool's share covers the set.
     wanted = min(sel.retain_samples, total - k)
     sample_size = min(total, math.ceil(wanted / sel.retain_pool * 1.25) + k + 1000)
@@ -134,7 +135,7 @@ def select(cfg: Config, scores: str, data: str, output: str | None = None, k: in
     forget_table, sample = merged[FORGET], merged[RETAIN]
     forget = {}
     for rank, row in enumerate(forget_table.to_pylist()):
-        forget[row["key"]] = {"rank": rank, **{c: row[c] for c in ("score", "transform", "token_order") if c in row}}
+        forget[row["key"]] = {"rank": rank, **{c: row[c] for c in FORGET_COLUMNS if c in row}}
     threshold = float(np.quantile(sample.column("score").to_numpy(), sel.retain_pool)) if sel.retain_pool < 1 \
         else math.inf
     retain = [row["key"] for row in sample.to_pylist() if row["score"] <= threshold and row["key"] not in forget]
@@ -152,7 +153,7 @@ def select(cfg: Config, scores: str, data: str, output: str | None = None, k: in
     for name, uri in ((FORGET, forget_uri), (RETAIN, retain_uri)):
         part = rows.filter(pc.equal(rows.column("set"), name)).drop_columns(["set"])
         if name == RETAIN:
-            part = part.drop_columns([c for c in ("rank", "score", "transform", "token_order") if c in part.column_names])
+            part = part.drop_columns([c for c in ("rank", *FORGET_COLUMNS) if c in part.column_names])
         parts[name] = part
         write_table(part, uri, cfg)
     if parts[FORGET].num_rows != len(forget) or parts[RETAIN].num_rows != len(retain):
