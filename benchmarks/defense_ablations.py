@@ -95,13 +95,15 @@ def run(cfg: Config, groups: list[str], eval_rows: int) -> dict:
     cfg = b.cfg
     before = evaluate(replace(cfg, "evaluate", output=f"{root}/eval-before"), cfg.defend.model)
     model, overfit_s = b.overfit_model("default", cfg)
-    default = f"token_drop-rho{cfg.score.token_portion:.4f}"
+    default = "token_drop-rho" + "+".join(f"{p:.4f}" for p in cfg.score.token_portions)
     b.scored(default, cfg, model)
 
     if "detection" in groups:
+        label = " + ".join(f"{p * 64:g}/64" for p in cfg.score.token_portions)
+        b.detection_row("detection", f"token_drop ρ={label} (config)", default, cfg, model, overfit_s)
         for rho in PORTIONS:
             b.detection_row("detection", f"token_drop ρ={rho * 64:g}/64", f"token_drop-rho{rho:.4f}",
-                            replace(cfg, "score", token_portion=rho), model, overfit_s)
+                            replace(cfg, "score", token_portions=[rho]), model, overfit_s)
         for method in ("cosine", "loss"):
             b.detection_row("detection", method, method, replace(cfg, "score", method=method), model, overfit_s)
         b.detection_row("detection", "token_drop, no overfit (θ₀)", "no-overfit", cfg, cfg.defend.model, 0.0)

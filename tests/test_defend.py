@@ -17,6 +17,7 @@ from ubt_ray.config import ModelConfig, load_config
 from ubt_ray.core.batches import decode_images
 from ubt_ray.core.models import load_clip, save_clip
 from ubt_ray.core.scoring import score_batch, token_grid
+from ubt_ray.errors import UserError
 from ubt_ray.phases.score import score
 from ubt_ray.phases.select import merge_top_k, top_k
 
@@ -68,7 +69,7 @@ def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scor
         chunk = expected[start:start + 50]
         out = score_batch(clip.model, decode_images([rows[k]["image"] for k in chunk], 32),
                           clip.tokenizer([rows[k]["caption"] for k in chunk]), clip.preprocess_cfg,
-                          token_grid(clip.model, 32))
+                          token_grid(clip.model, 32), amp=cfg.score.amp)
         mine.update(zip(chunk, out["score"].tolist()))
     got = dict(zip(keys, table.column("score").to_pylist()))
     assert np.allclose([got[k] for k in expected], [mine[k] for k in expected], atol=1e-5)
@@ -76,6 +77,14 @@ def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scor
     detection = json.loads((tmp_path / "scores" / "detection.json").read_text())
     assert detection["poisons"] == 12 and 0 <= detection["auroc"] <= 1 and "precision@10" in detection
     assert (tmp_path / "scores" / "score_histogram.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_score_refuses_actors_that_would_starve_the_reads(ray_local, scored_input, tmp_path):
+    """Actors holding every CPU leave the read tasks none and the job would hang: a one-sentence error instead."""
+    data, model = scored_input
+    cfg = load_config(None, ["score.num_actors=4", f"score.output={tmp_path / 'scores'}"])
+    with pytest.raises(UserError, match="reserves all 4 CPUs"):
+        score(cfg, str(model), str(data))
 
 
 def test_top_k_is_the_same_whatever_the_number_of_blocks(ray_local):

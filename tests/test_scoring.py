@@ -7,8 +7,10 @@ import torch
 from ubt_ray.config import ModelConfig
 from ubt_ray.core.models import load_clip
 from ubt_ray.core.objectives import Batch
-from ubt_ray.core.scoring import (TokenGrid, apply_mask, blur, combine_drops, downup, score_batch, token_grid,
-                                  token_mask, tokens_to_take)
+from ubt_ray.core.batches import normalize
+from ubt_ray.core.scoring import (TokenGrid, apply_mask, blur, class_attention, combine_drops, downup, image_features,
+                                  score_batch, similarity_and_saliency, text_features, token_grid, token_mask,
+                                  tokens_to_take)
 from ubt_ray.core.unlearning import ForgetSet, UnlearnObjective, prepare_forget_inputs, set_trainable
 
 
@@ -73,13 +75,29 @@ def test_scores_do_not_depend_on_the_batch(clip, method, transforms):
         assert torch.equal(whole["score"], -whole["cos"])
 
 
-def test_token_saliency_finds_the_token_that_moves_the_similarity(clip):
-    """A patch that is the only thing differing between two images ranks first in the saliency order."""
+@pytest.mark.parametrize("kind", ["attention", "token", "gradient", "gradient_x_input"])
+def test_every_saliency_finds_the_token_that_holds_the_content(clip, kind):
+    """On an image whose only content is one bright token, every saliency ranks that token first, and the
+    similarity it returns is the plain forward's."""
     pixels, tokens = batch(clip, n=1)
     pixels = torch.zeros_like(pixels)
     pixels[..., 28:, 28:] = 255  # all the image's content sits in the bottom-right token
-    out = score_batch(clip.model, pixels, tokens, clip.preprocess_cfg, token_grid(clip.model, 32))
+    grid = token_grid(clip.model, 32)
+    out = score_batch(clip.model, pixels, tokens, clip.preprocess_cfg, grid, saliency=kind)
     assert int(out["token_order"][0, 0]) == 63
+    x = normalize(pixels, clip.preprocess_cfg)
+    text = text_features(clip.model, tokens)
+    cos, saliency = similarity_and_saliency(clip.model, x, text, grid, kind)
+    assert saliency.shape == (1, 64) and torch.allclose(cos, (image_features(clip.model, x) * text).sum(-1), atol=1e-5)
+
+
+def test_class_attention_is_the_blocks_own_attention(clip):
+    """The attention saliency reads the same weights nn.MultiheadAttention computes (head-averaged)."""
+    block = clip.model.visual.transformer.resblocks[0]
+    h = torch.randn(3, 65, 128)
+    q = block.ln_1(h)
+    _, weights = block.attn(q, q, q, need_weights=True, average_attn_weights=True)
+    assert torch.allclose(class_attention(block, h, 64), weights[:, 0, 1:], atol=1e-6)
 
 
 def test_combine_drops_standardises_then_takes_the_max():

@@ -149,9 +149,17 @@ class ScoreConfig:
                                     "cosine, or per-sample loss against a fixed negative bank.",
                      choices=("token_drop", "cosine", "loss"))
     model: str = _f("overfit", "Score with the overfit model θₒ or the original θ₀.", choices=("overfit", "original"))
-    token_portion: float = _f(4 / 64, "ρ: share of image tokens the token_mask transform masks.", gt=0, le=1)
-    saliency: str = _f("gradient", "Token saliency of token_mask: |d cos / dx| per token, or times |x| (METHOD.md's "
-                                    "gradient x input; measured weaker here).", choices=("gradient", "gradient_x_input"))
+    token_portions: list[float] = _f([1 / 64, 4 / 64], "ρ values: share of image tokens the token_mask transform "
+                                                      "masks; with several, the drop is the mean of the drops at each.")
+    saliency: str = _f("auto", "Token saliency of token_mask: attention = the class token's attention to each "
+                                "patch in score.attention_blocks (no backward; auto picks it for a ViT, gradient "
+                                "otherwise); token = |d cos / d token| at the transformer input; gradient = "
+                                "|d cos / dx| per token's pixels; gradient_x_input = that times |x| (METHOD.md's).",
+                       choices=("auto", "attention", "token", "gradient", "gradient_x_input"))
+    attention_blocks: list[int] = _f([0], "Transformer blocks whose class-token attention is the attention "
+                                          "saliency (summed); 0 is the first.")
+    amp: bool = _f(True, "bf16 autocast for scoring where the hardware runs bf16 natively (GPU; CPU with "
+                         "AVX512-BF16/AMX), else fp32.")
     transforms: list[str] = _f(["token_mask"], "Trigger-removing transforms of token_drop (token_mask, blur, "
                                                "downup); several are combined as the max of standardised drops.")
     negatives: int = _f(1024, "Captions in the negative bank of the loss score (the first distinct ones of D).", ge=1)
@@ -178,9 +186,9 @@ class UnlearnConfig:
     token_portion: float = _f(4 / 64, "ρ: share of each selected image's most salient tokens the forget loss acts on.",
                               gt=0, le=1)
     forget: str = _f("token_invariance", "Forget loss.", choices=("token_invariance", "push_away", "local_push"))
-    steps: int = _f(100, "Optimiser steps.", ge=1)
-    lr: float = _f(1e-4, "Learning rate.", gt=0)
-    forget_weight: float = _f(1.0, "λ_f: weight of the forget loss against the retain (CLIP) loss.", ge=0)
+    steps: int = _f(50, "Optimiser steps.", ge=1)
+    lr: float = _f(2e-4, "Learning rate.", gt=0)
+    forget_weight: float = _f(2.0, "λ_f: weight of the forget loss against the retain (CLIP) loss.", ge=0)
     margin: float = _f(0.0, "Cosine margin of push_away and local_push.", ge=-1, le=1)
     trainable: str = _f("all", "Parameters that move.", choices=("all", "visual", "visual.early", "text"))
     batch_size: int = _f(256, "Retain rows per step (global).", ge=2)

@@ -8,6 +8,7 @@ Checkpoints are written in open_clip's own `local-dir` layout (`open_clip_config
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -56,6 +57,18 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("model.device is 'cuda' but no GPU is visible: set model.device=auto or cpu.")
     return torch.device(name)
+
+
+def inference_autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast for forward-only passes where the hardware runs bf16 natively (a CUDA GPU with bf16,
+    else fp16; a CPU with AVX512-BF16 or AMX), else a no-op: emulated bf16 is slower than fp32."""
+    if not enabled:
+        return nullcontext()
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def load_clip(cfg: ModelConfig, storage_cfg: StorageConfig | None = None, device: str | torch.device = "cpu",

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .batches import normalize
+from .models import inference_autocast
 
 TRANSFORMS = ("token_mask", "blur", "downup")
 METHODS = ("token_drop", "cosine", "loss")
-SALIENCIES = ("gradient", "gradient_x_input")
+SALIENCIES = ("auto", "attention", "token", "gradient", "gradient_x_input")
 
 
 @dataclass(frozen=True)
@@ -49,33 +51,118 @@ def tokens_to_take(portion: float, grid: TokenGrid) -> int:
 def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """L2-normalised text features, each distinct caption encoded once."""
     unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
-    return F.normalize(model.encode_text(unique), dim=-1)[inverse]
+    return F.normalize(model.encode_text(unique).float(), dim=-1)[inverse]
 
 
 def image_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """L2-normalised image features of normalised inputs `x`."""
-    return F.normalize(model.encode_image(x), dim=-1)
+    """L2-normalised image features of normalised inputs `x`, in fp32 (under bf16 autocast the cosines would
+    otherwise be rounded to 8 bits of mantissa and tie)."""
+    return F.normalize(model.encode_image(x).float(), dim=-1)
+
+
+def resolve_saliency(model: torch.nn.Module, kind: str) -> str:
+    """`auto` is `attention` for a ViT with a class token and standard attention blocks, else `gradient`."""
+    if kind not in SALIENCIES:
+        raise ValueError(f"unknown saliency {kind!r}: use one of {', '.join(SALIENCIES)}")
+    if kind == "auto":
+        return "attention" if _attention_blocks(model) else "gradient"
+    if kind == "attention" and not _attention_blocks(model):
+        raise ValueError("saliency 'attention' needs a ViT image tower with a class token and "
+                         "nn.MultiheadAttention blocks; use 'gradient' for this model")
+    if kind == "token" and not isinstance(getattr(model.visual, "transformer", None), torch.nn.Module):
+        raise ValueError("saliency 'token' needs a transformer image tower (ViT); use 'gradient' for this model")
+    return kind
+
+
+def _attention_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    visual = model.visual
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if blocks is None or getattr(visual, "class_embedding", None) is None:
+        return []
+    ok = all(isinstance(getattr(b, "attn", None), torch.nn.MultiheadAttention) and hasattr(b, "ln_1")
+             for b in blocks)
+    return list(blocks) if ok else []
+
+
+def class_attention(block: torch.nn.Module, h: torch.Tensor, count: int) -> torch.Tensor:
+    """(N, count) head-averaged attention of the class token (position 0) to the last `count` tokens, for a
+    batch-first input `h` of an open_clip residual attention block."""
+    attn = block.attn
+    q, k, _ = F.linear(block.ln_1(h), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    n, length, width = q.shape
+    heads = attn.num_heads
+    q = q[:, :1].reshape(n, 1, heads, width // heads).transpose(1, 2)
+    k = k.reshape(n, length, heads, width // heads).transpose(1, 2)
+    weights = torch.softmax((q @ k.transpose(-1, -2)) * (width // heads) ** -0.5, dim=-1)  # (N, heads, 1, L)
+    return weights[:, :, 0, -count:].float().mean(dim=1)
+
+
+def _batch_first(model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A transformer input as (N, L, width), whatever layout the image tower's transformer uses."""
+    return h if getattr(model.visual.transformer, "batch_first", True) else h.transpose(0, 1)
+
+
+def similarity_and_saliency(model: torch.nn.Module, x: torch.Tensor, text: torch.Tensor, grid: TokenGrid,
+                            kind: str = "auto", layers: tuple[int, ...] = (0,)) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos(f(x), g(t)) per row and the (N, T) saliency of each image token.
+
+    attention (the default for a ViT): the class token's attention to each patch token, averaged over heads
+    and summed over the blocks `layers` (0: the first), read from the same forward that gives cos — no
+    backward. token: the norm of d cos / d(token) at the transformer's input. gradient: |d cos / dx| summed
+    over each token's pixels; gradient_x_input: the same times |x| (the distance to the mask value),
+    METHOD.md's reading. On the quickstart backdoor (300 poisons + 2,000 clean rows), token-drop AUROC with
+    θ₀ was 0.972 (attention, block 0), 0.940 (token); with the overfit model 0.976 / 0.958 / 0.939 (gradient);
+    on θ₀ gradient x input found the patch's token among the top 4 of 35% of poisons against 94% for plain
+    gradient (AUROC 0.73 vs 0.93). Attention from deeper blocks was weaker (blocks 1, 2, 3: 0.73, 0.58, 0.74).
+    """
+    kind = resolve_saliency(model, kind)
+    text = text.detach()
+    if kind == "attention":
+        blocks = _attention_blocks(model)
+        inputs: dict[int, torch.Tensor] = {}
+        handles = [blocks[j].register_forward_pre_hook(lambda _m, args, j=j: inputs.__setitem__(j, args[0]))
+                   for j in layers]
+        try:
+            with torch.no_grad():
+                cos = (image_features(model, x) * text).sum(-1)
+                saliency = sum(class_attention(blocks[j], _batch_first(model, inputs[j]), grid.count)
+                               for j in layers)
+        finally:
+            for h in handles:
+                h.remove()
+        return cos, saliency
+    leaves: list[torch.Tensor] = []
+    handle = None
+    if kind == "token":
+        def take_input(module, args):
+            leaves.append(args[0].detach().requires_grad_(True))
+            return (leaves[-1], *args[1:])
+        handle = model.visual.transformer.register_forward_pre_hook(take_input)
+    else:
+        x = x.detach().requires_grad_(True)
+        leaves.append(x)
+    try:
+        with torch.enable_grad():
+            cos = (image_features(model, x) * text).sum(-1)
+            (grad,) = torch.autograd.grad(cos.sum(), leaves[0])
+    finally:
+        if handle is not None:
+            handle.remove()
+    if kind == "token":
+        # (N, prefix + T, width): the patch tokens are the last T, after the class token.
+        saliency = _batch_first(model, grad)[:, -grid.count:].float().norm(dim=-1)
+    else:
+        per_pixel = grad.abs() * x.detach().abs() if kind == "gradient_x_input" else grad.abs()
+        per_pixel = per_pixel.sum(dim=1, keepdim=True)
+        covered = grid.side * grid.patch
+        saliency = (F.avg_pool2d(per_pixel[..., :covered, :covered], grid.patch) * grid.patch ** 2).flatten(1)
+    return cos.detach(), saliency
 
 
 def token_saliency(model: torch.nn.Module, x: torch.Tensor, text: torch.Tensor, grid: TokenGrid,
-                   kind: str = "gradient") -> torch.Tensor:
-    """(N, T) saliency of each image token: |d cos(f(x), g(t)) / dx| summed over the token's pixels, times |x|
-    (the distance to the mask value) with kind="gradient_x_input".
-
-    METHOD.md names gradient x input; on the quickstart backdoor plain gradient put the patch's token among
-    the top 4 of 94% of poisoned rows against 35% (token-drop AUROC 0.93 vs 0.73), so it is the default.
-    """
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        cos = (image_features(model, x) * text.detach()).sum()
-        (grad,) = torch.autograd.grad(cos, x)
-    if kind not in SALIENCIES:
-        raise ValueError(f"unknown saliency {kind!r}: use one of {', '.join(SALIENCIES)}")
-    per_pixel = grad.abs() * x.detach().abs() if kind == "gradient_x_input" else grad.abs()
-    per_pixel = per_pixel.sum(dim=1, keepdim=True)
-    covered = grid.side * grid.patch
-    per_token = F.avg_pool2d(per_pixel[..., :covered, :covered], grid.patch) * grid.patch ** 2
-    return per_token.flatten(1)
+                   kind: str = "auto") -> torch.Tensor:
+    """(N, T) saliency of each image token (see similarity_and_saliency)."""
+    return similarity_and_saliency(model, x, text, grid, kind)[1]
 
 
 def token_order(saliency: torch.Tensor) -> torch.Tensor:
@@ -126,21 +213,38 @@ def remove_trigger(x: torch.Tensor, transform: str, order: torch.Tensor | None =
 
 
 def score_batch(model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tensor, preprocess_cfg: dict,
-                grid: TokenGrid, method: str = "token_drop", token_portion: float = 4 / 64,
+                grid: TokenGrid, method: str = "token_drop", token_portion: float | Sequence[float] = 4 / 64,
                 transforms: tuple[str, ...] = ("token_mask",), negatives: torch.Tensor | None = None,
-                logit_scale: float | None = None, saliency: str = "gradient") -> dict[str, torch.Tensor]:
+                logit_scale: float | None = None, saliency: str = "auto", attention_blocks: tuple[int, ...] = (0,),
+                amp: bool = False) -> dict[str, torch.Tensor]:
     """Score columns of one batch: `cos`, and per method `drop_<transform>` (+ `token_order`) or `loss`.
 
-    token_drop: drop of cos(f(x), g(t)) under each transform; `score` is the drop when there is one transform
+    token_drop: drop of cos(f(x), g(t)) under each transform (token_mask with several portions ρ: the mean of
+    the drops with the top ⌈ρT⌉ tokens masked, for each ρ); `score` is the drop when there is one transform
     (several are combined later, over the whole dataset). cosine: score = -cos (weak alignment is not what a
     poison looks like, but it is the plain baseline). loss: image-to-text cross-entropy of the pair against a
     fixed bank of negative caption features; score = -loss (a fitted shortcut has a low loss).
+    `amp`: bf16 autocast where the hardware runs it natively (1.5x on the quickstart's CPU, same AUROC).
     """
+    with inference_autocast(pixels.device, amp):
+        out = _score_batch(model, pixels, tokens, preprocess_cfg, grid, method, token_portion, transforms,
+                           negatives, logit_scale, saliency, tuple(attention_blocks))
+    return {name: v if v.dtype == torch.int64 else v.float() for name, v in out.items()}
+
+
+def _score_batch(model, pixels, tokens, preprocess_cfg, grid, method, token_portion, transforms, negatives,
+                 logit_scale, saliency, attention_blocks) -> dict[str, torch.Tensor]:
     x = normalize(pixels, preprocess_cfg)
     with torch.no_grad():
         text = text_features(model, tokens)
-        img = image_features(model, x)
-    cos = (img * text).sum(-1)
+    order = None
+    if method == "token_drop" and "token_mask" in transforms:
+        cos, sal = similarity_and_saliency(model, x, text, grid, saliency, attention_blocks)
+        order = token_order(sal)
+    else:
+        with torch.no_grad():
+            img = image_features(model, x)
+        cos = (img * text).sum(-1)
     out = {"cos": cos}
     if method == "cosine":
         out["score"] = -cos
@@ -154,15 +258,15 @@ def score_batch(model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tens
         loss = -torch.log_softmax(logits, dim=1)[:, 0]
         out.update(loss=loss, score=-loss)
     elif method == "token_drop":
-        order = None
-        if "token_mask" in transforms:
-            order = token_order(token_saliency(model, x, text, grid, saliency))
+        if order is not None:
             out["token_order"] = order
-        count = tokens_to_take(token_portion, grid)
+        portions = [token_portion] if isinstance(token_portion, (int, float)) else list(token_portion)
+        counts = sorted({tokens_to_take(p, grid) for p in portions})
         with torch.no_grad():
             for name in transforms:
-                cleaned = image_features(model, remove_trigger(x, name, order, count, grid))
-                out[f"drop_{name}"] = cos - (cleaned * text).sum(-1)
+                drops = [cos - (image_features(model, remove_trigger(x, name, order, count, grid)) * text).sum(-1)
+                         for count in (counts if name == "token_mask" else [0])]
+                out[f"drop_{name}"] = torch.stack(drops).mean(0)
         if len(transforms) == 1:
             out["score"] = out[f"drop_{transforms[0]}"]
     else:

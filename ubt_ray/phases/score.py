@@ -79,8 +79,8 @@ class Scorer:
         captions = table.column("caption").to_pylist()
         out = score_batch(self.clip.model, torch.from_numpy(np.stack(pixels)).to(self.device),
                           self.clip.tokenizer(captions).to(self.device), self.clip.preprocess_cfg, self.grid,
-                          self.s.method, self.s.token_portion, tuple(self.s.transforms), self.negatives,
-                          self.logit_scale, self.s.saliency)
+                          self.s.method, tuple(self.s.token_portions), tuple(self.s.transforms), self.negatives,
+                          self.logit_scale, self.s.saliency, tuple(self.s.attention_blocks), self.s.amp)
         columns = {"key": table.column("key")}
         for name, values in out.items():
             if name == "token_order":
@@ -114,11 +114,14 @@ def _combine(table: pa.Table, stats: dict) -> pa.Table:
 
 
 def check_settings(s: ScoreConfig) -> None:
-    """Refuse transform lists the scorer cannot run, in one sentence."""
+    """Refuse transform and portion lists the scorer cannot run, in one sentence."""
     bad = [t for t in s.transforms if t not in TRANSFORMS]
     if bad or not s.transforms or len(set(s.transforms)) != len(s.transforms):
         raise UserError(f"score.transforms={s.transforms} must name each of {', '.join(TRANSFORMS)} at most once, "
                         f"and at least one of them.")
+    if not s.token_portions or any(not 0 < p <= 1 for p in s.token_portions):
+        raise UserError(f"score.token_portions={s.token_portions} must be one or more shares of the image tokens "
+                        f"in (0, 1], e.g. [0.015625, 0.0625].")
 
 
 def num_actors(s: ScoreConfig) -> int:
@@ -128,6 +131,16 @@ def num_actors(s: ScoreConfig) -> int:
     if s.use_gpu:
         return max(1, int(resources.get("GPU", 0)))
     return max(1, int(resources.get("CPU", 1) - 1) // s.cpus_per_actor)
+
+
+def check_cpus_left(s: ScoreConfig, actors: int) -> None:
+    """CPU actors that reserve every CPU of the cluster leave none to the read tasks that feed them, and the
+    job stalls without an error (seen on a 2-CPU machine with 2 actors): refuse that up front."""
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if not s.use_gpu and actors * s.cpus_per_actor >= cpus:
+        raise UserError(f"score.num_actors={actors} x score.cpus_per_actor={s.cpus_per_actor} reserves all {cpus} "
+                        f"CPUs of the Ray cluster, leaving none to the tasks that read the shards: use at most "
+                        f"{max(1, (cpus - 1) // s.cpus_per_actor)} actors (or leave score.num_actors unset).")
 
 
 def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> ScoreResult:
@@ -144,6 +157,7 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
         captions = read_columns(data, cfg.storage, ["caption"], max_rows=max(s.negatives * 50, 10_000))
         negatives = list(dict.fromkeys(captions.column("caption").to_pylist()))[:s.negatives]
     actors = s.num_actors or num_actors(s)
+    check_cpus_left(s, actors)
     ledger = RowLedger.remote()
     model = dataclasses.replace(cfg.model, checkpoint=storage.absolute(model_uri))
     ds = read_shards(data, cfg, columns=columns).map_batches(
@@ -174,7 +188,7 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
         detection = detection_metrics(table_uri, cfg, s.top_k, output)
     manifest = write_manifest(output, "score", cfg, inputs={"data": data, "model": model_uri}, rows=rows,
                               started=started, extra={"table": table_uri, "method": s.method,
-                                                      "transforms": s.transforms, "token_portion": s.token_portion,
+                                                      "transforms": s.transforms, "token_portions": s.token_portions,
                                                       "actors": actors, "transform_stats": stats,
                                                       "detection": detection})
     return ScoreResult(table_uri, rows, detection, time.time() - started, manifest)
