@@ -87,6 +87,15 @@ def _defend(cfg: Config, args: argparse.Namespace) -> dict:
             "detection": r.report["detection"], "defense_wall_time_s": r.report["defense_wall_time_s"]}
 
 
+def _baseline(cfg: Config, args: argparse.Namespace) -> dict:
+    from .phases.baseline import baseline
+    r = baseline(cfg, args.kind, args.model)
+    ev = r.evaluation
+    return {"baseline": r.kind, "model": r.model, "clean_rows": r.clean_rows, "clean_samples": r.clean_samples,
+            "steps": r.fit.steps, "clean_accuracy": ev.clean_accuracy if ev else None,
+            "attack_success_rate": ev.attack_success_rate if ev else None, "wall_time_s": round(r.wall_time_s, 1)}
+
+
 def _pipeline(cfg: Config, args: argparse.Namespace) -> dict:
     from .pipeline import format_summary, run_pipeline
     summary = run_pipeline(cfg).summary
@@ -102,10 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ubt", description="Find and unlearn backdoors in CLIP models (UBT) on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def phase(name: str, help: str, run: Callable, source: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    def phase(name: str, help: str, run: Callable, source: tuple[str, ...] = (),
+              dest: str = "source") -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         if source:
-            p.add_argument("source", choices=source)
+            p.add_argument(dest, choices=source)
         p.add_argument("--config", "-c", help="YAML config (see configs/); defaults apply without one.")
         p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
         p.set_defaults(run=run)
@@ -122,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     phase("select", "Pick the top-k suspicious rows and a retain set from the score table (UBT step 3).", _select)
     phase("unlearn", "Unlearn the selected rows from defend.model with Ray Train (UBT step 4).", _unlearn)
     phase("defend", "Run UBT end to end on defend.model and defend.data and write a report.", _defend)
+    p = phase("baseline", "Fine-tune the backdoored model on clean pairs: plain CLIP loss (ft) or CleanCLIP.",
+              _baseline, ("ft", "cleanclip"), dest="kind")
+    p.add_argument("--model", help="checkpoint to start from (default: baseline.model)")
     phase("pipeline", "Run the configured phases in order (pipeline.phases).", _pipeline)
     p = phase("config", "Print the resolved config, or every key with its help (--keys).", _config)
     p.add_argument("--keys", action="store_true", help="list every config key with its default and help")

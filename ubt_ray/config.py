@@ -200,6 +200,22 @@ PHASES = ("prepare", "poison", "train", "evaluate", "defend")
 
 
 @dataclass
+class BaselineConfig:
+    model: str = _f("${defend.model}", "The backdoored checkpoint the baselines fine-tune.")
+    data: str = _f("${data.clean_train}", "Clean image-caption shards the baselines train on.")
+    rows: int | None = _f(None, "Clean pairs used: a seeded hash sample of about this many rows of baseline.data "
+                                "(CleanCLIP's standard is 100,000); null: all of them.", ge=1)
+    epochs: float = _f(10.0, "Passes over the clean pairs (CleanCLIP's standard: 10).", gt=0)
+    lr: float = _f(1e-5, "Peak learning rate (CleanCLIP's standard: 1e-5).", gt=0)
+    batch_size: int = _f(128, "Global batch size.", ge=2)
+    weight_decay: float = _f(0.1, "AdamW weight decay.", ge=0)
+    warmup_steps: int = _f(50, "Linear warmup steps.", ge=0)
+    inmodal_weight: float = _f(1.0, "CleanCLIP: weight of the in-modal (image-image, text-text) losses.", ge=0)
+    clip_weight: float = _f(1.0, "CleanCLIP: weight of the multimodal CLIP loss.", ge=0)
+    output: str = _f("${run.output_dir}/baseline", "Baseline runs go to <output>/<ft|cleanclip>; models to .../model.")
+
+
+@dataclass
 class PipelineConfig:
     phases: list[str] = _f(list(PHASES), f"Phases `ubt pipeline` runs, in order; any of {', '.join(PHASES)}.")
     reuse: bool = _f(True, "Skip prepare/poison when their output's manifest holds the same config.")
@@ -221,6 +237,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict:

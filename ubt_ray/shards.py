@@ -184,3 +184,10 @@ def key_hash(key: str, seed: int) -> int:
     """A 63-bit hash of (seed, key): a seeded random order of rows that does not depend on how they are split
     into files or blocks (sha256, not hash(), which Python salts per process)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") >> 1
+
+
+def keep_hash_sample(table: pa.Table, fraction: float, seed: int) -> pa.Table:
+    """The rows whose key_hash falls in the first `fraction` of the hash range: a seeded sample of about that
+    share that does not depend on how the rows are split into blocks."""
+    limit = int(fraction * (1 << 63))
+    return table.filter(pa.array([key_hash(k, seed) < limit for k in table.column("key").to_pylist()], pa.bool_()))

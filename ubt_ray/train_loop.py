@@ -49,7 +49,7 @@ class FitSpec:
     output: str
     init: ModelConfig
     train: TrainConfig
-    objective: str | Callable = "clip"   # a registered name, or a module-level factory(preprocess_cfg=..., **kwargs)
+    objective: str | Callable = "clip"   # a registered name, or a module-level factory(preprocess_cfg=, tokenizer=, **kw)
     objective_kwargs: dict = field(default_factory=dict)
     trainable: str = "all"               # which parameters move (core.unlearning.set_trainable)
 
@@ -180,7 +180,8 @@ def _train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
 
     clip = load_clip(spec.init, cfg.storage, device="cpu", seed=cfg.run.seed)
-    objective = build_objective(spec.objective, preprocess_cfg=clip.preprocess_cfg, **spec.objective_kwargs)
+    objective = build_objective(spec.objective, preprocess_cfg=clip.preprocess_cfg, tokenizer=clip.tokenizer,
+                                **spec.objective_kwargs)
     set_trainable(clip.model, spec.trainable)
     state = {"step": 0, "samples": 0, "resumed_from_step": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -210,8 +211,9 @@ def _train_loop_per_worker(config: dict) -> None:
         for raw in shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
                                       local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
                                       local_shuffle_seed=cfg.run.seed * 1000 + epoch * world + rank):
+            captions = [str(c) for c in raw["caption"]]
             batch = Batch(decode_images(list(raw["image"]), clip.image_size).to(device),
-                          clip.tokenizer(list(raw["caption"])).to(device), list(raw["key"]))
+                          clip.tokenizer(captions).to(device), list(raw["key"]), captions)
             lr = lr_at(state["step"], total_steps, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -19,10 +19,12 @@ from .batches import normalize
 
 @dataclass
 class Batch:
-    """A decoded training batch: uint8 pixels (N, 3, H, W), token ids (N, L), and the row keys."""
+    """A decoded training batch: uint8 pixels (N, 3, H, W), token ids (N, L), the row keys, and the captions
+    (for objectives that augment them)."""
     pixels: torch.Tensor
     tokens: torch.Tensor
     keys: list[str]
+    captions: list[str] | None = None
 
 
 class Objective(Protocol):
@@ -51,7 +53,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 class ClipObjective:
     """The CLIP contrastive loss on image-caption pairs (attack training, overfit, fine-tuning)."""
 
-    def __init__(self, preprocess_cfg: dict):
+    def __init__(self, preprocess_cfg: dict, tokenizer=None):
         self.preprocess_cfg = preprocess_cfg
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -64,8 +66,14 @@ class ClipObjective:
         return loss, {"loss": float(loss.detach()), "logit_scale": float(logit_scale.detach())}
 
 
+def _cleanclip(**kwargs) -> Objective:
+    from .cleanclip import CleanClipObjective
+    return CleanClipObjective(**kwargs)
+
+
 ObjectiveFactory = Callable[..., Objective]
-OBJECTIVES: dict[str, ObjectiveFactory] = {"clip": ClipObjective}
+# Every factory takes preprocess_cfg= and tokenizer= (the model's), plus its own keyword arguments.
+OBJECTIVES: dict[str, ObjectiveFactory] = {"clip": ClipObjective, "cleanclip": _cleanclip}
 
 
 def build_objective(objective: str | ObjectiveFactory, **kwargs) -> Objective:

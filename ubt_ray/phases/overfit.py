@@ -17,12 +17,9 @@ from .. import storage
 from ..cluster import ensure_ray
 from ..config import Config
 from ..errors import UserError
-from ..shards import key_hash, read_columns, read_shards, validate_and_write
+from ..shards import keep_hash_sample, read_columns, read_shards, validate_and_write
 from ..train_loop import FitResult, FitSpec, fit
 from .score import TABLE, score
-
-HASH_SPAN = 1 << 63
-
 
 def overfit(cfg: Config, model_uri: str, data: str) -> FitResult:
     """Overfit the checkpoint at `model_uri` on `data` (or its configured subset); θₒ goes to <output>/model."""
@@ -50,7 +47,7 @@ def _subset(cfg: Config, model_uri: str, data: str) -> str:
         keys = frozenset(cos.column("key").filter(pc.less_equal(cos.column("cos"), threshold)).to_pylist())
         ds = read_shards(data, cfg).map_batches(_keep_keys, batch_format="pyarrow", fn_kwargs={"keys": keys})
     else:
-        ds = read_shards(data, cfg).map_batches(_keep_sample, batch_format="pyarrow",
+        ds = read_shards(data, cfg).map_batches(keep_hash_sample, batch_format="pyarrow",
                                                 fn_kwargs={"fraction": o.subset_fraction, "seed": cfg.run.seed})
     validate_and_write(ds, out, cfg, rows_per_file=cfg.poison.rows_per_file)
     return out
@@ -58,11 +55,3 @@ def _subset(cfg: Config, model_uri: str, data: str) -> str:
 
 def _keep_keys(table: pa.Table, keys: frozenset) -> pa.Table:
     return table.filter(pa.array([k in keys for k in table.column("key").to_pylist()], pa.bool_()))
-
-
-def _keep_sample(table: pa.Table, fraction: float, seed: int) -> pa.Table:
-    """Rows whose hash of (seed, key) falls in the first `fraction` of the hash range: a seeded sample that
-    does not depend on how the rows are split into blocks."""
-    limit = int(fraction * HASH_SPAN)
-    keep = [key_hash(k, seed) < limit for k in table.column("key").to_pylist()]
-    return table.filter(pa.array(keep, pa.bool_()))

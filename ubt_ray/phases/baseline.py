@@ -1,0 +1,78 @@
+"""baseline: the defenses UBT is compared with, on the same training loop and the same evaluation.
+
+- `ft`: CLIP-loss fine-tuning of the backdoored model on clean pairs.
+- `cleanclip`: CleanCLIP (Bansal et al., ICCV 2023): the CLIP loss plus in-modal self-supervised losses on
+  augmented views (core/cleanclip.py), clean pairs only, at its paper's weights.
+
+Both fine-tune `baseline.model` on `baseline.data` (a seeded sample of `baseline.rows` of it when set) for
+`baseline.epochs` at `baseline.lr`, then evaluate CA and ASR like every other phase. The clean samples they
+consumed (optimiser steps x batch size) are reported next to the rows they had.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+from .. import storage
+from ..cluster import ensure_ray
+from ..config import Config
+from ..errors import UserError
+from ..shards import count_rows, keep_hash_sample, read_shards, validate_and_write
+from ..train_loop import FitResult, FitSpec, fit
+from .evaluate import EvalResult, evaluate
+
+BASELINES = {"ft": "clip", "cleanclip": "cleanclip"}
+
+
+@dataclass
+class BaselineResult:
+    kind: str
+    model: str
+    clean_rows: int
+    clean_samples: int
+    fit: FitResult
+    evaluation: EvalResult | None
+    wall_time_s: float
+
+
+def baseline(cfg: Config, kind: str, model_uri: str | None = None, evaluate_after: bool = True) -> BaselineResult:
+    """Run baseline `kind` (ft or cleanclip) from `model_uri` (default baseline.model); the model goes to
+    <baseline.output>/<kind>/model, its metrics to <baseline.output>/<kind>/eval."""
+    if kind not in BASELINES:
+        raise UserError(f"unknown baseline {kind!r}: use one of {', '.join(BASELINES)}.")
+    started = time.time()
+    b = cfg.baseline
+    model_uri = model_uri or b.model
+    if not storage.exists(model_uri, cfg.storage):
+        raise UserError(f"baseline.model={model_uri} does not exist: train the backdoored model first "
+                        f"(`ubt train`) or point baseline.model at an open_clip local-dir checkpoint.")
+    out = storage.join(b.output, kind)
+    data = _clean_rows(cfg, out)
+    rows = count_rows(data, cfg.storage)
+    schedule = dataclasses.replace(cfg.train, epochs=b.epochs, steps=None, lr=b.lr, batch_size=b.batch_size,
+                                   weight_decay=b.weight_decay, warmup_steps=b.warmup_steps, output=out)
+    kwargs = ({"clip_weight": b.clip_weight, "inmodal_weight": b.inmodal_weight, "seed": cfg.run.seed}
+              if kind == "cleanclip" else {})
+    r = fit(cfg, FitSpec(phase=f"baseline-{kind}", data=data, output=out, train=schedule, objective=BASELINES[kind],
+                         objective_kwargs=kwargs, init=dataclasses.replace(cfg.model, checkpoint=model_uri)))
+    ev = None
+    if evaluate_after:
+        ev = evaluate(dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate,
+                                                                            output=storage.join(out, "eval"))), r.model)
+    return BaselineResult(kind, r.model, rows, r.samples, r, ev, time.time() - started)
+
+
+def _clean_rows(cfg: Config, out: str) -> str:
+    """baseline.data, or a seeded hash sample of about baseline.rows of it written under <out>/clean."""
+    b = cfg.baseline
+    available = count_rows(b.data, cfg.storage)
+    if b.rows is None or b.rows >= available:
+        return b.data
+    ensure_ray(cfg.ray)
+    sample = storage.join(out, "clean")
+    ds = read_shards(b.data, cfg).map_batches(keep_hash_sample, batch_format="pyarrow",
+                                              fn_kwargs={"fraction": b.rows / available, "seed": cfg.run.seed})
+    validate_and_write(ds, sample, cfg, rows_per_file=cfg.poison.rows_per_file)
+    return sample
