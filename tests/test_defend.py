@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+import yaml
 
 from ubt_ray.cli import main
-from ubt_ray.config import ModelConfig, load_config
+from ubt_ray.config import ModelConfig, load_config, save_config
 from ubt_ray.core.batches import decode_images
 from ubt_ray.core.models import load_clip, save_clip
 from ubt_ray.core.scoring import score_batch, token_grid
@@ -159,3 +160,33 @@ def test_overfit_on_the_weakest_similarity_subset(backdoored, capsys):
     assert sims[subset.column("key").to_pylist()].max() <= sims.drop(subset.column("key").to_pylist()).min()
     open_clip.create_model_and_transforms(f"local-dir:{summary['model']}")
     assert main(["overfit", *overrides, "overfit.prioritize=weak_similarity"]) == 2  # needs a subset
+
+
+def test_compare_runs_every_defense_on_the_backdoored_model(backdoored, tmp_path, capsys):
+    """`ubt compare` on one attack: no defense, FT, CleanCLIP and UBT (all brief), one table, CSV and chart."""
+    root, overrides = backdoored
+    attack_yaml = tmp_path / "attack.yaml"
+    attack_yaml.write_text(save_config(load_config(None, overrides)))
+    cheap = [f"defend.output={root / 'compare-defend'}", f"baseline.output={root / 'compare-baseline'}",
+             "defend.overfit=false", "score.model=original", "score.transforms=[blur]", "unlearn.num_samples=150",
+             "unlearn.steps=10", "unlearn.batch_size=128", "select.retain_samples=1000", "baseline.rows=500",
+             "baseline.epochs=1", "baseline.batch_size=64", "baseline.lr=1e-4", "evaluate.max_rows=500"]
+    capsys.readouterr()
+    compare_yaml = tmp_path / "compare.yaml"
+    compare_yaml.write_text(yaml.safe_dump({"compare": {"attacks": [str(attack_yaml)], "overrides": cheap,
+                                                        "output": str(tmp_path / "cmp")}}))
+    code = main(["compare", "--config", str(compare_yaml)])
+    assert code == 0
+    out = capsys.readouterr().out
+    rows = {r["defense"]: r for r in last_json(out)["rows"]}
+    assert list(rows) == ["none", "ft", "cleanclip", "ubt"]
+    before = json.loads((root / "compare-defend" / "eval_before" / "metrics.json").read_text())
+    assert rows["none"]["attack_success_rate"] == before["attack_success_rate"]
+    assert rows["none"]["clean_samples"] == rows["none"]["suspicious_samples"] == 0
+    for kind in ("ft", "cleanclip"):  # the baselines fine-tune on clean pairs only
+        assert rows[kind]["clean_samples"] > 0 and rows[kind]["suspicious_samples"] == 0
+    assert rows["ubt"]["clean_samples"] == 0 and rows["ubt"]["suspicious_samples"] > 4000
+    csv_rows = (tmp_path / "cmp" / "comparison.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("attack,defense,clean_accuracy,attack_success_rate") and len(csv_rows) == 5
+    assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| CleanCLIP |" in (tmp_path / "cmp" / "comparison.md").read_text() and "| UBT |" in out

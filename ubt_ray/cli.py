@@ -96,6 +96,13 @@ def _baseline(cfg: Config, args: argparse.Namespace) -> dict:
             "attack_success_rate": ev.attack_success_rate if ev else None, "wall_time_s": round(r.wall_time_s, 1)}
 
 
+def _compare(cfg: Config, args: argparse.Namespace) -> dict:
+    from .phases.compare import comparison_markdown, compare
+    r = compare(cfg, args.overrides)
+    print(comparison_markdown(r.rows))
+    return {"output": r.output, "rows": r.rows}
+
+
 def _pipeline(cfg: Config, args: argparse.Namespace) -> dict:
     from .pipeline import format_summary, run_pipeline
     summary = run_pipeline(cfg).summary
@@ -135,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = phase("baseline", "Fine-tune the backdoored model on clean pairs: plain CLIP loss (ft) or CleanCLIP.",
               _baseline, ("ft", "cleanclip"), dest="kind")
     p.add_argument("--model", help="checkpoint to start from (default: baseline.model)")
+    phase("compare", "No defense, FT, CleanCLIP and UBT on each attack of compare.attacks: tables and a chart.",
+          _compare)
     phase("pipeline", "Run the configured phases in order (pipeline.phases).", _pipeline)
     p = phase("config", "Print the resolved config, or every key with its help (--keys).", _config)
     p.add_argument("--keys", action="store_true", help="list every config key with its default and help")
@@ -150,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in extra if a not in overrides]
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    args.overrides = list(overrides)
     if getattr(args, "source", None):
         overrides.append(f"prepare.source={args.source}")
     try:

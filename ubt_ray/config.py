@@ -216,6 +216,14 @@ class BaselineConfig:
 
 
 @dataclass
+class CompareConfig:
+    attacks: list[str] = _f([], "Attack configs to compare the defenses on (paths to YAML, e.g. configs/attacks/sig.yaml).")
+    defenses: list[str] = _f(["none", "ft", "cleanclip", "ubt"], "Defenses to run on each attack's backdoored model.")
+    overrides: list[str] = _f([], "section.key=value overrides applied to every attack config (then the command line's).")
+    output: str = _f("outputs/compare", "comparison.md, comparison.csv, comparison.png and comparison.json go here.")
+
+
+@dataclass
 class PipelineConfig:
     phases: list[str] = _f(list(PHASES), f"Phases `ubt pipeline` runs, in order; any of {', '.join(PHASES)}.")
     reuse: bool = _f(True, "Skip prepare/poison when their output's manifest holds the same config.")
@@ -238,6 +246,7 @@ class Config:
     select: SelectConfig = field(default_factory=SelectConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict:

@@ -1,0 +1,156 @@
+"""compare: no defense / fine-tuning / CleanCLIP / UBT on the same backdoored models, one table per attack.
+
+For every attack config in `compare.attacks` (each with `compare.overrides` and the command line's overrides
+applied): the backdoored model is made if it is missing (prepare, poison, train: reused when done), then each
+defense of `compare.defenses` runs on it and is evaluated with the same evaluation. Written to
+`compare.output`: comparison.md and comparison.csv (one row per attack and defense) and comparison.png
+(CA and ASR per defense, grouped by attack).
+
+Columns: CA, ASR, clean samples used (sample passes over trusted clean pairs: the baselines'), suspicious
+samples used (sample passes over the suspicious set D: UBT's overfit, scoring, unlearning), wall time, and
+device-seconds (wall time x the Ray workers each training phase reserves, GPUs with use_gpu else CPU workers).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import time
+from dataclasses import dataclass
+
+from .. import storage
+from ..config import Config, load_config
+from ..errors import UserError
+from .baseline import baseline
+from .defend import defend
+from .evaluate import evaluate
+
+DEFENSES = ("none", "ft", "cleanclip", "ubt")
+LABELS = {"none": "no defense", "ft": "FT", "cleanclip": "CleanCLIP", "ubt": "UBT"}
+COLUMNS = ("attack", "defense", "clean_accuracy", "attack_success_rate", "clean_samples", "suspicious_samples",
+           "wall_time_s", "device_s")
+
+
+@dataclass
+class CompareResult:
+    rows: list[dict]
+    output: str
+
+
+def compare(cfg: Config, overrides: list[str] | None = None) -> CompareResult:
+    """Run `compare.defenses` on every attack of `compare.attacks`; tables and chart go to `compare.output`."""
+    c = cfg.compare
+    bad = [d for d in c.defenses if d not in DEFENSES]
+    if bad or not c.defenses:
+        raise UserError(f"compare.defenses={c.defenses} must be some of {', '.join(DEFENSES)}.")
+    if not c.attacks:
+        raise UserError("compare.attacks is empty: list attack configs, e.g. [configs/attacks/badnet.yaml].")
+    rows = []
+    for path in c.attacks:
+        attack_cfg = load_config(path, list(c.overrides) + list(overrides or []))
+        rows += compare_attack(attack_cfg, list(c.defenses), c.output)
+    write_comparison(rows, c.output, cfg)
+    return CompareResult(rows, c.output)
+
+
+def compare_attack(cfg: Config, defenses: list[str], output: str) -> list[dict]:
+    """Every defense on one attack's backdoored model (made first when missing); the undefended model's
+    evaluation goes to <output>/<run.name>/none."""
+    _ensure_backdoored(cfg)
+    name = cfg.run.name
+    workers = max(1, cfg.train.num_workers)
+    out = []
+    for d in defenses:
+        started = time.time()
+        if d == "none":
+            ev = evaluate(_eval_to(cfg, storage.join(output, name, "none")), cfg.defend.model)
+            ca, asr, clean, suspicious, wall = ev.clean_accuracy, ev.attack_success_rate, 0, 0, 0.0
+        elif d == "ubt":
+            r = defend(dataclasses.replace(cfg, defend=dataclasses.replace(cfg.defend, evaluate=True)))
+            ca, asr = r.report["after"]["clean_accuracy"], r.report["after"]["attack_success_rate"]
+            clean = 0
+            suspicious = sum(int(p.get("sample_passes", 0)) for p in r.report["phases"].values())
+            wall = r.report["defense_wall_time_s"]
+        else:
+            r = baseline(cfg, d, cfg.defend.model)
+            ca, asr = r.evaluation.clean_accuracy, r.evaluation.attack_success_rate
+            clean, suspicious, wall = r.clean_samples, 0, r.fit.wall_time_s
+        out.append({"attack": name, "defense": d, "clean_accuracy": ca, "attack_success_rate": asr,
+                    "clean_samples": clean, "suspicious_samples": suspicious, "wall_time_s": round(wall, 1),
+                    "device_s": round(wall * workers, 1), "total_s": round(time.time() - started, 1)})
+        print(f"[compare] {name} {LABELS[d]}: CA {_pct(ca)} ASR {_pct(asr)} ({wall:.0f} s)", flush=True)
+    return out
+
+
+def _ensure_backdoored(cfg: Config) -> None:
+    if storage.exists(cfg.defend.model, cfg.storage):
+        return
+    from ..pipeline import run_pipeline
+    phases = ["prepare", "poison", "train"]  # prepared and poisoned shards are reused when their config is unchanged
+    run_pipeline(dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, phases=phases)))
+
+
+def _eval_to(cfg: Config, output: str) -> Config:
+    return dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, output=output))
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    """One Markdown table per attack: rows no defense / FT / CleanCLIP / UBT."""
+    lines = []
+    for attack in dict.fromkeys(r["attack"] for r in rows):
+        lines += [f"### {attack}", "",
+                  "| defense | CA | ASR | clean samples | suspicious samples | wall time | device-seconds |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["attack"] == attack):
+            lines.append(f"| {LABELS[r['defense']]} | {_pct(r['clean_accuracy'])} | {_pct(r['attack_success_rate'])} "
+                         f"| {r['clean_samples']:,} | {r['suspicious_samples']:,} | {r['wall_time_s']:.0f} s "
+                         f"| {r['device_s']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def comparison_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def comparison_png(rows: list[dict]) -> bytes:
+    """Grouped bars: CA (left) and ASR (right) of each defense, grouped by attack."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 2.2 * len(attacks) * 2), 3.8), dpi=100)
+    width = 0.8 / len(defenses)
+    for ax, metric, title in zip(axes, ("clean_accuracy", "attack_success_rate"), ("CA", "ASR")):
+        for j, d in enumerate(defenses):
+            values = [next((100 * (r[metric] or 0) for r in rows if r["attack"] == a and r["defense"] == d), 0)
+                      for a in attacks]
+            ax.bar(np.arange(len(attacks)) + (j - (len(defenses) - 1) / 2) * width, values, width, label=LABELS[d])
+        ax.set_xticks(np.arange(len(attacks)), attacks)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel(f"{title} (%)")
+        ax.set_title(title)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_comparison(rows: list[dict], output: str, cfg: Config) -> None:
+    storage.write_bytes(storage.join(output, "comparison.md"), comparison_markdown(rows).encode(), cfg.storage)
+    storage.write_bytes(storage.join(output, "comparison.csv"), comparison_csv(rows).encode(), cfg.storage)
+    storage.write_bytes(storage.join(output, "comparison.png"), comparison_png(rows), cfg.storage)
+    storage.write_json(storage.join(output, "comparison.json"), {"rows": rows}, cfg.storage)
