@@ -8,7 +8,11 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working dir, when ubt_ray is not installed
+_JOBS = Path(__file__).resolve().parent
+# jobs/ is on sys.path as the script's directory, and jobs/select.py would then shadow the standard library's
+# `select`: keep only the working dir (for ubt_ray when it is not installed).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _JOBS]
+sys.path.insert(0, str(_JOBS.parent))
 
 
 def job(phase: str) -> Callable[[list[str] | None], int]:
