@@ -186,6 +186,8 @@ def test_compare_runs_every_defense_on_the_backdoored_model(backdoored, tmp_path
     for kind in ("ft", "cleanclip"):  # the baselines fine-tune on clean pairs only
         assert rows[kind]["clean_samples"] > 0 and rows[kind]["suspicious_samples"] == 0
     assert rows["ubt"]["clean_samples"] == 0 and rows["ubt"]["suspicious_samples"] > 4000
+    for kind in ("ft", "cleanclip"):
+        open_clip.create_model_and_transforms(f"local-dir:{root / 'compare-baseline' / kind / 'model'}")
     csv_rows = (tmp_path / "cmp" / "comparison.csv").read_text().splitlines()
     assert csv_rows[0].startswith("attack,defense,clean_accuracy,attack_success_rate") and len(csv_rows) == 5
     assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
