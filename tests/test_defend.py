@@ -61,7 +61,7 @@ def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scor
     assert manifest["rows"]["rejected_examples"] == {"image undecodable (UnidentifiedImageError)": [BROKEN_KEY]}
     assert manifest["actors"] == 2
 
-    # The same function in this process, in batches of another size, gives the same scores.
+    # The same function in this process, with the same settings, in batches of another size, gives the same scores.
     clip = load_clip(ModelConfig(checkpoint=str(model)))
     clip.model.eval().requires_grad_(False)
     rows = {r["key"]: r for r in source.to_pylist() if r["key"] != BROKEN_KEY}
@@ -70,7 +70,8 @@ def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scor
         chunk = expected[start:start + 50]
         out = score_batch(clip.model, decode_images([rows[k]["image"] for k in chunk], 32),
                           clip.tokenizer([rows[k]["caption"] for k in chunk]), clip.preprocess_cfg,
-                          token_grid(clip.model, 32), amp=cfg.score.amp)
+                          token_grid(clip.model, 32), token_portion=tuple(cfg.score.token_portions),
+                          amp=cfg.score.amp)
         mine.update(zip(chunk, out["score"].tolist()))
     got = dict(zip(keys, table.column("score").to_pylist()))
     assert np.allclose([got[k] for k in expected], [mine[k] for k in expected], atol=1e-5)

@@ -158,6 +158,7 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
         negatives = list(dict.fromkeys(captions.column("caption").to_pylist()))[:s.negatives]
     actors = s.num_actors or num_actors(s)
     check_cpus_left(s, actors)
+    threads = s.threads_per_actor or max(1, (os.cpu_count() or 1) // actors)
     ledger = RowLedger.remote()
     model = dataclasses.replace(cfg.model, checkpoint=storage.absolute(model_uri))
     ds = read_shards(data, cfg, columns=columns).map_batches(
@@ -165,7 +166,7 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
         compute=ActorPoolStrategy(size=actors), num_cpus=s.cpus_per_actor, num_gpus=1 if s.use_gpu else 0,
         fn_constructor_kwargs={"model": model, "storage_cfg": cfg.storage, "settings": s, "seed": cfg.run.seed,
                                "negative_captions": negatives,
-                               "threads": s.threads_per_actor or max(1, (os.cpu_count() or 1) // actors),
+                               "threads": threads,
                                "use_gpu": s.use_gpu, "ledger": ledger})
     stats = None
     if s.method == "token_drop" and len(s.transforms) > 1:
@@ -189,7 +190,8 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
     manifest = write_manifest(output, "score", cfg, inputs={"data": data, "model": model_uri}, rows=rows,
                               started=started, extra={"table": table_uri, "method": s.method,
                                                       "transforms": s.transforms, "token_portions": s.token_portions,
-                                                      "actors": actors, "transform_stats": stats,
+                                                      "actors": actors, "threads_per_actor": threads,
+                                                      "transform_stats": stats,
                                                       "detection": detection})
     return ScoreResult(table_uri, rows, detection, time.time() - started, manifest)
 
