@@ -191,3 +191,11 @@ def keep_hash_sample(table: pa.Table, fraction: float, seed: int) -> pa.Table:
     share that does not depend on how the rows are split into blocks."""
     limit = int(fraction * (1 << 63))
     return table.filter(pa.array([key_hash(k, seed) < limit for k in table.column("key").to_pylist()], pa.bool_()))
+
+
+def write_hash_sample(data: str, out: str, fraction: float, cfg: Config) -> str:
+    """Write the keep_hash_sample of `data` (about `fraction` of its rows) as validated shards at `out`."""
+    ds = read_shards(data, cfg).map_batches(keep_hash_sample, batch_format="pyarrow",
+                                            fn_kwargs={"fraction": fraction, "seed": cfg.run.seed})
+    validate_and_write(ds, out, cfg, rows_per_file=cfg.poison.rows_per_file)
+    return out

@@ -15,7 +15,6 @@ import random
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from .batches import normalize
@@ -88,15 +87,9 @@ class CleanClipObjective:
         multimodal = clip_loss(image_f[:n], text_f[:u][inverse], logit_scale)
         image_ss = clip_loss(image_f[:n], image_f[n:], logit_scale)  # negatives from every worker
         # Distinct captions differ in number across workers, so the text loss stays local to each worker.
-        text_ss = _local_info_nce(text_f[:u], text_f[u:], logit_scale)
+        text_ss = clip_loss(text_f[:u], text_f[u:], logit_scale, local=True)
         inmodal = (image_ss + text_ss) / 2
         loss = self.clip_weight * multimodal + self.inmodal_weight * inmodal
         return loss, {"loss": float(loss.detach()), "clip_loss": float(multimodal.detach()),
                       "inmodal_loss": float(inmodal.detach()), "logit_scale": float(logit_scale.detach())}
-
-
-def _local_info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    labels = torch.arange(len(a), device=a.device)
-    logits = logit_scale * a @ b.T
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 

@@ -39,10 +39,15 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over the global batch; features are L2-normalised, logit_scale already exponentiated."""
-    all_image, all_text = gather_features(image_features), gather_features(text_features)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+              local: bool = False) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch (over this worker's rows only with `local`); features are
+    L2-normalised, logit_scale already exponentiated."""
+    if local:
+        all_image, all_text, rank = image_features, text_features, 0
+    else:
+        all_image, all_text = gather_features(image_features), gather_features(text_features)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     n = image_features.shape[0]
     labels = torch.arange(n, device=image_features.device) + rank * n
     logits_per_image = logit_scale * image_features @ all_text.T

@@ -19,9 +19,9 @@ from .. import storage
 from ..cluster import ensure_ray
 from ..config import Config
 from ..errors import UserError
-from ..shards import count_rows, keep_hash_sample, read_shards, validate_and_write
+from ..shards import count_rows, write_hash_sample
 from ..train_loop import FitResult, FitSpec, fit
-from .evaluate import EvalResult, evaluate
+from .evaluate import EvalResult, evaluate_to
 
 BASELINES = {"ft": "clip", "cleanclip": "cleanclip"}
 
@@ -59,8 +59,7 @@ def baseline(cfg: Config, kind: str, model_uri: str | None = None, evaluate_afte
                          objective_kwargs=kwargs, init=dataclasses.replace(cfg.model, checkpoint=model_uri)))
     ev = None
     if evaluate_after:
-        ev = evaluate(dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate,
-                                                                            output=storage.join(out, "eval"))), r.model)
+        ev = evaluate_to(cfg, r.model, storage.join(out, "eval"))
     return BaselineResult(kind, r.model, rows, r.samples, r, ev, time.time() - started)
 
 
@@ -71,8 +70,4 @@ def _clean_rows(cfg: Config, out: str) -> str:
     if b.rows is None or b.rows >= available:
         return b.data
     ensure_ray(cfg.ray)
-    sample = storage.join(out, "clean")
-    ds = read_shards(b.data, cfg).map_batches(keep_hash_sample, batch_format="pyarrow",
-                                              fn_kwargs={"fraction": b.rows / available, "seed": cfg.run.seed})
-    validate_and_write(ds, sample, cfg, rows_per_file=cfg.poison.rows_per_file)
-    return sample
+    return write_hash_sample(b.data, storage.join(out, "clean"), b.rows / available, cfg)

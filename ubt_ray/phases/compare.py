@@ -24,7 +24,7 @@ from ..config import Config, load_config
 from ..errors import UserError
 from .baseline import baseline
 from .defend import defend
-from .evaluate import evaluate
+from .evaluate import evaluate_to, percent
 
 DEFENSES = ("none", "ft", "cleanclip", "ubt")
 LABELS = {"none": "no defense", "ft": "FT", "cleanclip": "CleanCLIP", "ubt": "UBT"}
@@ -64,7 +64,7 @@ def compare_attack(cfg: Config, defenses: list[str], output: str) -> list[dict]:
     for d in defenses:
         started = time.time()
         if d == "none":
-            ev = evaluate(_eval_to(cfg, storage.join(output, name, "none")), cfg.defend.model)
+            ev = evaluate_to(cfg, cfg.defend.model, storage.join(output, name, "none"))
             ca, asr, clean, suspicious, wall = ev.clean_accuracy, ev.attack_success_rate, 0, 0, 0.0
         elif d == "ubt":
             r = defend(dataclasses.replace(cfg, defend=dataclasses.replace(cfg.defend, evaluate=True)))
@@ -79,7 +79,7 @@ def compare_attack(cfg: Config, defenses: list[str], output: str) -> list[dict]:
         out.append({"attack": name, "defense": d, "clean_accuracy": ca, "attack_success_rate": asr,
                     "clean_samples": clean, "suspicious_samples": suspicious, "wall_time_s": round(wall, 1),
                     "device_s": round(wall * workers, 1), "total_s": round(time.time() - started, 1)})
-        print(f"[compare] {name} {LABELS[d]}: CA {_pct(ca)} ASR {_pct(asr)} ({wall:.0f} s)", flush=True)
+        print(f"[compare] {name} {LABELS[d]}: CA {percent(ca)} ASR {percent(asr)} ({wall:.0f} s)", flush=True)
     return out
 
 
@@ -91,14 +91,6 @@ def _ensure_backdoored(cfg: Config) -> None:
     run_pipeline(dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, phases=phases)))
 
 
-def _eval_to(cfg: Config, output: str) -> Config:
-    return dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, output=output))
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def comparison_markdown(rows: list[dict]) -> str:
     """One Markdown table per attack: rows no defense / FT / CleanCLIP / UBT."""
     lines = []
@@ -107,7 +99,7 @@ def comparison_markdown(rows: list[dict]) -> str:
                   "| defense | CA | ASR | clean samples | suspicious samples | wall time | device-seconds |",
                   "|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["attack"] == attack):
-            lines.append(f"| {LABELS[r['defense']]} | {_pct(r['clean_accuracy'])} | {_pct(r['attack_success_rate'])} "
+            lines.append(f"| {LABELS[r['defense']]} | {percent(r['clean_accuracy'])} | {percent(r['attack_success_rate'])} "
                          f"| {r['clean_samples']:,} | {r['suspicious_samples']:,} | {r['wall_time_s']:.0f} s "
                          f"| {r['device_s']:.0f} |")
         lines.append("")

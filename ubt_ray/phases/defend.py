@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .. import storage
 from ..config import Config
 from ..errors import UserError
-from .evaluate import evaluate
+from .evaluate import evaluate_to, percent
 from .overfit import overfit
 from .score import check_settings, score
 from .select import select
@@ -37,7 +37,7 @@ def defend(cfg: Config) -> DefendResult:
         raise UserError(f"defend.model={d.model} does not exist: train the backdoored model first "
                         f"(`ubt train`) or point defend.model at an open_clip local-dir checkpoint.")
     phases: dict[str, dict] = {}
-    before = _evaluate(cfg, d.model, "eval_before") if d.evaluate else None
+    before = evaluate_to(cfg, d.model, storage.join(d.output, "eval_before")) if d.evaluate else None
 
     scoring_model = d.model
     if d.overfit and cfg.score.model == "overfit":
@@ -54,7 +54,7 @@ def defend(cfg: Config) -> DefendResult:
     u = unlearn(cfg, d.model, sel.forget, sel.retain)
     phases["unlearn"] = {"wall_time_s": u.wall_time_s, "rows": u.rows, "steps": u.steps,
                          "sample_passes": u.samples + u.steps * cfg.unlearn.forget_batch_size, "model": u.model}
-    after = _evaluate(cfg, u.model, "eval_after") if d.evaluate else None
+    after = evaluate_to(cfg, u.model, storage.join(d.output, "eval_after")) if d.evaluate else None
 
     report = {
         "run": cfg.run.name, "model": d.model, "data": d.data, "cleaned_model": u.model,
@@ -70,27 +70,18 @@ def defend(cfg: Config) -> DefendResult:
     return DefendResult(u.model, report, d.output)
 
 
-def _evaluate(cfg: Config, model: str, name: str):
-    out = storage.join(cfg.defend.output, name)
-    return evaluate(dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, output=out)), model)
-
-
 def _metrics(result) -> dict | None:
     if result is None:
         return None
     return {"clean_accuracy": result.clean_accuracy, "attack_success_rate": result.attack_success_rate}
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def before_after_table(report: dict) -> str:
     """CA and ASR of θ₀ and of the cleaned model, as a Markdown table."""
     b, a = report["before"] or {}, report["after"] or {}
     return "\n".join(["| model | CA | ASR |", "|---|---|---|",
-                      f"| before (θ₀) | {_pct(b.get('clean_accuracy'))} | {_pct(b.get('attack_success_rate'))} |",
-                      f"| after UBT | {_pct(a.get('clean_accuracy'))} | {_pct(a.get('attack_success_rate'))} |"])
+                      f"| before (θ₀) | {percent(b.get('clean_accuracy'))} | {percent(b.get('attack_success_rate'))} |",
+                      f"| after UBT | {percent(a.get('clean_accuracy'))} | {percent(a.get('attack_success_rate'))} |"])
 
 
 def format_report(report: dict) -> str:
@@ -105,7 +96,7 @@ def format_report(report: dict) -> str:
     sel = report["selection"]
     if "forget_precision" in sel:
         lines += [f"Forget set: {sel['num_forget']} rows, {sel['forget_poisons']} poisoned "
-                  f"({_pct(sel['forget_precision'])}); retain set: {sel['num_retain']} rows, "
+                  f"({percent(sel['forget_precision'])}); retain set: {sel['num_retain']} rows, "
                   f"{sel['retain_poisons']} poisoned.", ""]
     lines += ["| phase | rows | wall time |", "|---|---|---|"]
     for name, p in report["phases"].items():

@@ -102,6 +102,16 @@ def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
     return EvalResult(ca, asr, metrics, ev.output)
 
 
+def evaluate_to(cfg: Config, model_uri: str, output: str) -> EvalResult:
+    """`evaluate` of `model_uri` with its metrics written to `output` instead of evaluate.output."""
+    return evaluate(dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, output=output)), model_uri)
+
+
+def percent(x: float | None) -> str:
+    """A rate as a percentage with one decimal, or n/a."""
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
 def read_test_rows(cfg: Config) -> tuple[list[str], list[bytes], np.ndarray]:
     """(keys, image bytes, labels) of the first `evaluate.max_rows` test rows (all when unset)."""
     uri, limit = cfg.data.test, cfg.evaluate.max_rows

@@ -17,7 +17,7 @@ from .. import storage
 from ..cluster import ensure_ray
 from ..config import Config
 from ..errors import UserError
-from ..shards import keep_hash_sample, read_columns, read_shards, validate_and_write
+from ..shards import read_columns, read_shards, validate_and_write, write_hash_sample
 from ..train_loop import FitResult, FitSpec, fit
 from .score import TABLE, score
 
@@ -46,11 +46,9 @@ def _subset(cfg: Config, model_uri: str, data: str) -> str:
         threshold = float(np.quantile(cos.column("cos").to_numpy(), o.subset_fraction))
         keys = frozenset(cos.column("key").filter(pc.less_equal(cos.column("cos"), threshold)).to_pylist())
         ds = read_shards(data, cfg).map_batches(_keep_keys, batch_format="pyarrow", fn_kwargs={"keys": keys})
-    else:
-        ds = read_shards(data, cfg).map_batches(keep_hash_sample, batch_format="pyarrow",
-                                                fn_kwargs={"fraction": o.subset_fraction, "seed": cfg.run.seed})
-    validate_and_write(ds, out, cfg, rows_per_file=cfg.poison.rows_per_file)
-    return out
+        validate_and_write(ds, out, cfg, rows_per_file=cfg.poison.rows_per_file)
+        return out
+    return write_hash_sample(data, out, o.subset_fraction, cfg)
 
 
 def _keep_keys(table: pa.Table, keys: frozenset) -> pa.Table:
