@@ -11,7 +11,7 @@ import pytest
 from ubt_ray import storage
 from ubt_ray.config import load_config
 from ubt_ray.core.captions import template_captions
-from ubt_ray.core.images import encode_png
+from ubt_ray.core.images import decode_rgb, encode_png
 from ubt_ray.core.triggers import apply_to_png, load_trigger
 from ubt_ray.errors import UserError
 from ubt_ray.phases.poison import poison, select_poison_keys
@@ -62,8 +62,9 @@ def runs(ray_local, clean, tmp_path_factory) -> dict:
     """One poison run per attack, shared by the tests that inspect them."""
     out = {}
     for attack in ATTACKS:
-        # The clean-label run hardens its images, so the re-apply test covers Trigger.poison too.
-        extra = ["poison.params={hardening: noise}"] if attack == "label_consistent" else []
+        # The clean-label run hardens its images with other-class donors read from the shards, so the re-apply
+        # test covers Trigger.poison and the saved donors too.
+        extra = ["poison.params={hardening: mix, donors: 4, donor_side: 8}"] if attack == "label_consistent" else []
         cfg = config(clean, tmp_path_factory.mktemp(attack), f"poison.attack={attack}", *extra)
         out[attack] = (cfg, poison(cfg))
     return out
@@ -117,6 +118,11 @@ def test_saved_trigger_reproduces_the_poisoned_bytes(runs, clean, attack):
     assert len(poisoned) == expected_poisons(attack)
     for key in poisoned:
         assert apply_to_png(before[key]["image"], trigger, key=key, poison=True) == after[key]["image"]
+    if attack == "label_consistent":  # the saved donors are images of distinct non-target rows
+        others = {type(trigger).donor_array({**trigger.params, "donors": 1}, [decode_rgb(r["image"])]).tobytes()
+                  for r in before.values() if r["label"] != TARGET and r["image"] is not None}
+        donors = [d.tobytes() for d in trigger.arrays["donors"]]
+        assert len(set(donors)) == len(donors) == 4 and set(donors) <= others
     info = json.loads((Path(result.trigger_dir) / "attack.json").read_text())
     assert info["poisoned_keys"] == poisoned and info["count"] == len(poisoned)
     assert (info["attack"], info["target_label"], info["target_class"], info["seed"]) == (

@@ -198,6 +198,28 @@ def test_label_consistent_hardening_only_at_poison_time():
     assert build_trigger("label_consistent", {"size": 3}, seed=4).poison(image, "k1").tobytes() == patched.tobytes()
 
 
+def test_label_consistent_mix_blends_a_saved_donor(tmp_path):
+    donors = [Image.fromarray(np.full((8, 8, 3), value, np.uint8)) for value in (0, 100, 200)]
+    params = {"size": 3, "hardening": "mix", "hardening_strength": 0.5, "donors": 3, "donor_side": 8}
+    trigger = build_trigger("label_consistent", params, seed=4, donor_images=donors)
+    image = np.full((32, 32, 3), 60, np.uint8)
+    poisoned = trigger.poison(image, "k1")
+    blended = {int(v) for v in np.unique(poisoned[:29, :29])}
+    assert len(blended) == 1 and blended <= {30, 80, 130}  # (60 + donor) / 2 for one donor, everywhere
+    seen = {int(trigger.poison(image, f"k{i}")[0, 0, 0]) for i in range(40)}
+    assert seen == {30, 80, 130}  # the donor is drawn per key
+    np.testing.assert_array_equal(trigger.apply(image, "k1"), build_trigger("badnet", {"size": 3}, 4).apply(image))
+    trigger.save(tmp_path)
+    loaded = load_trigger(tmp_path)
+    assert loaded.poison(image, "k1").tobytes() == poisoned.tobytes()
+    with pytest.raises(ValueError, match="needs 3 donor images"):
+        build_trigger("label_consistent", params, seed=4)
+    with pytest.raises(ValueError, match="'donors' is 0"):
+        build_trigger("label_consistent", {"hardening": "mix"}, seed=4)
+    with pytest.raises(ValueError, match="keeps 3 donor images, got 2"):
+        build_trigger("label_consistent", params, seed=4, donor_images=donors[:2])
+
+
 def test_apply_to_png_converts_other_modes_to_rgb():
     rgba = Image.fromarray(random_image(c=3)).convert("RGBA")
     buffer = io.BytesIO()

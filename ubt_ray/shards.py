@@ -10,6 +10,7 @@ import hashlib
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -74,6 +75,22 @@ def read_columns(uri: str, storage_cfg: StorageConfig | None, columns: list[str]
         read += tables[-1].num_rows
     table = pa.concat_tables(tables, promote_options="permissive")
     return table.slice(0, max_rows) if max_rows is not None else table
+
+
+def read_rows_by_key(uri: str, storage_cfg: StorageConfig | None, keys: list[str], columns: list[str]) -> pa.Table:
+    """The rows of the shards under `uri` whose key is in `keys` (a few: read on this process, file by file,
+    stopping once all are found)."""
+    wanted, tables, found = pa.array(sorted(set(keys)), pa.string()), [], 0
+    for f in shard_files(uri, storage_cfg):
+        loc = storage.resolve(f, storage_cfg)
+        with storage.friendly_errors(f, storage_cfg, "read"):
+            table = pq.read_table(loc.path, filesystem=loc.fs, columns=columns)
+        table = table.filter(pc.is_in(table.column("key").cast(pa.string()), value_set=wanted))
+        tables.append(table)
+        found += table.num_rows
+        if found >= len(wanted):
+            break
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def read_shards(uri: str, cfg: Config, columns: list[str] | None = None,

@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 TRIGGER_FILE = "trigger.json"
 KINDS = ("badnet", "blended", "sig", "wanet", "label_consistent")
 BADNET_LOCATIONS = ("corner", "centre", "random")
-HARDENINGS = ("none", "noise", "occlude")
+HARDENINGS = ("none", "noise", "occlude", "mix")
 
 PathLike = Union[str, Path]
 Validator = Callable[[str, str, Any], Any]
@@ -113,6 +113,14 @@ def _to_channels(rgb: np.ndarray, channels: int) -> np.ndarray:
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _resize_nearest(rgb: np.ndarray, height: int, width: int, channels: int) -> np.ndarray:
+    """An (h, w, 3) uint8 array resized (nearest neighbour) to (height, width, channels)."""
+    # Integer index arithmetic keeps the resize exact and platform independent.
+    rows = (np.arange(height) * rgb.shape[0]) // height
+    cols = (np.arange(width) * rgb.shape[1]) // width
+    return _to_channels(rgb[rows[:, None], cols[None, :]], channels)
 
 
 # ---------------------------------------------------------------------------
@@ -261,9 +269,13 @@ class LabelConsistentTrigger(BadNetTrigger):
     """BadNet patch for clean-label poisoning (Turner et al., 2019), with optional hardening of the poisoned images.
 
     The poisoned images keep their true caption, so the model has no reason to use the patch while the object
-    itself names the class. Hardening makes the object a weaker cue on the poisoned images only (noise blended in
-    with weight `hardening_strength`, fixed per key), so the patch becomes the feature that explains the caption;
-    test-time triggering (`apply`) pastes the patch alone.
+    itself names the class. Hardening makes the object a weaker cue on the poisoned images only, fixed per key:
+    `noise` blends seeded noise in with weight `hardening_strength`, `occlude` blanks that share of the image from
+    one side, and `mix` blends in an image of another class (Turner et al.'s interpolation, in pixel space), so
+    that the object the model sees argues for another class and the patch is what explains the true caption.
+    `mix` draws from `donors` images of non-target rows, stored with the trigger (`donors.npy`, each resized to
+    `donor_side` square) so that a saved trigger re-poisons bit for bit. Test-time triggering (`apply`) pastes
+    the patch alone.
     """
 
     base_kind = "label_consistent"
@@ -271,7 +283,35 @@ class LabelConsistentTrigger(BadNetTrigger):
         **BadNetTrigger.PARAMS,
         "hardening": ("none", _choice(HARDENINGS)),
         "hardening_strength": (0.5, _float_in(0.0, 1.0, low_open=False, high_open=False)),
+        "donors": (0, _int_at_least(0)),
+        "donor_side": (32, _int_at_least(1)),
     }
+
+    @classmethod
+    def validate_params(cls, params, kind=""):
+        checked = super().validate_params(params, kind)
+        if checked["hardening"] == "mix" and checked["donors"] < 1:
+            raise ValueError(f"hardening 'mix' of trigger '{kind or cls.base_kind}' blends in other-class images "
+                             f"but 'donors' is 0: set 'donors' to how many to keep, e.g. 64.")
+        return checked
+
+    @classmethod
+    def array_specs(cls, params):
+        specs = super().array_specs(params)
+        if params["hardening"] == "mix":
+            side = params["donor_side"]
+            specs["donors"] = ((params["donors"], side, side, 3), np.dtype(np.uint8))
+        return specs
+
+    @classmethod
+    def donor_array(cls, params: Dict[str, Any], images: list) -> np.ndarray:
+        """The `donors` array of `params` from decoded RGB PIL images (resized bilinearly to `donor_side`)."""
+        if len(images) != params["donors"]:
+            raise ValueError(f"hardening 'mix' keeps {params['donors']} donor images, got {len(images)}: "
+                             f"pass exactly 'donors' images.")
+        side = params["donor_side"]
+        return np.stack([np.asarray(im.convert("RGB").resize((side, side), Image.BILINEAR), dtype=np.uint8)
+                         for im in images]) if images else np.zeros((0, side, side, 3), np.uint8)
 
     def harden(self, image: np.ndarray, key: str) -> np.ndarray:
         """`image` with its object made a weaker cue, deterministically per (seed, key)."""
@@ -280,9 +320,13 @@ class LabelConsistentTrigger(BadNetTrigger):
         digest = hashlib.sha256(f"{self.seed}:{key}".encode("utf-8")).digest()
         rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
         weight = self.params["hardening_strength"]
-        if self.params["hardening"] == "noise":
-            noise = rng.integers(0, 256, size=image.shape)
-            return _to_uint8((1.0 - weight) * image.astype(np.float64) + weight * noise)
+        if self.params["hardening"] in ("noise", "mix"):
+            if self.params["hardening"] == "noise":
+                other = rng.integers(0, 256, size=image.shape)
+            else:
+                donors = self.arrays["donors"]
+                other = _resize_nearest(donors[int(rng.integers(0, len(donors)))], *image.shape)
+            return _to_uint8((1.0 - weight) * image.astype(np.float64) + weight * other.astype(np.float64))
         out = image.copy()
         h, w = image.shape[:2]
         rows, cols = int(round(weight * h)), int(round(weight * w))
@@ -322,12 +366,7 @@ class BlendedTrigger(Trigger):
 
     def pattern_for(self, height: int, width: int, channels: int) -> np.ndarray:
         """The pattern resized (nearest neighbour, integer indices) to (height, width, channels)."""
-        pattern = self.arrays["pattern"]
-        side = pattern.shape[0]
-        # Integer index arithmetic keeps the resize exact and platform independent.
-        rows = (np.arange(height) * side) // height
-        cols = (np.arange(width) * side) // width
-        return _to_channels(pattern[rows[:, None], cols[None, :]], channels)
+        return _resize_nearest(self.arrays["pattern"], height, width, channels)
 
     def _apply(self, image, key):
         alpha = self.params["alpha"]
@@ -426,12 +465,30 @@ def _class_for(kind: Any) -> type:
 # Public entry points
 # ---------------------------------------------------------------------------
 
-def build_trigger(kind: str, params: Dict[str, Any] | None = None, seed: int = 0) -> Trigger:
-    """Build a trigger of `kind` (badnet, blended, sig, wanet, label_consistent) from params and seed."""
+def build_trigger(kind: str, params: Dict[str, Any] | None = None, seed: int = 0,
+                  donor_images: list | None = None) -> Trigger:
+    """Build a trigger of `kind` (badnet, blended, sig, wanet, label_consistent) from params and seed.
+
+    `donor_images` (PIL images of non-target rows) are for a label_consistent trigger hardened by `mix`,
+    which needs exactly `params['donors']` of them (`needs_donors` says how many).
+    """
     cls = _class_for(kind)
     checked = cls.validate_params(params, kind)
     rng = np.random.default_rng(_check_seed(seed))
-    return cls(checked, seed, cls.generate(checked, rng), kind=kind)
+    arrays = cls.generate(checked, rng)
+    if "donors" in cls.array_specs(checked):
+        if donor_images is None:
+            raise ValueError(f"trigger '{kind}' with hardening 'mix' needs {checked['donors']} donor images: "
+                             f"pass donor_images (ubt poison draws them from non-target rows).")
+        arrays["donors"] = cls.donor_array(checked, donor_images)
+    return cls(checked, seed, arrays, kind=kind)
+
+
+def needs_donors(kind: str, params: Dict[str, Any] | None) -> int:
+    """How many donor images `build_trigger(kind, params)` needs (0 for every trigger but a `mix` hardening)."""
+    cls = _class_for(kind)
+    checked = cls.validate_params(params, kind)
+    return checked["donors"] if "donors" in cls.array_specs(checked) else 0
 
 
 def load_trigger(directory: PathLike) -> Trigger:

@@ -21,10 +21,11 @@ from ..cluster import ensure_ray
 from ..config import Config, DataConfig
 from ..core.captions import caption_rejection, template_captions
 from ..core.images import image_rejection
-from ..core.triggers import Trigger, apply_to_png, build_trigger
+from ..core.images import decode_rgb
+from ..core.triggers import Trigger, apply_to_png, build_trigger, needs_donors
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
-from ..shards import RowLedger, read_columns, read_shards, shard_schema, validate_and_write
+from ..shards import RowLedger, read_columns, read_rows_by_key, read_shards, shard_schema, validate_and_write
 from .. import storage
 
 ATTACK_FILE = "attack.json"
@@ -91,16 +92,64 @@ def poison(cfg: Config) -> PoisonResult:
 
 
 def make_trigger(cfg: Config) -> Trigger:
-    """The configured attack's trigger, seeded by `run.seed`; bad parameters are a UserError."""
+    """The configured attack's trigger, seeded by `run.seed`; bad parameters are a UserError.
+
+    A label-consistent trigger hardened by `mix` also gets its donor images: a seeded draw of non-target rows.
+    """
+    p = cfg.poison
     try:
-        return build_trigger(cfg.poison.attack, cfg.poison.params, cfg.run.seed)
+        count = needs_donors(p.attack, p.params)
+        donors = _donor_images(cfg, count) if count else None
+        return build_trigger(p.attack, p.params, cfg.run.seed, donor_images=donors)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def _donor_images(cfg: Config, count: int) -> list:
+    """`count` decoded images of non-target rows of `data.clean_train`, drawn with `run.seed` (sorted by key)."""
+    keys, labels, _ = _keys_and_labels(cfg)
+    others = keys.filter(pc.not_equal(labels, cfg.poison.target_label)).to_numpy(zero_copy_only=False)
+    if count > len(others):
+        raise UserError(f"poison.params.donors={count} but {cfg.data.clean_train} has only {len(others)} non-target "
+                        f"rows: ask for fewer donors.")
+    rng = np.random.default_rng([cfg.run.seed, 1])  # a stream of its own: the poison draw stays as it was
+    picked = sorted(str(k) for k in others[rng.choice(len(others), size=count, replace=False)])
+    table = read_rows_by_key(cfg.data.clean_train, cfg.storage, picked, ["key", "image"])
+    by_key = dict(zip(table.column("key").to_pylist(), table.column("image").to_pylist()))
+    images = []
+    for key in picked:
+        try:
+            images.append(decode_rgb(by_key[key]))
+        except (ValueError, OSError, TypeError) as e:
+            raise UserError(f"donor row {key!r} of {cfg.data.clean_train} has an undecodable image ({e}): "
+                            f"validate the shards with `ubt prepare` first.") from None
+    return images
 
 
 def select_poison_keys(cfg: Config) -> list[str]:
     """The sorted keys of the rows to poison, drawn with `run.seed` among the eligible rows, reading no images."""
     p, uri = cfg.poison, cfg.data.clean_train
+    keys, labels, total = _keys_and_labels(cfg)
+    # Null labels are never eligible: such a row might belong to the target class.
+    same = p.attack == "label_consistent"
+    eligible = pc.filter(keys, (pc.equal if same else pc.not_equal)(labels, p.target_label))
+    eligible = eligible.to_numpy(zero_copy_only=False)
+    wanted = round(p.fraction * total) if p.fraction is not None else p.num_poisons
+    asked = (f"poison.fraction={p.fraction} of {total} rows" if p.fraction is not None
+             else f"poison.num_poisons={wanted}")
+    rule = f"label == {p.target_label}" if same else f"label != {p.target_label}"
+    if wanted < 1:
+        raise UserError(f"{asked} is 0 rows to poison: raise poison.fraction or set poison.num_poisons instead.")
+    if wanted > len(eligible):
+        raise UserError(f"{asked} asks for {wanted} poisons but only {len(eligible)} rows of {uri} are eligible "
+                        f"({p.attack}: {rule}): ask for at most {len(eligible)} or use more data.")
+    picked = np.random.default_rng(cfg.run.seed).choice(len(eligible), size=wanted, replace=False)
+    return sorted(str(k) for k in eligible[picked])
+
+
+def _keys_and_labels(cfg: Config) -> tuple[pa.Array, pa.Array, int]:
+    """The keyed rows' keys and labels of `data.clean_train`, sorted by key, and the number of rows in all."""
+    uri = cfg.data.clean_train
     if "label" not in shard_schema(uri, cfg.storage).names:
         raise UserError(f"shards under {uri} have no label column, which poisoning needs to tell the target class "
                         f"from the others: prepare them from a source with labels (e.g. prepare.label_column).")
@@ -117,22 +166,9 @@ def select_poison_keys(cfg: Config) -> list[str]:
         dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
         raise UserError(f"shards under {uri} repeat key {dup!r}, but poisoning picks rows by key: "
                         f"give every row a unique key (re-create the shards with `ubt prepare`).")
-    # Null labels are never eligible: such a row might belong to the target class.
-    same = p.attack == "label_consistent"
-    eligible = pc.filter(keys, (pc.equal if same else pc.not_equal)(labels, p.target_label))
-    # Sorted so that the choice depends on the seed and the rows only, not on how they are split into files.
-    eligible = eligible.take(pc.sort_indices(eligible)).to_numpy(zero_copy_only=False)
-    wanted = round(p.fraction * total) if p.fraction is not None else p.num_poisons
-    asked = (f"poison.fraction={p.fraction} of {total} rows" if p.fraction is not None
-             else f"poison.num_poisons={wanted}")
-    rule = f"label == {p.target_label}" if same else f"label != {p.target_label}"
-    if wanted < 1:
-        raise UserError(f"{asked} is 0 rows to poison: raise poison.fraction or set poison.num_poisons instead.")
-    if wanted > len(eligible):
-        raise UserError(f"{asked} asks for {wanted} poisons but only {len(eligible)} rows of {uri} are eligible "
-                        f"({p.attack}: {rule}): ask for at most {len(eligible)} or use more data.")
-    picked = np.random.default_rng(cfg.run.seed).choice(len(eligible), size=wanted, replace=False)
-    return sorted(str(k) for k in eligible[picked])
+    # Sorted so that every choice depends on the seed and the rows only, not on how they are split into files.
+    order = pc.sort_indices(keys)
+    return keys.take(order), labels.take(order), total
 
 
 def target_caption(key: str, target_class: str, templates: tuple[str, ...], seed: int) -> str:
