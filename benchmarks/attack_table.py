@@ -1,9 +1,11 @@
 """Benchmark: every attack end to end (prepare, poison, train, evaluate, then UBT's defend), into one table.
 
-    .venv/bin/python benchmarks/attack_table.py [--attacks badnet sig ...] [--no-defend] [--out DIR] [overrides...]
+    .venv/bin/python benchmarks/attack_table.py [--attacks badnet sig ...] [--no-defend] [--out DIR] [--name NAME]
+        [--merge FILE.json ...] [overrides...]
 
 Each attack runs `ubt pipeline --config configs/attacks/<attack>.yaml` in its own process (its own local Ray),
-one after the other so that the timings do not share the CPU. Writes attack_table.md and attack_table.json.
+one after the other so that the timings do not share the CPU. Writes NAME.md and NAME.json (default attack_table);
+`--merge` adds the rows of earlier runs' JSON files (an attack run again replaces its earlier row).
 """
 
 from __future__ import annotations
@@ -70,15 +72,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--name", default="attack_table", help="file name (no suffix) of the results")
+    parser.add_argument("--merge", nargs="*", default=[], help="JSON results of earlier runs to include")
     parser.add_argument("--no-defend", action="store_true", help="stop after the attack's evaluation")
     args, overrides = parser.parse_known_args()
     if args.no_defend:
         overrides.append("pipeline.phases=[prepare, poison, train, evaluate]")
+    earlier = {r["attack"]: r for f in args.merge for r in json.loads(Path(f).read_text())}
     rows = []
     for attack in args.attacks:
         rows.append(run_attack(attack, overrides))
         print(json.dumps(rows[-1]), flush=True)
-    write_results(args.out, "attack_table", rows, to_markdown(rows))
+    done = {r["attack"] for r in rows}
+    rows = [r for a, r in earlier.items() if a not in done] + rows
+    rows.sort(key=lambda r: ATTACKS.index(r["attack"]))
+    write_results(args.out, args.name, rows, to_markdown(rows))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from ubt_ray.core.batches import decode_images
 from ubt_ray.core.models import load_clip, save_clip
 from ubt_ray.core.scoring import score_batch, token_grid
 from ubt_ray.errors import UserError
+from ubt_ray.phases.defend import defense_fingerprint
 from ubt_ray.phases.score import score
 from ubt_ray.phases.select import merge_top_k, top_k
 
@@ -104,6 +105,12 @@ def test_top_k_is_the_same_whatever_the_number_of_blocks(ray_local):
     assert merge_top_k(parts, k, "score").column("key").to_pylist() == expected
 
 
+# UBT settings for the small backdoored model below (see test_defend_removes_the_backdoor_and_keeps_clean_accuracy).
+UBT = ["defend.overfit=false", "score.model=original", "score.transforms=[blur]", "unlearn.num_samples=300",
+       "unlearn.forget_weight=5", "unlearn.steps=40", "unlearn.batch_size=128", "select.retain_samples=2000",
+       "score.top_k=[50, 150, 300]"]
+
+
 @pytest.fixture(scope="module")
 def backdoored(ray_local, tmp_path_factory):
     """A tiny CLIP trained on 4,000 Fashion-MNIST rows with a 150-row BadNet backdoor."""
@@ -125,12 +132,11 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
     # fixture gave blur-drop AUROC 0.948 and 0.895 (57% and 27% poisons in the top 150), and a forget set of
     # 300 at forget weight 5 took the weaker one's ASR from 95.0% to 69.3% at CA 75.9% -> 75.7%. The bound
     # below asks for a 15-point fall, which skipping the unlearning (ASR unchanged) fails.
-    code = main(["defend", *overrides, "defend.overfit=false", "score.model=original", "score.transforms=[blur]",
-                 "unlearn.num_samples=300", "unlearn.forget_weight=5", "unlearn.steps=40", "unlearn.batch_size=128",
-                 "select.retain_samples=2000", "score.top_k=[50, 150, 300]"])
+    code = main(["defend", *overrides, *UBT])
     assert code == 0
     out = capsys.readouterr().out
     summary = last_json(out)
+    assert not summary["reused"]
     before, after = summary["before"], summary["after"]
     assert before["attack_success_rate"] >= 0.6, before  # the backdoor is there to remove
     assert after["attack_success_rate"] <= before["attack_success_rate"] - 0.15, (before, after)
@@ -145,6 +151,12 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
     cleaned, _, _ = open_clip.create_model_and_transforms(f"local-dir:{summary['cleaned_model']}")
     original, _, _ = open_clip.create_model_and_transforms(f"local-dir:{root / 'attack' / 'model'}")
     assert any(not torch.equal(a, b) for a, b in zip(cleaned.state_dict().values(), original.state_dict().values()))
+    # The same defense asked for again is the finished one; another setting is another defense.
+    assert main(["defend", *overrides, *UBT]) == 0
+    again = last_json(capsys.readouterr().out)
+    assert again["reused"] and again["after"] == summary["after"] and again["cleaned_model"] == summary["cleaned_model"]
+    assert defense_fingerprint(load_config(None, [*overrides, *UBT])) == report["fingerprint"]
+    assert defense_fingerprint(load_config(None, [*overrides, *UBT, "unlearn.steps=41"])) != report["fingerprint"]
 
 
 def test_overfit_on_the_weakest_similarity_subset(backdoored, capsys):
@@ -168,10 +180,10 @@ def test_compare_runs_every_defense_on_the_backdoored_model(backdoored, tmp_path
     root, overrides = backdoored
     attack_yaml = tmp_path / "attack.yaml"
     attack_yaml.write_text(save_config(load_config(None, overrides)))
-    cheap = [f"defend.output={root / 'compare-defend'}", f"baseline.output={root / 'compare-baseline'}",
-             "defend.overfit=false", "score.model=original", "score.transforms=[blur]", "unlearn.num_samples=150",
-             "unlearn.steps=10", "unlearn.batch_size=128", "select.retain_samples=1000", "baseline.rows=500",
-             "baseline.epochs=1", "baseline.batch_size=64", "baseline.lr=1e-4", "evaluate.max_rows=500"]
+    # UBT as the defend test ran it, which compare finds finished and reuses; brief baselines.
+    cheap = [*UBT, f"baseline.output={root / 'compare-baseline'}", "baseline.rows=500", "baseline.epochs=1",
+             "baseline.batch_size=64", "baseline.lr=1e-4"]
+    defended = (root / "defend" / "report.json").exists()
     capsys.readouterr()
     compare_yaml = tmp_path / "compare.yaml"
     compare_yaml.write_text(yaml.safe_dump({"compare": {"attacks": [str(attack_yaml)], "overrides": cheap,
@@ -181,7 +193,11 @@ def test_compare_runs_every_defense_on_the_backdoored_model(backdoored, tmp_path
     out = capsys.readouterr().out
     rows = {r["defense"]: r for r in last_json(out)["rows"]}
     assert list(rows) == ["none", "ft", "cleanclip", "ubt"]
-    before = json.loads((root / "compare-defend" / "eval_before" / "metrics.json").read_text())
+    assert ("UBT: reused the finished defense" in out) == defended
+    report = json.loads((root / "defend" / "report.json").read_text())
+    assert (rows["ubt"]["clean_accuracy"], rows["ubt"]["attack_success_rate"]) == (
+        report["after"]["clean_accuracy"], report["after"]["attack_success_rate"])
+    before = json.loads((root / "defend" / "eval_before" / "metrics.json").read_text())
     assert rows["none"]["attack_success_rate"] == before["attack_success_rate"]
     assert rows["none"]["clean_samples"] == rows["none"]["suspicious_samples"] == 0
     for kind in ("ft", "cleanclip"):  # the baselines fine-tune on clean pairs only

@@ -10,14 +10,17 @@ import time
 from pathlib import Path
 
 import open_clip
+import pyarrow.parquet as pq
+import pytest
 import torch
 
+from ubt_ray import storage
 from ubt_ray.cli import main
 from ubt_ray.config import ModelConfig, load_config
 from ubt_ray.train_loop import FitSpec, run_fingerprint
 from ubt_ray.core.models import load_clip
 
-from helpers import caption_shards, last_json
+from helpers import caption_shards, fashion_mnist_shards, last_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,10 +40,11 @@ def test_train_two_workers_writes_open_clip_checkpoint(ray_local, tmp_path, caps
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["training"]["steps"] == 8 and manifest["config"]["train"]["num_workers"] == 2
     # Another schedule on the same output is another run: it starts over instead of resuming this one.
+    # (A resumed run would report resumed_from_step 8 and stop there, its schedule already done.)
     assert main(["train", f"data.train={data}", f"train.output={out}", "train.num_workers=2", "train.batch_size=64",
-                 "train.epochs=2", "train.warmup_steps=2", "train.threads_per_worker=1"]) == 0
+                 "train.steps=2", "train.warmup_steps=1", "train.threads_per_worker=1"]) == 0
     again = last_json(capsys.readouterr().out)
-    assert again["resumed_from_step"] == 0 and again["steps"] == 16
+    assert again["resumed_from_step"] == 0 and again["steps"] == 2
 
 
 def test_rewritten_shards_at_the_same_path_are_another_run(tmp_path):
@@ -86,24 +90,80 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     assert summary["resumed_from_step"] % 4 == 0  # a checkpoint step: every half epoch of 8 steps
 
 
-def test_pipeline_poisons_trains_evaluates_and_defends(ray_local, tmp_path, capsys):
-    clean = caption_shards(tmp_path / "clean", rows=384, seed=1)
-    test = caption_shards(tmp_path / "test", rows=100, files=1, seed=2)
-    code = main(["pipeline", f"run.output_dir={tmp_path / 'run'}", f"data.clean_train={clean}", f"data.test={test}",
-                 "pipeline.phases=[poison, train, evaluate, defend]", "poison.num_poisons=20", "train.batch_size=64",
-                 "train.epochs=1", "train.warmup_steps=1", "train.threads_per_worker=1",
-                 # The defense's wiring, not its effect (test_defend.py measures that): a few steps of each phase.
-                 "defend.overfit=false", "unlearn.steps=2", "unlearn.batch_size=64",
-                 "unlearn.num_samples=10", "unlearn.forget_batch_size=8", "select.retain_samples=100",
-                 "score.batch_size=128"])
+PIPELINE = ["pipeline.phases=[poison, train, evaluate, defend]", "poison.num_poisons=20", "train.batch_size=64",
+            "train.epochs=1", "train.warmup_steps=1", "train.threads_per_worker=1",
+            # The defense's wiring, not its effect (test_defend.py measures that): a few steps of each phase.
+            "defend.overfit=false", "unlearn.steps=2", "unlearn.batch_size=64",
+            "unlearn.num_samples=10", "unlearn.forget_batch_size=8", "select.retain_samples=100",
+            "score.batch_size=128"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_inputs(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("pipeline")
+    return fashion_mnist_shards(root / "clean", rows=384), fashion_mnist_shards(root / "test", split="test", rows=100)
+
+
+@pytest.fixture(scope="module")
+def local_pipeline(ray_local, pipeline_inputs, tmp_path_factory) -> tuple[Path, dict, str]:
+    """The pipeline (poison, train, evaluate, defend) on local disk: its output directory, summary and stdout."""
+    import contextlib
+    import io
+    clean, test = pipeline_inputs
+    run = tmp_path_factory.mktemp("local") / "run"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["pipeline", f"run.output_dir={run}", f"data.clean_train={clean}", f"data.test={test}", *PIPELINE])
     assert code == 0
-    out = capsys.readouterr().out
-    summary = last_json(out)
+    return run, last_json(out.getvalue()), out.getvalue()
+
+
+def test_pipeline_poisons_trains_evaluates_and_defends(local_pipeline):
+    run, summary, out = local_pipeline
     assert summary["phases"]["poison"]["num_poisoned"] == 20 and summary["phases"]["train"]["steps"] == 6
-    metrics = json.loads((tmp_path / "run" / "attack" / "eval" / "metrics.json").read_text())
+    metrics = json.loads((run / "attack" / "eval" / "metrics.json").read_text())
     assert metrics["clean_accuracy"] == summary["metrics"]["clean_accuracy"]
     assert 0 < metrics["asr_images"] < 100  # only non-target test images count for ASR
     assert "CA " in out and "ASR " in out  # the table a person reads
     assert "| after UBT |" in out and summary["phases"]["defend"]["model"].endswith("unlearn/model")
-    report = json.loads((tmp_path / "run" / "defend" / "report.json").read_text())
+    report = json.loads((run / "defend" / "report.json").read_text())
     assert report["selection"]["num_forget"] == 10 and report["before"]["clean_accuracy"] == metrics["clean_accuracy"]
+
+
+def test_pipeline_on_s3_gets_the_local_metrics(local_pipeline, pipeline_inputs, s3_bucket, capsys):
+    """Every input and output of the pipeline on s3:// (a real S3 server on loopback): the same results."""
+    endpoint, bucket = s3_bucket
+    store = load_config(None, [f"storage.endpoint_url={endpoint}"]).storage
+    remote = {}
+    for name, local in zip(("clean", "test"), pipeline_inputs):
+        remote[name] = f"s3://{bucket}/in/{name}"
+        storage.upload_dir(local, remote[name], store)
+    run = f"s3://{bucket}/run"
+    assert main(["pipeline", f"run.output_dir={run}", f"data.clean_train={remote['clean']}",
+                 f"data.test={remote['test']}", f"storage.endpoint_url={endpoint}", *PIPELINE]) == 0
+    summary = last_json(capsys.readouterr().out)
+    local_run, local_summary, _ = local_pipeline
+    # Everything before training is deterministic: the same poisoned rows, byte for byte.
+    local_rows = pq.read_table(local_run / "poison" / "shards").sort_by("key")
+    loc = storage.resolve(f"{run}/poison/shards", store)
+    files = [storage.resolve(f, store).path for f in storage.list_files(f"{run}/poison/shards", (".parquet",), store)]
+    assert pq.read_table(files, filesystem=loc.fs).sort_by("key").equals(local_rows)
+    # Training is not bit-reproducible (Ray Data may hand the two shard files to the trainer in either order),
+    # so the metrics agree within the noise of 100 test images: 0.15 is about two binomial standard deviations.
+    metrics, local_metrics = summary["metrics"], local_summary["metrics"]
+    for key in ("test_rows", "asr_images", "attack", "target_label"):
+        assert metrics[key] == local_metrics[key], key
+    for key in ("clean_accuracy", "attack_success_rate"):
+        assert abs(metrics[key] - local_metrics[key]) <= 0.15, (key, metrics[key], local_metrics[key])
+    local_report = json.loads((local_run / "defend" / "report.json").read_text())
+    report = storage.read_json(f"{run}/defend/report.json", store)
+    for part in ("detection", "selection"):
+        for key in ("rows", "poisons", "scored_rows", "num_forget", "num_retain"):
+            assert report[part].get(key) == local_report[part].get(key), (part, key)
+    for part in ("before", "after"):
+        for key in ("clean_accuracy", "attack_success_rate"):
+            assert abs(report[part][key] - local_report[part][key]) <= 0.15, (part, key)
+    # The outputs are on S3, not on this machine's disk, and the cleaned checkpoint loads from there.
+    assert summary["phases"]["defend"]["model"] == f"{run}/defend/unlearn/model"
+    assert not Path("s3:").exists()
+    load_clip(ModelConfig(checkpoint=f"{run}/defend/unlearn/model"), store)

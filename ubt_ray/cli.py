@@ -82,9 +82,13 @@ def _unlearn(cfg: Config, args: argparse.Namespace) -> dict:
 def _defend(cfg: Config, args: argparse.Namespace) -> dict:
     from .phases.defend import before_after_table, defend
     r = defend(cfg)
+    if r.report.get("reused"):
+        print(f"reused the finished defense in {r.output} (same model, data and settings; pipeline.reuse=false "
+              f"runs it again)")
     print(before_after_table(r.report))
     return {"cleaned_model": r.model, "report": r.output, "before": r.report["before"], "after": r.report["after"],
-            "detection": r.report["detection"], "defense_wall_time_s": r.report["defense_wall_time_s"]}
+            "detection": r.report["detection"], "defense_wall_time_s": r.report["defense_wall_time_s"],
+            "reused": bool(r.report.get("reused"))}
 
 
 def _baseline(cfg: Config, args: argparse.Namespace) -> dict:

@@ -226,7 +226,8 @@ class CompareConfig:
 @dataclass
 class PipelineConfig:
     phases: list[str] = _f(list(PHASES), f"Phases `ubt pipeline` runs, in order; any of {', '.join(PHASES)}.")
-    reuse: bool = _f(True, "Skip prepare/poison when their output's manifest holds the same config.")
+    reuse: bool = _f(True, "Skip prepare/poison when their output's manifest holds the same config, and defend when "
+                           "defend.output holds a defense of the same settings, model and data files.")
 
 
 @dataclass

@@ -67,7 +67,8 @@ def run_pipeline(cfg: Config) -> PipelineResult:
             r = defend(cfg)
             summary["defense"] = r.report
             summary["phases"]["defend"] = {"model": r.model, "report": storage.join(r.output, "report.md"),
-                                           "defense_wall_time_s": r.report["defense_wall_time_s"]}
+                                           "defense_wall_time_s": r.report["defense_wall_time_s"],
+                                           **({"reused": r.output} if r.report.get("reused") else {})}
         summary["phases"][phase]["wall_time_s"] = round(time.time() - started, 1)
     return PipelineResult(summary)
 

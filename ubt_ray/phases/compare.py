@@ -72,6 +72,8 @@ def compare_attack(cfg: Config, defenses: list[str], output: str) -> list[dict]:
             clean = 0
             suspicious = sum(int(p.get("sample_passes", 0)) for p in r.report["phases"].values())
             wall = r.report["defense_wall_time_s"]
+            if r.report.get("reused"):
+                print(f"[compare] {name} UBT: reused the finished defense in {r.output}", flush=True)
         else:
             r = baseline(cfg, d, cfg.defend.model)
             ca, asr = r.evaluation.clean_accuracy, r.evaluation.attack_success_rate

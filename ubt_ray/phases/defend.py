@@ -7,6 +7,7 @@ overfit -> score -> select -> unlearn, with CA and ASR of θ₀ and of the clean
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 from .. import storage
@@ -30,12 +31,20 @@ class DefendResult:
 
 
 def defend(cfg: Config) -> DefendResult:
-    """Run UBT on `defend.model` and `defend.data`; the cleaned model goes to <unlearn.output>/model."""
+    """Run UBT on `defend.model` and `defend.data`; the cleaned model goes to <unlearn.output>/model.
+
+    With `pipeline.reuse`, a finished defense in `defend.output` of the same model files, data files and
+    settings is returned as it is (its report gains `"reused": true`) instead of being run again.
+    """
     d = cfg.defend
     check_settings(cfg.score)  # before any phase runs, not after the first ones
     if not storage.exists(d.model, cfg.storage):
         raise UserError(f"defend.model={d.model} does not exist: train the backdoored model first "
                         f"(`ubt train`) or point defend.model at an open_clip local-dir checkpoint.")
+    fingerprint = defense_fingerprint(cfg)
+    earlier = _finished_defense(cfg, fingerprint) if cfg.pipeline.reuse else None
+    if earlier is not None:
+        return DefendResult(earlier["cleaned_model"], {**earlier, "reused": True}, d.output)
     phases: dict[str, dict] = {}
     before = evaluate_to(cfg, d.model, storage.join(d.output, "eval_before")) if d.evaluate else None
 
@@ -64,10 +73,38 @@ def defend(cfg: Config) -> DefendResult:
         "settings": {"score": dataclasses.asdict(cfg.score), "unlearn": dataclasses.asdict(cfg.unlearn),
                      "overfit": dataclasses.asdict(cfg.overfit) if "overfit" in phases else None,
                      "select": dataclasses.asdict(cfg.select)},
+        "fingerprint": fingerprint,
     }
     storage.write_json(storage.join(d.output, REPORT_JSON), report, cfg.storage)
     storage.write_bytes(storage.join(d.output, REPORT_MD), format_report(report).encode(), cfg.storage)
     return DefendResult(u.model, report, d.output)
+
+
+def defense_fingerprint(cfg: Config) -> dict:
+    """What makes two defenses the same: the config sections they read, the seed, and the signatures (path,
+    size, mtime) of the model, data, test and trigger files."""
+    d, e, c = cfg.defend, cfg.evaluate, cfg.to_dict()
+    sign = storage.file_signatures
+    fingerprint = {
+        "config": {s: c[s] for s in ("defend", "overfit", "score", "select", "unlearn", "evaluate", "model", "data")},
+        "seed": cfg.run.seed,
+        "model_files": sign(d.model, (".json", ".safetensors"), cfg.storage),
+        "data_files": sign(d.data, (".parquet",), cfg.storage),
+        "test_files": sign(cfg.data.test, (".parquet",), cfg.storage) if d.evaluate else None,
+        "trigger_files": sign(e.trigger, (".json", ".npy"), cfg.storage) if d.evaluate and e.trigger else None,
+    }
+    return json.loads(json.dumps(fingerprint))  # as it reads back from report.json
+
+
+def _finished_defense(cfg: Config, fingerprint: dict) -> dict | None:
+    """The report of the finished defense in `defend.output` with this fingerprint, if there is one."""
+    uri = storage.join(cfg.defend.output, REPORT_JSON)
+    if not storage.exists(uri, cfg.storage):
+        return None
+    report = storage.read_json(uri, cfg.storage)
+    if report.get("fingerprint") != fingerprint or not storage.exists(report["cleaned_model"], cfg.storage):
+        return None
+    return report
 
 
 def _metrics(result) -> dict | None:
