@@ -5,8 +5,8 @@
 
 Each attack runs `ubt pipeline --config configs/attacks/<attack>.yaml` in its own process (its own local Ray),
 one after the other so that the timings do not share the CPU. A training that already finished (same config, same
-data) is found and not repeated: its time column then shows the seconds that took, not the training's. Writes NAME.md and NAME.json (default attack_table);
-`--merge` adds the rows of earlier runs' JSON files (an attack run again replaces its earlier row).
+data) is found and not repeated: its time column then shows the seconds that took, not the training's. Writes
+NAME.md and NAME.json (default attack_table); `--merge` adds the rows of earlier runs' JSON files (an attack run again replaces its earlier row).
 """
 
 from __future__ import annotations
@@ -62,8 +62,7 @@ def to_markdown(rows: list[dict]) -> str:
             continue
         rate = f"{100 * r['poisons'] / r['train_rows']:.2f}%" if r.get("train_rows") else "?"
         out.append(f"| {r['attack']} | {r['poisons']} | {rate} | {100 * r['clean_accuracy']:.1f}% | "
-                   f"{100 * r['attack_success_rate']:.1f}% | "
-                   + f"{r['train_time_s'] / 60:.1f} min | "
+                   f"{100 * r['attack_success_rate']:.1f}% | {r['train_time_s'] / 60:.1f} min | "
                    + (f"{100 * r['ubt_clean_accuracy']:.1f}% | {100 * r['ubt_attack_success_rate']:.1f}% | "
                       f"{r['ubt_auroc']:.3f} | {r['ubt_defense_time_s'] / 60:.1f} min | " if "ubt_clean_accuracy" in r
                       else "| | | | ") + f"{r['total_time_s'] / 60:.1f} min |")

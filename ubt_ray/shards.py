@@ -61,18 +61,24 @@ def count_rows(uri: str, storage_cfg: StorageConfig | None = None) -> int:
     return total
 
 
+def _file_tables(uri: str, storage_cfg: StorageConfig | None, columns: list[str]):
+    """`columns` of each shard file under `uri`, one table per file, read on this process."""
+    for f in shard_files(uri, storage_cfg):
+        loc = storage.resolve(f, storage_cfg)
+        with storage.friendly_errors(f, storage_cfg, "read"):
+            yield pq.read_table(loc.path, filesystem=loc.fs, columns=columns)
+
+
 def read_columns(uri: str, storage_cfg: StorageConfig | None, columns: list[str],
                  max_rows: int | None = None) -> pa.Table:
     """A few columns of the shards under `uri` read straight from Parquet on this process (the first `max_rows`
     rows when set): for small column reads where a Ray job would cost more than it saves."""
     tables, read = [], 0
-    for f in shard_files(uri, storage_cfg):
+    for table in _file_tables(uri, storage_cfg, columns):
+        tables.append(table)
+        read += table.num_rows
         if max_rows is not None and read >= max_rows:
             break
-        loc = storage.resolve(f, storage_cfg)
-        with storage.friendly_errors(f, storage_cfg, "read"):
-            tables.append(pq.read_table(loc.path, filesystem=loc.fs, columns=columns))
-        read += tables[-1].num_rows
     table = pa.concat_tables(tables, promote_options="permissive")
     return table.slice(0, max_rows) if max_rows is not None else table
 
@@ -81,13 +87,9 @@ def read_rows_by_key(uri: str, storage_cfg: StorageConfig | None, keys: list[str
     """The rows of the shards under `uri` whose key is in `keys` (a few: read on this process, file by file,
     stopping once all are found)."""
     wanted, tables, found = pa.array(sorted(set(keys)), pa.string()), [], 0
-    for f in shard_files(uri, storage_cfg):
-        loc = storage.resolve(f, storage_cfg)
-        with storage.friendly_errors(f, storage_cfg, "read"):
-            table = pq.read_table(loc.path, filesystem=loc.fs, columns=columns)
-        table = table.filter(pc.is_in(table.column("key").cast(pa.string()), value_set=wanted))
-        tables.append(table)
-        found += table.num_rows
+    for table in _file_tables(uri, storage_cfg, columns):
+        tables.append(table.filter(pc.is_in(table.column("key").cast(pa.string()), value_set=wanted)))
+        found += tables[-1].num_rows
         if found >= len(wanted):
             break
     return pa.concat_tables(tables, promote_options="permissive")

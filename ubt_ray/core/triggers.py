@@ -311,7 +311,7 @@ class LabelConsistentTrigger(BadNetTrigger):
                              f"pass exactly 'donors' images.")
         side = params["donor_side"]
         return np.stack([np.asarray(im.convert("RGB").resize((side, side), Image.BILINEAR), dtype=np.uint8)
-                         for im in images]) if images else np.zeros((0, side, side, 3), np.uint8)
+                         for im in images])
 
     def harden(self, image: np.ndarray, key: str) -> np.ndarray:
         """`image` with its object made a weaker cue, deterministically per (seed, key)."""
@@ -319,14 +319,19 @@ class LabelConsistentTrigger(BadNetTrigger):
             return image
         digest = hashlib.sha256(f"{self.seed}:{key}".encode("utf-8")).digest()
         rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
-        weight = self.params["hardening_strength"]
-        if self.params["hardening"] in ("noise", "mix"):
-            if self.params["hardening"] == "noise":
-                other = rng.integers(0, 256, size=image.shape)
-            else:
-                donors = self.arrays["donors"]
-                other = _resize_nearest(donors[int(rng.integers(0, len(donors)))], *image.shape)
-            return _to_uint8((1.0 - weight) * image.astype(np.float64) + weight * other.astype(np.float64))
+        weight, hardening = self.params["hardening_strength"], self.params["hardening"]
+        if hardening == "occlude":
+            return self._occlude(image, weight, rng)
+        if hardening == "noise":
+            other = rng.integers(0, 256, size=image.shape)
+        else:  # mix
+            donors = self.arrays["donors"]
+            other = _resize_nearest(donors[int(rng.integers(0, len(donors)))], *image.shape)
+        return _to_uint8((1.0 - weight) * image.astype(np.float64) + weight * other.astype(np.float64))
+
+    @staticmethod
+    def _occlude(image: np.ndarray, weight: float, rng: np.random.Generator) -> np.ndarray:
+        """`image` with a `weight` share of it blanked from one side, the side drawn from `rng`."""
         out = image.copy()
         h, w = image.shape[:2]
         rows, cols = int(round(weight * h)), int(round(weight * w))

@@ -20,8 +20,7 @@ import ray
 from ..cluster import ensure_ray
 from ..config import Config, DataConfig
 from ..core.captions import caption_rejection, template_captions
-from ..core.images import image_rejection
-from ..core.images import decode_rgb
+from ..core.images import decode_rgb, image_rejection
 from ..core.triggers import Trigger, apply_to_png, build_trigger, needs_donors
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
