@@ -13,15 +13,14 @@ device-seconds (wall time x the Ray workers each training phase reserves, GPUs w
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import time
 from dataclasses import dataclass
 
 from .. import storage
 from ..config import Config, load_config
 from ..errors import UserError
+from ..report_files import png_bytes, pyplot, write_report_files
 from .baseline import baseline
 from .defend import defend
 from .evaluate import evaluate_to, percent
@@ -108,20 +107,10 @@ def comparison_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def comparison_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def comparison_png(rows: list[dict]) -> bytes:
     """Grouped bars: CA (left) and ASR (right) of each defense, grouped by attack."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    plt = pyplot()
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(max(6, 2.2 * len(attacks) * 2), 3.8), dpi=100)
@@ -137,14 +126,8 @@ def comparison_png(rows: list[dict]) -> bytes:
         ax.set_title(title)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_comparison(rows: list[dict], output: str, cfg: Config) -> None:
-    storage.write_bytes(storage.join(output, "comparison.md"), comparison_markdown(rows).encode(), cfg.storage)
-    storage.write_bytes(storage.join(output, "comparison.csv"), comparison_csv(rows).encode(), cfg.storage)
-    storage.write_bytes(storage.join(output, "comparison.png"), comparison_png(rows), cfg.storage)
-    storage.write_json(storage.join(output, "comparison.json"), {"rows": rows}, cfg.storage)
+    write_report_files(output, "comparison", cfg, rows, COLUMNS, comparison_markdown(rows), comparison_png(rows))

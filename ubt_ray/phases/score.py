@@ -28,6 +28,7 @@ from ..core.scoring import TRANSFORMS, combine_drops, score_batch, text_features
 from ..core.zeroshot import auroc, precision_recall_at_k
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
+from ..report_files import png_bytes, pyplot
 from ..shards import RowLedger, count_rows, read_columns, read_shards, shard_schema
 
 TABLE = "table"
@@ -213,11 +214,7 @@ def detection_metrics(table_uri: str, cfg: Config, ks: list[int], output: str) -
 
 def histogram_png(scores: np.ndarray, truth: np.ndarray, method: str) -> bytes:
     """Score histogram of clean and poisoned rows (densities, shared bins) as PNG bytes."""
-    import io
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(6, 3.5), dpi=100)
     bins = np.histogram_bin_edges(scores, bins=60)
     ax.hist(scores[~truth], bins=bins, density=True, alpha=0.6, label=f"clean ({int((~truth).sum())})")
     if truth.any():
@@ -226,7 +223,4 @@ def histogram_png(scores: np.ndarray, truth: np.ndarray, method: str) -> bytes:
     ax.set_ylabel("density")
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
