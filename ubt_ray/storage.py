@@ -171,14 +171,23 @@ def remove_dir(uri: str, storage: StorageConfig | None = None) -> None:
             loc.fs.delete_dir(loc.path)
 
 
+def copy_dir(src: str, dst: str, storage: StorageConfig | None = None) -> None:
+    """Copy the directory/prefix `src` to `dst` (each local or S3), replacing what was there."""
+    source = resolve(src, storage)
+    with friendly_errors(src, storage, "read"):
+        missing = source.fs.get_file_info(source.path).type == pafs.FileType.NotFound
+    if missing:
+        raise UserError(f"{src} does not exist: check the path.")
+    remove_dir(dst, storage)
+    dest = resolve(dst, storage)
+    with friendly_errors(dst, storage, "write"):
+        dest.fs.create_dir(dest.path, recursive=True)
+        pafs.copy_files(source.path, dest.path, source_filesystem=source.fs, destination_filesystem=dest.fs)
+
+
 def upload_dir(local_dir: str | Path, uri: str, storage: StorageConfig | None = None) -> None:
     """Copy a local directory to `uri` (local or S3), replacing what was there."""
-    remove_dir(uri, storage)
-    dest = resolve(uri, storage)
-    with friendly_errors(uri, storage, "write"):
-        dest.fs.create_dir(dest.path, recursive=True)
-        pafs.copy_files(str(Path(local_dir).absolute()), dest.path,
-                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest.fs)
+    copy_dir(str(Path(local_dir).absolute()), uri, storage)
 
 
 def download_dir(uri: str, local_dir: str | Path, storage: StorageConfig | None = None) -> Path:
