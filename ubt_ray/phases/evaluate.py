@@ -11,13 +11,14 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
 from ..config import Config
 from ..core.batches import decode_image
-from ..core.models import load_clip, pick_device
+from ..core.models import Clip, load_clip, pick_device
 from ..core.triggers import Trigger, apply_to_png, load_trigger
 from ..core.zeroshot import attack_success_rate, class_embeddings, clean_accuracy, zero_shot_predict
 from ..errors import UserError
@@ -46,56 +47,88 @@ class Attack:
     uri: str
 
 
-def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
-    """CA of the model (`model_uri`, else `cfg.model`) on `data.test`, and ASR when `evaluate.trigger` exists."""
-    started = time.time()
-    ev = cfg.evaluate
-    class_names = list(cfg.data.class_names)
+@dataclass
+class EvalSet:
+    """The evaluated test rows (encoded images, labels) and the attack whose trigger ASR re-applies."""
+    keys: list[str]
+    images: list[bytes]
+    labels: np.ndarray
+    attack: Attack | None
+
+    def chunks(self, size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(clean, triggered or None) uint8 model inputs, `batch_size` rows at a time, decoded as they are asked
+        for so that memory stays bounded whatever the model's input size."""
+        for start in range(0, len(self.keys), batch_size):
+            chunk = slice(start, start + batch_size)
+            clean = decode_rows(self.keys[chunk], self.images[chunk], size)
+            triggered = (decode_rows(self.keys[chunk], self.images[chunk], size, self.attack)
+                         if self.attack is not None else None)
+            yield clean, triggered
+
+
+def load_test_set(cfg: Config) -> EvalSet:
+    """The first `evaluate.max_rows` test rows of `data.test` and the attack at `evaluate.trigger`, if any."""
     keys, images, labels = read_test_rows(cfg)
     attack = load_attack(cfg)
     if attack is not None and not np.any(labels != attack.target_label):
         raise UserError(f"every evaluated test row is of the target class {attack.target_label}, so ASR counts "
                         f"no image: evaluate more rows (evaluate.max_rows) or another test set.")
+    return EvalSet(keys, images, labels, attack)
 
+
+def zero_shot_rates(clip: Clip, cfg: Config, test: EvalSet,
+                    chunks: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+                    device: torch.device) -> tuple[float, float | None, int]:
+    """(CA, ASR or None, images ASR counted) of `clip` on the decoded `chunks` of `test` (METHOD.md step 5)."""
+    precision = cfg.model.precision
+    try:
+        classifier = class_embeddings(clip.model, clip.tokenizer, list(cfg.data.class_names), cfg.data.templates,
+                                      device, precision)
+    except ValueError as e:
+        raise UserError(f"data.templates: {e}") from None
+
+    def predict(pixels: torch.Tensor) -> torch.Tensor:
+        return zero_shot_predict(clip.model, pixels, classifier, clip.preprocess_cfg, cfg.evaluate.batch_size,
+                                 device, precision)
+
+    clean_preds, triggered_preds = [], []
+    for clean, triggered in chunks:
+        clean_preds.append(predict(clean))
+        if triggered is not None:
+            triggered_preds.append(predict(triggered))
+    ca = clean_accuracy(torch.cat(clean_preds), test.labels)
+    if test.attack is None:
+        return ca, None, 0
+    asr, asr_images = attack_success_rate(torch.cat(triggered_preds), test.labels, test.attack.target_label)
+    return ca, asr, asr_images
+
+
+def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
+    """CA of the model (`model_uri`, else `cfg.model`) on `data.test`, and ASR when `evaluate.trigger` exists."""
+    started = time.time()
+    ev = cfg.evaluate
+    test = load_test_set(cfg)
+    attack = test.attack
     device = pick_device(cfg.model.device)
     model_cfg = dataclasses.replace(cfg.model, checkpoint=model_uri) if model_uri else cfg.model
     if not model_cfg.checkpoint:
         log.warning("evaluating a randomly initialised %s: set model.checkpoint or pass --model.", model_cfg.name)
     clip = load_clip(model_cfg, cfg.storage, device, seed=cfg.run.seed)
-    precision = cfg.model.precision
-    try:
-        classifier = class_embeddings(clip.model, clip.tokenizer, class_names, cfg.data.templates, device, precision)
-    except ValueError as e:
-        raise UserError(f"data.templates: {e}") from None
-
-    def predict(pixels: torch.Tensor) -> torch.Tensor:
-        return zero_shot_predict(clip.model, pixels, classifier, clip.preprocess_cfg, ev.batch_size, device, precision)
-
-    clean_preds, triggered_preds = [], []
-    for start in range(0, len(keys), ev.batch_size):
-        chunk = slice(start, start + ev.batch_size)
-        clean_preds.append(predict(decode_rows(keys[chunk], images[chunk], clip.image_size)))
-        if attack is not None:
-            triggered_preds.append(predict(decode_rows(keys[chunk], images[chunk], clip.image_size, attack)))
-
-    ca = clean_accuracy(torch.cat(clean_preds), labels)
-    asr, asr_images = None, 0
-    if attack is not None:
-        asr, asr_images = attack_success_rate(torch.cat(triggered_preds), labels, attack.target_label)
+    ca, asr, asr_images = zero_shot_rates(clip, cfg, test, test.chunks(clip.image_size, ev.batch_size), device)
     metrics = {
         "clean_accuracy": ca,
         "attack_success_rate": asr,
         "asr_images": asr_images,
         "target_label": attack.target_label if attack else None,
         "attack": attack.name if attack else None,
-        "test_rows": len(keys),
+        "test_rows": len(test.keys),
         "model": model_cfg.checkpoint or f"{model_cfg.name} (random init, seed {cfg.run.seed})",
         "trigger": attack.uri if attack else None,
-        "sample_passes": len(keys) * (2 if attack else 1),
+        "sample_passes": len(test.keys) * (2 if attack else 1),
         "wall_time_s": round(time.time() - started, 3),
     }
     storage.write_json(storage.join(ev.output, "metrics.json"), metrics, cfg.storage)
-    rows = RowCounts(rows_in=len(keys), rows_out=len(keys))
+    rows = RowCounts(rows_in=len(test.keys), rows_out=len(test.keys))
     write_manifest(ev.output, "evaluate", cfg, inputs={"model": metrics["model"], "test": cfg.data.test,
                                                        "trigger": metrics["trigger"]},
                    rows=rows, started=started, extra={"metrics": metrics})
