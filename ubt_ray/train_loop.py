@@ -42,6 +42,16 @@ SHUFFLE_BUFFER_ROWS = 4096
 
 
 @dataclass
+class Probe:
+    """Measured on rank 0 at every report, its metrics reported with the loop's (e.g. CA and ASR on a few test
+    rows, so that a Tune scheduler can stop a bad trial early). `factory(clip=, **kwargs)` is a module-level
+    function called once per run; what it returns is called as measure(clip, device) -> dict of floats."""
+    factory: Callable
+    kwargs: dict = field(default_factory=dict)
+    every: int = 10   # steps between reports, besides the checkpoints'
+
+
+@dataclass
 class FitSpec:
     """What a phase asks of the loop: which data, from which model, with which objective, to which output."""
     phase: str
@@ -52,6 +62,8 @@ class FitSpec:
     objective: str | Callable = "clip"   # a registered name, or a module-level factory(preprocess_cfg=, tokenizer=, **kw)
     objective_kwargs: dict = field(default_factory=dict)
     trainable: str = "all"               # which parameters move (core.unlearning.set_trainable)
+    probe: Probe | None = None
+    callbacks: list = field(default_factory=list)  # Ray Train callbacks (e.g. Tune's TuneReportCallback)
 
 
 @dataclass
@@ -91,13 +103,14 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
     storage.write_json(fingerprint_uri, fingerprint, cfg.storage)
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "spec": spec, "rows": rows},
+        # The callbacks run in the controller; the workers need the rest of the spec.
+        train_loop_config={"cfg": cfg, "spec": dataclasses.replace(spec, callbacks=[]), "rows": rows},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=spec.phase, storage_path=loc.path, storage_filesystem=loc.fs,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=list(spec.callbacks)),
         datasets={"train": ds},
     )
     result = trainer.fit()
@@ -204,6 +217,8 @@ def _train_loop_per_worker(config: dict) -> None:
     ckpt_every = max(1, steps_per_epoch // t.checkpoints_per_epoch)
     shard = ray.train.get_dataset_shard("train")
     raw_model = model.module if hasattr(model, "module") else model
+    probe = spec.probe
+    measure = probe.factory(clip=clip, **probe.kwargs) if probe is not None and rank == 0 else None
     tic, tic_samples = time.time(), state["samples"]
     epoch = state["step"] // steps_per_epoch
     metrics: dict = {}
@@ -235,17 +250,21 @@ def _train_loop_per_worker(config: dict) -> None:
                           f"{total_steps / steps_per_epoch:.2f} "
                           f"step {state['step']}/{total_steps} loss {metrics['loss']:.4f} "
                           f"{rate:.0f} samples/s lr {lr:.2e}", flush=True)
-            if state["step"] % ckpt_every == 0 or state["step"] == total_steps:
-                _report(clip, raw_model, optimizer, scaler, state, metrics, rank)
+            checkpoint = state["step"] % ckpt_every == 0 or state["step"] == total_steps
+            if checkpoint or (probe is not None and state["step"] % probe.every == 0):
+                if measure is not None:
+                    metrics.update(measure(dataclasses.replace(clip, model=raw_model), device))
+                _report(clip, raw_model, optimizer, scaler, state, metrics, rank, checkpoint)
             if state["step"] >= total_steps:
                 break
         epoch += 1
 
 
-def _report(clip: Clip, model: torch.nn.Module, optimizer, scaler, state: dict, metrics: dict, rank: int) -> None:
-    """Report metrics from every worker (Ray Train requires it) and a checkpoint from rank 0."""
+def _report(clip: Clip, model: torch.nn.Module, optimizer, scaler, state: dict, metrics: dict, rank: int,
+            checkpoint: bool = True) -> None:
+    """Report metrics from every worker (Ray Train requires it) and, with `checkpoint`, a checkpoint from rank 0."""
     out = {**metrics, **state}
-    if rank != 0:
+    if rank != 0 or not checkpoint:
         ray.train.report(out)
         return
     with tempfile.TemporaryDirectory(prefix="ubt-ckpt-") as d:

@@ -20,12 +20,14 @@ from ..core.models import load_clip
 from ..core.scoring import token_grid
 from ..core.unlearning import ForgetSet, UnlearnObjective, prepare_forget_inputs
 from ..shards import read_columns, shard_schema
-from ..train_loop import FitResult, FitSpec, fit
+from ..train_loop import FitResult, FitSpec, Probe, fit
 
 
-def unlearn(cfg: Config, model_uri: str, forget: str, retain: str) -> FitResult:
+def unlearn(cfg: Config, model_uri: str, forget: str, retain: str, probe: Probe | None = None,
+            callbacks: list | None = None) -> FitResult:
     """Unlearn the `unlearn.num_samples` top rows of `forget` from the checkpoint at `model_uri`, retaining
-    with the CLIP loss on `retain`; the cleaned model goes to <unlearn.output>/model."""
+    with the CLIP loss on `retain`; the cleaned model goes to <unlearn.output>/model. A sweep passes a `probe`
+    (intermediate metrics) and Ray Train `callbacks` (reporting them to Tune)."""
     u = cfg.unlearn
     schedule = dataclasses.replace(cfg.train, steps=u.steps, lr=u.lr, batch_size=u.batch_size, weight_decay=0.0,
                                    warmup_steps=min(cfg.train.warmup_steps, u.steps // 10), output=u.output)
@@ -36,7 +38,7 @@ def unlearn(cfg: Config, model_uri: str, forget: str, retain: str) -> FitResult:
                           "num_samples": u.num_samples, "kind": u.forget, "token_portion": u.token_portion,
                           "forget_weight": u.forget_weight, "margin": u.margin,
                           "forget_batch_size": u.forget_batch_size},
-        trainable=u.trainable))
+        trainable=u.trainable, probe=probe, callbacks=list(callbacks or [])))
 
 
 def load_forget_set(forget_uri: str, storage_cfg: StorageConfig, num_samples: int, image_size: int,
