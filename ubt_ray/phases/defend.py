@@ -15,7 +15,7 @@ from ..config import Config
 from ..errors import UserError
 from .evaluate import evaluate_to, percent
 from .overfit import overfit
-from .score import check_settings, score
+from .score import ScoreResult, check_settings, score
 from .select import select
 from .unlearn import unlearn
 
@@ -45,18 +45,9 @@ def defend(cfg: Config) -> DefendResult:
     earlier = _finished_defense(cfg, fingerprint) if cfg.pipeline.reuse else None
     if earlier is not None:
         return DefendResult(earlier["cleaned_model"], {**earlier, "reused": True}, d.output)
-    phases: dict[str, dict] = {}
     before = evaluate_to(cfg, d.model, storage.join(d.output, "eval_before")) if d.evaluate else None
 
-    scoring_model = d.model
-    if d.overfit and cfg.score.model == "overfit":
-        r = overfit(cfg, d.model, d.data)
-        scoring_model = r.model
-        phases["overfit"] = {"wall_time_s": r.wall_time_s, "rows": r.rows, "steps": r.steps,
-                             "sample_passes": r.samples, "model": r.model}
-    s = score(cfg, scoring_model, d.data)
-    phases["score"] = {"wall_time_s": s.wall_time_s, "rows": s.rows.rows_in, "rows_rejected": s.rows.rows_rejected,
-                       "sample_passes": s.rows.rows_out, "model": scoring_model, "table": s.table}
+    s, phases = find_suspicious(cfg)
     sel = select(cfg, cfg.score.output, d.data)
     phases["select"] = {"wall_time_s": sel.wall_time_s, "rows": sel.stats["scored_rows"],
                         "num_forget": sel.num_forget, "num_retain": sel.num_retain}
@@ -78,6 +69,23 @@ def defend(cfg: Config) -> DefendResult:
     storage.write_json(storage.join(d.output, REPORT_JSON), report, cfg.storage)
     storage.write_bytes(storage.join(d.output, REPORT_MD), format_report(report).encode(), cfg.storage)
     return DefendResult(u.model, report, d.output)
+
+
+def find_suspicious(cfg: Config, output: str | None = None) -> tuple[ScoreResult, dict[str, dict]]:
+    """METHOD.md steps 1-2 on `defend.model` and `defend.data`: overfit (when configured) and score, the table
+    going to <output or score.output>/table; returns the score result and each phase's rows and wall time."""
+    d = cfg.defend
+    phases: dict[str, dict] = {}
+    scoring_model = d.model
+    if d.overfit and cfg.score.model == "overfit":
+        r = overfit(cfg, d.model, d.data)
+        scoring_model = r.model
+        phases["overfit"] = {"wall_time_s": r.wall_time_s, "rows": r.rows, "steps": r.steps,
+                             "sample_passes": r.samples, "model": r.model}
+    s = score(cfg, scoring_model, d.data, output)
+    phases["score"] = {"wall_time_s": s.wall_time_s, "rows": s.rows.rows_in, "rows_rejected": s.rows.rows_rejected,
+                       "sample_passes": s.rows.rows_out, "model": scoring_model, "table": s.table}
+    return s, phases
 
 
 def defense_fingerprint(cfg: Config) -> dict:
