@@ -231,6 +231,39 @@ class PipelineConfig:
 
 
 @dataclass
+class SweepConfig:
+    space: dict = _f({"unlearn.num_samples": {"grid": [150, 300, 600]},
+                      "unlearn.token_portion": {"grid": [0.015625, 0.0625, 0.25]}},
+                     "Search space: config key -> {grid: [values]}, {choice: [values]}, {uniform: [low, high]}, "
+                     "{loguniform: [low, high]} or {randint: [low, high]} (high excluded); unlearn.* and train.* keys "
+                     "only, since every trial shares the scores, the selection, the model and the evaluation.")
+    repeats: int = _f(1, "Times the space is sampled (Tune's num_samples): each grid point runs this many times, "
+                         "each random key is drawn anew every time.", ge=1)
+    objective: str = _f("ca_subject_to_asr", "What the sweep maximises: clean accuracy among trials with ASR <= "
+                                             "asr_threshold (those above it rank below, lowest ASR first), clean "
+                                             "accuracy alone, minus ASR, or CA - ASR.",
+                        choices=("ca_subject_to_asr", "ca", "asr", "ca_minus_asr"))
+    asr_threshold: float = _f(0.05, "Attack success rate a trial must not exceed (ca_subject_to_asr).", ge=0, le=1)
+    scheduler: str = _f("fifo", "fifo runs every trial to its end; asha stops trials whose intermediate objective "
+                                "trails the others' at the same step.", choices=("fifo", "asha"))
+    grace_steps: int = _f(20, "ASHA: unlearning steps every trial runs before it may be stopped.", ge=1)
+    reduction_factor: float = _f(3.0, "ASHA: a trial must be in the best 1/reduction_factor at a rung to go on.", gt=1)
+    probe_every: int = _f(10, "Unlearning steps between intermediate CA/ASR probes (reported to Tune).", ge=1)
+    probe_rows: int = _f(500, "Test rows of each intermediate probe (the first of data.test).", ge=1)
+    num_workers: int = _f(1, "Ray Train workers of each trial.", ge=1)
+    cpus_per_worker: int = _f(1, "CPUs reserved per Train worker of each trial.", ge=1)
+    use_gpu: bool = _f(False, "One GPU per Train worker of each trial (and for its final evaluation).")
+    max_concurrent_trials: int | None = _f(None, "Trials at once; null: as many as the cluster holds (GPUs with "
+                                                 "use_gpu, else CPUs less one left to Ray Data's reads).", ge=1)
+    scores: str = _f("${score.output}", "Score directory (its table/) every trial shares: reused when it exists, "
+                                        "else the overfit and score phases run once and write it.")
+    resume: bool = _f(True, "Resume an interrupted sweep of the same settings in <output> (Tuner.restore; finished "
+                            "trials are not run again); false starts it over.")
+    output: str = _f("${run.output_dir}/sweep", "Root of the sweep: tune/ (Tune's state), select/, trials/<id>/, "
+                                                "results.csv/.md/.json, heatmap.png, best/ (model and config.yaml).")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -249,6 +282,7 @@ class Config:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -400,6 +434,39 @@ def _resolve_refs(cfg: Config) -> None:
     for (section, name), value in flat.items():
         if isinstance(value, str) and "${" in value:
             setattr(getattr(cfg, section), name, resolve((section, name), value))
+
+
+def _key_field(key: str) -> tuple[Any, typing.Mapping]:
+    section, _, name = key.partition(".")
+    hints = typing.get_type_hints(Config)
+    if section not in hints or not name:
+        raise ConfigError(f"unknown config key '{key}': keys look like section.key with a section among "
+                          f"{', '.join(hints)}.")
+    cls = hints[section]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise ConfigError(f"unknown config key '{key}': section '{section}' allows {', '.join(fields)}.")
+    return typing.get_type_hints(cls)[name], fields[name].metadata
+
+
+def key_type(key: str) -> Any:
+    """The type hint of config key `section.key` (int, float, str | None ...); unknown keys are a ConfigError."""
+    return _key_field(key)[0]
+
+
+def check_key(key: str, value: Any) -> Any:
+    """`value` converted to the type of config key `section.key`, after the same checks as a YAML value."""
+    hint, meta = _key_field(key)
+    return _check_value(key, hint, value, meta)
+
+
+def replace_keys(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of `cfg` with `section.key` values replaced, each checked like a YAML value."""
+    sections = {}
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        sections.setdefault(section, {})[name] = check_key(key, value)
+    return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in sections.items()})
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[str]:
