@@ -9,7 +9,7 @@ import pytest
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 PHASES = ["pipeline", "prepare", "poison", "train", "evaluate", "overfit", "score", "select", "unlearn", "defend",
-          "baseline", "compare"]
+          "baseline", "compare", "sweep"]
 
 
 def load_job(name):

@@ -107,6 +107,18 @@ def _compare(cfg: Config, args: argparse.Namespace) -> dict:
     return {"output": r.output, "rows": r.rows}
 
 
+def _sweep(cfg: Config, args: argparse.Namespace) -> dict:
+    from .phases.sweep import sweep
+    r = sweep(cfg)
+    if r.interrupted:
+        return {"output": r.output, "interrupted": True, "resumed": r.resumed}
+    print(r.table)
+    best = {k: r.best[k] for k in ("trial_id", "clean_accuracy", "attack_success_rate", "objective")}
+    return {"output": r.output, "trials": len(r.rows), "finished": sum(x["status"] == "finished" for x in r.rows),
+            "best": best, "best_model": f"{r.output}/best/model", "resumed": r.resumed,
+            "wall_time_s": round(r.wall_time_s, 1)}
+
+
 def _pipeline(cfg: Config, args: argparse.Namespace) -> dict:
     from .pipeline import format_summary, run_pipeline
     summary = run_pipeline(cfg).summary
@@ -148,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint to start from (default: baseline.model)")
     phase("compare", "No defense, FT, CleanCLIP and UBT on each attack of compare.attacks: tables and a chart.",
           _compare)
+    phase("sweep", "Ray Tune over the unlearning knobs (sweep.space): results table, heatmap, best checkpoint.",
+          _sweep)
     phase("pipeline", "Run the configured phases in order (pipeline.phases).", _pipeline)
     p = phase("config", "Print the resolved config, or every key with its help (--keys).", _config)
     p.add_argument("--keys", action="store_true", help="list every config key with its default and help")
