@@ -50,15 +50,6 @@ class Dimension:
             return self.values[1] - 1
         return max(self.values)
 
-    @property
-    def fixed_values(self) -> tuple | None:
-        """Every value a trial can draw, when they are finitely many (grid, choice, randint)."""
-        if self.kind in ("grid", "choice"):
-            return self.values
-        if self.kind == "randint":
-            return tuple(range(self.values[0], self.values[1]))
-        return None
-
 
 def _is_integer_key(key: str) -> bool:
     hint = key_type(key)

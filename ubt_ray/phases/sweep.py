@@ -401,13 +401,13 @@ def heatmap_png(rows: list[dict], base: Config) -> bytes:
         for (k, rho), r in cells.items():
             if r[metric] is not None:
                 values[ks.index(k), rhos.index(rho)] = 100 * r[metric]
-        finite = values[np.isfinite(values)]
-        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
-        ax.imshow(values, cmap=cmap, origin="lower", aspect="auto", vmin=low - 1e-6, vmax=high + 1e-6)
+        # Absolute 0-100% colours, so that two sweeps' maps read alike; the numbers give the detail.
+        ax.imshow(values, cmap=cmap, origin="lower", aspect="auto", vmin=0, vmax=100)
         for i in range(len(ks)):
             for j in range(len(rhos)):
                 if math.isfinite(values[i, j]):
-                    ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=9)
+                    ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=9,
+                            color="white" if values[i, j] > 60 else "black")
         ax.set_xticks(range(len(rhos)), [f"{rho:.4g}" for rho in rhos])
         ax.set_yticks(range(len(ks)), [str(k) for k in ks])
         ax.set_xlabel("unlearn.token_portion (ρ)")
