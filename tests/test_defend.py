@@ -118,7 +118,10 @@ def backdoored(ray_local, tmp_path_factory):
     overrides = [f"run.output_dir={root}", f"data.clean_train={fashion_mnist_shards(root / 'clean', rows=4000)}",
                  f"data.test={fashion_mnist_shards(root / 'test', split='test', rows=1000)}",
                  "poison.num_poisons=150", "poison.params={size: 6}", "train.epochs=6", "train.warmup_steps=10",
-                 "train.threads_per_worker=2"]
+                 "train.threads_per_worker=2",
+                 # Every training phase in this process (Ray Train's num_workers=0): DDP is test_train's subject,
+                 # and a worker actor's start costs each run 10-25 s here.
+                 "train.num_workers=0"]
     assert main(["poison", *overrides]) == 0
     assert main(["train", *overrides]) == 0
     return root, overrides

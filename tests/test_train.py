@@ -95,6 +95,7 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
 
 PIPELINE = ["pipeline.phases=[poison, train, evaluate, defend]", "poison.num_poisons=20", "train.batch_size=64",
             "train.epochs=1", "train.warmup_steps=1", "train.threads_per_worker=1",
+            "train.num_workers=0",  # Ray Train in this process: the workers are test_train_two_workers' subject
             # The defense's wiring, not its effect (test_defend.py measures that): a few steps of each phase.
             "defend.overfit=false", "unlearn.steps=2", "unlearn.batch_size=64",
             "unlearn.num_samples=10", "unlearn.forget_batch_size=8", "select.retain_samples=100",

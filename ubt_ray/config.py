@@ -104,7 +104,8 @@ class TrainConfig:
     lr: float = _f(2e-3, "Peak learning rate (AdamW, cosine decay after warmup).", gt=0)
     weight_decay: float = _f(0.1, "AdamW weight decay (not applied to gains, biases, embeddings).", ge=0)
     warmup_steps: int = _f(50, "Linear warmup steps.", ge=0)
-    num_workers: int = _f(1, "Ray Train workers (DDP); 0 runs the loop in-process.", ge=0)
+    num_workers: int = _f(1, "Ray Train workers (DDP); 0 runs the loop in this process (Ray Train's in-process mode: no worker "
+                               "group to start, but no checkpoint to resume from after a crash).", ge=0)
     use_gpu: bool = _f(False, "One GPU per worker, mixed precision (model.precision).")
     cpus_per_worker: int = _f(1, "CPUs reserved per worker (Ray resources).", ge=1)
     threads_per_worker: int | None = _f(None, "Torch threads per worker; null: this node's cores / workers.", ge=1)

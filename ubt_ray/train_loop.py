@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -39,6 +40,10 @@ TRAIN_STATE_FILE = "train_state.pt"
 FINGERPRINT_FILE = "ubt_run.json"
 LOG_EVERY_STEPS = 10
 SHUFFLE_BUFFER_ROWS = 4096
+# Ray Train's in-process mode (train.num_workers=0) keeps a reported checkpoint where it was written instead of
+# copying it to the run's storage, so its directory must outlive report(); fit() removes them once the final
+# model is saved (the loop runs in fit()'s own process then).
+_IN_PROCESS_CHECKPOINTS: list[str] = []
 
 
 @dataclass
@@ -122,6 +127,8 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
     with result.checkpoint.as_directory() as ckpt_dir:
         clip = load_checkpoint_dir(ckpt_dir)
         save_clip(clip, model_uri, cfg.storage, extra={"phase": spec.phase, "steps": result.metrics.get("step")})
+    while _IN_PROCESS_CHECKPOINTS:
+        shutil.rmtree(_IN_PROCESS_CHECKPOINTS.pop(), ignore_errors=True)
     m = result.metrics
     manifest = write_manifest(spec.output, spec.phase, cfg, inputs={"data": spec.data, "init": vars(spec.init)},
                               rows=None, started=started,
@@ -254,21 +261,28 @@ def _train_loop_per_worker(config: dict) -> None:
             if checkpoint or (probe is not None and state["step"] % probe.every == 0):
                 if measure is not None:
                     metrics.update(measure(dataclasses.replace(clip, model=raw_model), device))
-                _report(clip, raw_model, optimizer, scaler, state, metrics, rank, checkpoint)
+                _report(clip, raw_model, optimizer, scaler, state, metrics, rank, checkpoint,
+                        in_process=t.num_workers == 0)
             if state["step"] >= total_steps:
                 break
         epoch += 1
 
 
 def _report(clip: Clip, model: torch.nn.Module, optimizer, scaler, state: dict, metrics: dict, rank: int,
-            checkpoint: bool = True) -> None:
+            checkpoint: bool = True, in_process: bool = False) -> None:
     """Report metrics from every worker (Ray Train requires it) and, with `checkpoint`, a checkpoint from rank 0."""
     out = {**metrics, **state}
     if rank != 0 or not checkpoint:
         ray.train.report(out)
         return
-    with tempfile.TemporaryDirectory(prefix="ubt-ckpt-") as d:
+    d = tempfile.mkdtemp(prefix="ubt-ckpt-")
+    try:
         write_checkpoint_dir(model, clip.model_cfg, clip.preprocess_cfg, Path(d), extra={"step": state["step"]})
         torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state},
                    Path(d) / TRAIN_STATE_FILE)
         ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(d))
+    finally:
+        if in_process:
+            _IN_PROCESS_CHECKPOINTS.append(d)
+        else:  # report() has copied it to the run's storage
+            shutil.rmtree(d, ignore_errors=True)
