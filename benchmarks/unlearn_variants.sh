@@ -17,7 +17,7 @@ out=$root/$name
 ubt=(.venv/bin/ubt)
 mkdir -p "$root"
 if [ ! -f "$sel/manifest.json" ]; then
-    "${ubt[@]}" select -c configs/quickstart.yaml select.output="$sel" select.retain_pool="$pool" > /dev/null
+    "${ubt[@]}" select -c configs/quickstart.yaml select.output="$sel" select.retain_pool="$pool" > "$sel.log" 2>&1
 fi
 start=$(date +%s)
 "${ubt[@]}" unlearn -c configs/quickstart.yaml select.output="$sel" unlearn.output="$out" "$@" > "$out.unlearn.log" 2>&1

@@ -135,7 +135,8 @@ class DefendConfig:
 @dataclass
 class OverfitConfig:
     steps: int = _f(60, "Optimiser steps of the overfit run.", ge=1)
-    lr: float = _f(5e-4, "Learning rate (constant after a short warmup; no weight decay, no augmentation).", gt=0)
+    lr: float = _f(5e-4, "Peak learning rate (short warmup, then the cosine decay of every training phase; no weight "
+                         "decay, no augmentation).", gt=0)
     batch_size: int = _f(128, "Global batch size.", ge=2)
     subset_fraction: float = _f(1.0, "Share of D to overfit on.", gt=0, le=1)
     prioritize: str = _f("none", "Which rows form the subset: a seeded sample, or those with the weakest "
