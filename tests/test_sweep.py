@@ -118,7 +118,7 @@ def test_asha_stops_by_unlearning_step_up_to_the_longest_run():
     cfg = load_config(None, ["sweep.scheduler=asha", "sweep.grace_steps=10"])
     dims = parse_space({"unlearn.steps": {"grid": [30, 80]}})
     scheduler = build_scheduler(cfg.sweep, dims, cfg.unlearn.steps)
-    assert isinstance(scheduler, ASHAScheduler) and scheduler._time_attr == "step" and scheduler._max_t == 80
+    assert isinstance(scheduler, ASHAScheduler) and scheduler._time_attr == "step" and scheduler._max_t == 81
     assert build_scheduler(load_config().sweep, dims, 50) is None
 
 

@@ -259,7 +259,9 @@ def build_scheduler(sw: SweepConfig, dims: list[Dimension], default_steps: int):
     if sw.scheduler != "asha":
         return None
     max_steps = largest(dims, "unlearn.steps", default_steps)
-    return ASHAScheduler(time_attr="step", max_t=max_steps,
+    # max_t one past the last step: ASHA stops a trial whose report reaches max_t, and the last probe (at the
+    # last step) comes before the trial's final evaluation, which a stop there would cut off.
+    return ASHAScheduler(time_attr="step", max_t=max_steps + 1,
                          grace_period=min(sw.grace_steps, max_steps), reduction_factor=sw.reduction_factor)
 
 
