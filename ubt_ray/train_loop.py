@@ -118,17 +118,19 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=list(spec.callbacks)),
         datasets={"train": ds},
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"{spec.phase} finished without a checkpoint; this is a bug in ubt_ray.")
     model_uri = storage.join(spec.output, "model")
-    with result.checkpoint.as_directory() as ckpt_dir:
-        clip = load_checkpoint_dir(ckpt_dir)
-        save_clip(clip, model_uri, cfg.storage, extra={"phase": spec.phase, "steps": result.metrics.get("step")})
-    while _IN_PROCESS_CHECKPOINTS:
-        shutil.rmtree(_IN_PROCESS_CHECKPOINTS.pop(), ignore_errors=True)
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        if result.checkpoint is None:
+            raise RuntimeError(f"{spec.phase} finished without a checkpoint; this is a bug in ubt_ray.")
+        with result.checkpoint.as_directory() as ckpt_dir:
+            clip = load_checkpoint_dir(ckpt_dir)
+            save_clip(clip, model_uri, cfg.storage, extra={"phase": spec.phase, "steps": result.metrics.get("step")})
+    finally:  # a failed in-process run leaves no checkpoint directory behind either
+        while _IN_PROCESS_CHECKPOINTS:
+            shutil.rmtree(_IN_PROCESS_CHECKPOINTS.pop(), ignore_errors=True)
     m = result.metrics
     manifest = write_manifest(spec.output, spec.phase, cfg, inputs={"data": spec.data, "init": vars(spec.init)},
                               rows=None, started=started,
