@@ -11,7 +11,7 @@ from ubt_ray.core.batches import normalize
 from ubt_ray.core.scoring import (TokenGrid, apply_mask, blur, class_attention, combine_drops, downup, image_features,
                                   score_batch, similarity_and_saliency, text_features, token_grid, token_mask,
                                   tokens_to_take)
-from ubt_ray.core.unlearning import ForgetSet, UnlearnObjective, prepare_forget_inputs, set_trainable
+from ubt_ray.core.unlearning import FORGET_LOSSES, ForgetSet, UnlearnObjective, prepare_forget_inputs, set_trainable
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_combine_drops_standardises_then_takes_the_max():
     assert torch.allclose(best, torch.tensor([0.0, 1.0, 2.0])) and which == ["blur", "token_mask", "blur"]
 
 
-@pytest.mark.parametrize("kind", ["token_invariance", "push_away", "local_push"])
+@pytest.mark.parametrize("kind", FORGET_LOSSES)
 def test_forget_loss_falls_with_training(kind):
     clip = load_clip(ModelConfig(), seed=0)
     reference = load_clip(ModelConfig(), seed=0).model.eval().requires_grad_(False)

@@ -190,15 +190,17 @@ class UnlearnConfig:
     num_samples: int = _f(300, "k: the most suspicious rows to unlearn.", ge=1)
     token_portion: float = _f(4 / 64, "ρ: share of each selected image's most salient tokens the forget loss acts on.",
                               gt=0, le=1)
-    forget: str = _f("push_away", "Forget loss: push_away (cos(f_θ(x), g_θ(t)) of each selected pair pushed below "
-                                  "unlearn.margin), token_invariance (f_θ(x) pulled to f_θ₀(x̄), x̄ = x with its "
-                                  "top-ρ tokens masked; METHOD.md's default), local_push (push_away on the top-ρ "
-                                  "tokens alone).", choices=("token_invariance", "push_away", "local_push"))
+    forget: str = _f("token_invariance", "Forget loss: token_invariance (f_θ(x) pulled to f_θ₀(x̄), x̄ = x with its "
+                                         "top-ρ tokens masked; METHOD.md's), push_away (cos(f_θ(x), g_θ(t)) of each "
+                                         "selected pair pushed below unlearn.margin), local_push (push_away on the "
+                                         "top-ρ tokens alone), invariance_push (the sum of token_invariance and "
+                                         "push_away).",
+                      choices=("token_invariance", "push_away", "local_push", "invariance_push"))
     steps: int = _f(50, "Optimiser steps.", ge=1)
-    lr: float = _f(2e-4, "Learning rate.", gt=0)
-    forget_weight: float = _f(2.0, "λ_f: weight of the forget loss against the retain (CLIP) loss.", ge=0)
-    margin: float = _f(0.2, "Cosine margin of push_away and local_push: pairs already below it are left alone.",
-                       ge=-1, le=1)
+    lr: float = _f(4e-4, "Learning rate.", gt=0)
+    forget_weight: float = _f(1.0, "λ_f: weight of the forget loss against the retain (CLIP) loss.", ge=0)
+    margin: float = _f(0.2, "Cosine margin of push_away, local_push and invariance_push: pairs already below it "
+                            "are left alone.", ge=-1, le=1)
     trainable: str = _f("all", "Parameters that move.", choices=("all", "visual", "visual.early", "text"))
     batch_size: int = _f(256, "Retain rows per step (global).", ge=2)
     forget_batch_size: int = _f(64, "Forget rows per step (global).", ge=1)

@@ -3,7 +3,8 @@
 The retain loss is the CLIP loss on the loop's batch (least suspicious rows). The forget loss acts on the
 selected suspicious rows, held in memory (k is small): `token_invariance` pulls f_θ(x) towards what the
 original model saw without the trigger, stopgrad f_θ₀(x̄); `push_away` pushes cos(f_θ(x), g_θ(t)) below a
-margin on the whole image; `local_push` does the same on the image with only its top-ρ tokens kept.
+margin on the whole image; `local_push` does the same on the image with only its top-ρ tokens kept;
+`invariance_push` is the sum of token_invariance and push_away.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from .objectives import Batch, clip_loss
 from .scoring import (TokenGrid, apply_mask, image_features, remove_trigger, text_features, token_mask,
                       token_order, token_saliency, tokens_to_take)
 
-FORGET_LOSSES = ("token_invariance", "push_away", "local_push")
+FORGET_LOSSES = ("token_invariance", "push_away", "local_push", "invariance_push")
+INVARIANCE = ("token_invariance", "invariance_push")  # trained towards f_θ₀(x̄), on the unmasked image x
 TRAINABLE = ("all", "visual", "visual.early", "text")
 
 
@@ -36,7 +38,7 @@ class ForgetSet:
 def prepare_forget_inputs(reference: torch.nn.Module, forget: ForgetSet, preprocess_cfg: dict, grid: TokenGrid,
                           token_portion: float, kind: str, batch_size: int = 256) -> torch.Tensor:
     """What each forget row is trained towards, computed once with the frozen θ₀ (`reference`):
-    token_invariance: the target features f_θ₀(x̄); local_push: the normalised images with only the
+    token_invariance and invariance_push: the target features f_θ₀(x̄); local_push: the normalised images with only the
     top-ρ tokens kept; push_away: the normalised images."""
     count = tokens_to_take(token_portion, grid)
     out = []
@@ -90,7 +92,7 @@ class UnlearnObjective:
         idx = self._next_indices()
         device = batch.pixels.device
         retain_x = normalize(batch.pixels, self.preprocess_cfg)
-        if self.kind == "token_invariance":
+        if self.kind in INVARIANCE:
             forget_x = normalize(self.forget.pixels[idx].to(device), self.preprocess_cfg)
         else:
             forget_x = self.inputs[idx].to(device)
@@ -99,10 +101,11 @@ class UnlearnObjective:
         image_f, text_f, logit_scale = model(torch.cat([retain_x, forget_x]), texts)[:3]
         n, u = len(retain_x), len(unique)
         retain = clip_loss(image_f[:n], text_f[:u][inverse], logit_scale)
-        if self.kind == "token_invariance":
+        forget = 0.0
+        if self.kind in INVARIANCE:
             forget = (1 - (image_f[n:] * self.inputs[idx].to(device)).sum(-1)).mean()
-        else:
-            forget = F.relu((image_f[n:] * text_f[u:]).sum(-1) - self.margin).mean()
+        if self.kind != "token_invariance":
+            forget = forget + F.relu((image_f[n:] * text_f[u:]).sum(-1) - self.margin).mean()
         loss = retain + self.forget_weight * forget
         return loss, {"loss": float(loss.detach()), "retain_loss": float(retain.detach()),
                       "forget_loss": float(forget.detach()), "logit_scale": float(logit_scale.detach())}

@@ -84,8 +84,10 @@ class Scorer:
                           self.logit_scale, self.s.saliency, tuple(self.s.attention_blocks), self.s.amp)
         columns = {"key": table.column("key")}
         for name, values in out.items():
-            if name == "token_order":
-                columns[name] = pa.array(values.to(torch.int16).cpu().numpy().tolist(), pa.list_(pa.int16()))
+            if name == "token_order":  # (N, T) -> list<int16> from offsets, without a Python list per row
+                flat = values.to(torch.int16).cpu().numpy()
+                offsets = pa.array(np.arange(0, flat.size + 1, flat.shape[1], dtype=np.int32))
+                columns[name] = pa.ListArray.from_arrays(offsets, pa.array(flat.reshape(-1)))
             else:
                 columns[name] = pa.array(values.detach().float().cpu().numpy())
         if "is_poison" in table.column_names:
