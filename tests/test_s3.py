@@ -11,14 +11,9 @@ from ubt_ray.config import ModelConfig, load_config
 from ubt_ray.core.models import load_clip, save_clip
 from ubt_ray.errors import UserError
 from ubt_ray.phases.prepare import prepare
+from ubt_ray.shards import read_columns
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-def s3_rows(uri: str, cfg) -> list[dict]:
-    loc = storage.resolve(uri, cfg.storage)
-    files = [storage.resolve(f, cfg.storage).path for f in storage.list_files(uri, (".parquet",), cfg.storage)]
-    return pq.read_table(files, filesystem=loc.fs).to_pylist()
 
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist is not installed")
@@ -32,9 +27,9 @@ def test_prepare_to_s3_gives_same_rows_as_local(ray_local, s3_bucket, tmp_path):
     manifest = storage.read_json(f"s3://{bucket}/run/data/manifest.json", remote.storage)
     assert manifest["rows"]["rows_out"] == 70000 and manifest["rows"]["rows_in"] == 70000
     for split in ("test", "train"):
-        got = sorted(s3_rows(f"s3://{bucket}/run/data/{split}", remote), key=lambda r: r["key"])
-        want = sorted(pq.read_table(str(tmp_path / "data" / split)).to_pylist(), key=lambda r: r["key"])
-        assert got == want
+        want = pq.read_table(str(tmp_path / "data" / split)).sort_by("key")
+        got = read_columns(f"s3://{bucket}/run/data/{split}", remote.storage, want.column_names).sort_by("key")
+        assert got.to_pylist() == want.to_pylist()
 
 
 def test_csv_with_images_on_s3(ray_local, s3_bucket):
@@ -46,7 +41,7 @@ def test_csv_with_images_on_s3(ray_local, s3_bucket):
     storage.write_bytes(f"s3://{bucket}/in/pairs.csv", b"image,caption\na.png,a coat\nb.png,a bag\n", cfg.storage)
     result = prepare(cfg)
     assert result.rows.rows_out == 1 and result.rows.rejected == {"image missing": 1}
-    assert [r["caption"] for r in s3_rows(f"s3://{bucket}/out", cfg)] == ["a coat"]
+    assert read_columns(f"s3://{bucket}/out", cfg.storage, ["caption"]).column("caption").to_pylist() == ["a coat"]
 
 
 def test_checkpoint_round_trip_through_s3(s3_bucket, tmp_path):
