@@ -106,9 +106,10 @@ def test_top_k_is_the_same_whatever_the_number_of_blocks(ray_local):
 
 
 # UBT settings for the small backdoored model below (see test_defend_removes_the_backdoor_and_keeps_clean_accuracy).
-# (Forget loss and retain pool as when the bounds below were measured; the quickstart's defaults differ.)
+# (Forget loss, learning rate and retain pool as when the bounds below were measured; the quickstart's defaults
+# differ.)
 UBT = ["defend.overfit=false", "score.model=original", "score.transforms=[blur]", "unlearn.forget=token_invariance",
-       "select.retain_pool=0.5", "unlearn.num_samples=300",
+       "select.retain_pool=0.5", "unlearn.num_samples=300", "unlearn.lr=2e-4",
        "unlearn.forget_weight=5", "unlearn.steps=40", "unlearn.batch_size=128", "select.retain_samples=2000",
        "score.top_k=[50, 150, 300]"]
 
