@@ -22,6 +22,7 @@ from .scoring import (TokenGrid, apply_mask, image_features, remove_trigger, tex
 
 FORGET_LOSSES = ("token_invariance", "push_away", "local_push", "invariance_push")
 INVARIANCE = ("token_invariance", "invariance_push")  # trained towards f_θ₀(x̄), on the unmasked image x
+PUSH = ("push_away", "local_push", "invariance_push")  # cos(f_θ(·), g_θ(t)) pushed below the margin
 TRAINABLE = ("all", "visual", "visual.early", "text")
 
 
@@ -38,8 +39,8 @@ class ForgetSet:
 def prepare_forget_inputs(reference: torch.nn.Module, forget: ForgetSet, preprocess_cfg: dict, grid: TokenGrid,
                           token_portion: float, kind: str, batch_size: int = 256) -> torch.Tensor:
     """What each forget row is trained towards, computed once with the frozen θ₀ (`reference`):
-    token_invariance and invariance_push: the target features f_θ₀(x̄); local_push: the normalised images with only the
-    top-ρ tokens kept; push_away: the normalised images."""
+    token_invariance and invariance_push: the target features f_θ₀(x̄); local_push: the normalised images
+    with only the top-ρ tokens kept; push_away: the normalised images."""
     count = tokens_to_take(token_portion, grid)
     out = []
     for start in range(0, len(forget.pixels), batch_size):
@@ -97,14 +98,14 @@ class UnlearnObjective:
         else:
             forget_x = self.inputs[idx].to(device)
         unique, inverse = torch.unique(batch.tokens, dim=0, return_inverse=True)
-        texts = unique if self.kind == "token_invariance" else torch.cat([unique, self.forget.tokens[idx].to(device)])
+        texts = torch.cat([unique, self.forget.tokens[idx].to(device)]) if self.kind in PUSH else unique
         image_f, text_f, logit_scale = model(torch.cat([retain_x, forget_x]), texts)[:3]
         n, u = len(retain_x), len(unique)
         retain = clip_loss(image_f[:n], text_f[:u][inverse], logit_scale)
         forget = 0.0
         if self.kind in INVARIANCE:
             forget = (1 - (image_f[n:] * self.inputs[idx].to(device)).sum(-1)).mean()
-        if self.kind != "token_invariance":
+        if self.kind in PUSH:
             forget = forget + F.relu((image_f[n:] * text_f[u:]).sum(-1) - self.margin).mean()
         loss = retain + self.forget_weight * forget
         return loss, {"loss": float(loss.detach()), "retain_loss": float(retain.detach()),
