@@ -224,7 +224,7 @@ def score_batch(model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tens
     (several are combined later, over the whole dataset). cosine: score = -cos (weak alignment is not what a
     poison looks like, but it is the plain baseline). loss: image-to-text cross-entropy of the pair against a
     fixed bank of negative caption features; score = -loss (a fitted shortcut has a low loss).
-    `amp`: bf16 autocast where the hardware runs it natively (1.5x on the quickstart's CPU, same AUROC).
+    `amp`: bf16 autocast on a CPU that runs it natively (1.5x on the quickstart's CPU, same AUROC); not on a GPU.
     """
     with inference_autocast(pixels.device, amp):
         out = _score_batch(model, pixels, tokens, preprocess_cfg, grid, method, token_portion, transforms,
