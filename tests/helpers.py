@@ -78,3 +78,30 @@ def fashion_mnist_shards(directory, split: str = "train", rows: int = 3000, file
                                  "image": [encode_png(im) for im in images[sl]],
                                  "caption": captions[sl], "label": labels[sl]}), str(out / f"part-{f}.parquet"))
     return str(out)
+
+
+def small_clip_config(width: int, vision_layers: int, head_width: int) -> dict:
+    """An open_clip model config smaller than ubt-tiny-vit, with its 8x8 grid of patch tokens on 32-pixel images
+    and a one-layer text tower, so that training it in a test costs seconds."""
+    return {"embed_dim": width,
+            "vision_cfg": {"image_size": 32, "layers": vision_layers, "width": width, "head_width": head_width,
+                           "patch_size": 4},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": width, "heads": width // head_width,
+                         "layers": 1}}
+
+
+def write_random_clip(out, model_cfg: dict, seed: int = 0) -> str:
+    """A randomly initialised open_clip local-dir checkpoint of `model_cfg` (ubt-tiny-vit's preprocessing)."""
+    import pathlib
+
+    import open_clip
+    import torch
+
+    from ubt_ray.config import ModelConfig
+    from ubt_ray.core.models import load_clip, write_checkpoint_dir
+
+    torch.manual_seed(seed)
+    out = pathlib.Path(out)
+    out.mkdir(parents=True)
+    write_checkpoint_dir(open_clip.model.CLIP(**model_cfg), model_cfg, load_clip(ModelConfig()).preprocess_cfg, out)
+    return str(out)

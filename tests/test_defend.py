@@ -23,7 +23,7 @@ from ubt_ray.phases.defend import defense_fingerprint
 from ubt_ray.phases.score import score
 from ubt_ray.phases.select import merge_top_k, top_k
 
-from helpers import caption_shards, fashion_mnist_shards, last_json
+from helpers import caption_shards, fashion_mnist_shards, last_json, small_clip_config, write_random_clip
 
 BROKEN_KEY = "row-000007"
 
@@ -105,23 +105,24 @@ def test_top_k_is_the_same_whatever_the_number_of_blocks(ray_local):
     assert merge_top_k(parts, k, "score").column("key").to_pylist() == expected
 
 
-# UBT settings for the small backdoored model below (see test_defend_removes_the_backdoor_and_keeps_clean_accuracy).
-# (Forget loss, learning rate and retain pool as when the bounds below were measured; the quickstart's defaults
-# differ.)
-UBT = ["defend.overfit=false", "score.model=original", "score.transforms=[blur]", "unlearn.forget=token_invariance",
-       "select.retain_pool=0.5", "unlearn.num_samples=300", "unlearn.lr=2e-4",
-       "unlearn.forget_weight=5", "unlearn.steps=40", "unlearn.batch_size=128", "select.retain_samples=2000",
+# UBT settings for the small backdoored model below (see test_defend_removes_the_backdoor_and_keeps_clean_accuracy);
+# the quickstart's defaults differ (token_mask scoring alone, retain pool 0.95, forget weight 1).
+UBT = ["defend.overfit=false", "score.model=original", "score.transforms=[token_mask, blur]",
+       "unlearn.forget=token_invariance",
+       "select.retain_pool=0.5", "unlearn.num_samples=300", "unlearn.lr=4e-4",
+       "unlearn.forget_weight=5", "unlearn.steps=40", "unlearn.batch_size=128", "select.retain_samples=1500",
        "score.top_k=[50, 150, 300]"]
 
 
 @pytest.fixture(scope="module")
 def backdoored(ray_local, tmp_path_factory):
-    """A tiny CLIP trained on 4,000 Fashion-MNIST rows with a 150-row BadNet backdoor."""
+    """A small CLIP (2 vision layers, width 64) trained on 3,000 Fashion-MNIST rows with a 150-row BadNet backdoor."""
     root = tmp_path_factory.mktemp("backdoor")
-    overrides = [f"run.output_dir={root}", f"data.clean_train={fashion_mnist_shards(root / 'clean', rows=4000)}",
+    init = write_random_clip(root / "init", small_clip_config(width=64, vision_layers=2, head_width=32))
+    overrides = [f"run.output_dir={root}", f"data.clean_train={fashion_mnist_shards(root / 'clean', rows=3000)}",
                  f"data.test={fashion_mnist_shards(root / 'test', split='test', rows=1000)}",
-                 "poison.num_poisons=150", "poison.params={size: 6}", "train.epochs=6", "train.warmup_steps=10",
-                 "train.threads_per_worker=2",
+                 "poison.num_poisons=150", "poison.params={size: 6}", f"model.checkpoint={init}", "train.epochs=10",
+                 "train.warmup_steps=10", "train.threads_per_worker=2",
                  # Every training phase in this process (Ray Train's num_workers=0): DDP is test_train's subject,
                  # and a worker actor's start costs each run 10-25 s here.
                  "train.num_workers=0"]
@@ -133,11 +134,12 @@ def backdoored(ray_local, tmp_path_factory):
 def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys):
     root, overrides = backdoored
     capsys.readouterr()
-    # This small, briefly trained model's backdoor is found best by the blur drop, scored with θ₀ (overfit is
-    # tested on its own below), but how well varies from one training to the next: two trainings of this
-    # fixture gave blur-drop AUROC 0.948 and 0.895 (57% and 27% poisons in the top 150), and a forget set of
-    # 300 at forget weight 5 took the weaker one's ASR from 95.0% to 69.3% at CA 75.9% -> 75.7%. The bound
-    # below asks for a 15-point fall, which skipping the unlearning (ASR unchanged) fails.
+    # This small, briefly trained model's backdoor is found best with the blur drop beside the token-mask one,
+    # scored with θ₀ (overfit is tested on its own below). Trainings of this fixture differ (the poisoned rows'
+    # order in their shard is not fixed); on two of them: AUROC 0.83 and 0.84, ASR 87.0% -> 41.8% and 98.8% ->
+    # 34.6%, CA 73.7% -> 71.5% and 75.9% -> 73.3%. With the blur drop alone (no token order: the forget rows
+    # are trained towards their blurred, still triggered, features) the second fell only to 93.1%. The bound
+    # below asks for a 25-point fall, which skipping the unlearning (ASR unchanged) fails.
     code = main(["defend", *overrides, *UBT])
     assert code == 0
     out = capsys.readouterr().out
@@ -145,13 +147,13 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
     assert not summary["reused"]
     before, after = summary["before"], summary["after"]
     assert before["attack_success_rate"] >= 0.6, before  # the backdoor is there to remove
-    assert after["attack_success_rate"] <= before["attack_success_rate"] - 0.15, (before, after)
+    assert after["attack_success_rate"] <= before["attack_success_rate"] - 0.25, (before, after)
     assert after["clean_accuracy"] >= before["clean_accuracy"] - 0.05, (before, after)
-    assert summary["detection"]["auroc"] >= 0.8
+    assert summary["detection"]["auroc"] >= 0.75
     assert "| after UBT |" in out
     report = json.loads((root / "defend" / "report.json").read_text())
     assert set(report["phases"]) == {"score", "select", "unlearn"}
-    assert report["selection"]["num_forget"] == 300 and report["selection"]["num_retain"] == 2000
+    assert report["selection"]["num_forget"] == 300 and report["selection"]["num_retain"] == 1500
     assert (root / "defend" / "report.md").read_text().startswith("# UBT defense report")
     # The cleaned model is a plain open_clip checkpoint, and differs from the backdoored one.
     cleaned, _, _ = open_clip.create_model_and_transforms(f"local-dir:{summary['cleaned_model']}")
@@ -208,7 +210,7 @@ def test_compare_runs_every_defense_on_the_backdoored_model(backdoored, tmp_path
     assert rows["none"]["clean_samples"] == rows["none"]["suspicious_samples"] == 0
     for kind in ("ft", "cleanclip"):  # the baselines fine-tune on clean pairs only
         assert rows[kind]["clean_samples"] > 0 and rows[kind]["suspicious_samples"] == 0
-    assert rows["ubt"]["clean_samples"] == 0 and rows["ubt"]["suspicious_samples"] > 4000
+    assert rows["ubt"]["clean_samples"] == 0 and rows["ubt"]["suspicious_samples"] > 3000
     for kind in ("ft", "cleanclip"):
         open_clip.create_model_and_transforms(f"local-dir:{root / 'compare-baseline' / kind / 'model'}")
     csv_rows = (tmp_path / "cmp" / "comparison.csv").read_text().splitlines()

@@ -18,16 +18,16 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from ubt_ray.cli import main
-from ubt_ray.config import ModelConfig, load_config, replace_keys
+from ubt_ray.config import load_config, replace_keys
 from ubt_ray.core.batches import decode_images
-from ubt_ray.core.models import load_checkpoint_dir, load_clip, save_clip, write_checkpoint_dir
+from ubt_ray.core.models import load_checkpoint_dir, save_clip
 from ubt_ray.core.objectives import Batch, ClipObjective
 from ubt_ray.core.search import Dimension, largest, objective_value, parse_space, rank_rows
 from ubt_ray.errors import ConfigError, UserError
 from ubt_ray.phases import sweep as sweep_phase
 from ubt_ray.phases.sweep import build_scheduler, max_concurrent_trials, sweep, to_tune, trial_config
 
-from helpers import fashion_mnist_shards, last_json
+from helpers import fashion_mnist_shards, last_json, small_clip_config, write_random_clip
 
 
 # ---- the search space and the objective (no Ray cluster) -----------------------------------------------------
@@ -135,17 +135,13 @@ def test_a_trial_config_holds_its_drawn_values_and_its_own_outputs():
 # ---- a real sweep through Ray Tune ---------------------------------------------------------------------------
 
 # A smaller CLIP than ubt-tiny-vit (same 8x8 patch grid), so that the trials cost seconds.
-MICRO = {"embed_dim": 32,
-         "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 4},
-         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+MICRO = small_clip_config(width=32, vision_layers=1, head_width=16)
 
 
 def train_micro_clip(data: str, out: Path, steps: int = 60) -> None:
     """A micro CLIP trained in this process on the poisoned shards (the attack side; enough for a sweep to
     have something to measure, not a strong backdoor)."""
-    torch.manual_seed(0)
-    out.mkdir(parents=True)
-    write_checkpoint_dir(open_clip.model.CLIP(**MICRO), MICRO, load_clip(ModelConfig()).preprocess_cfg, out)
+    write_random_clip(out, MICRO)
     clip = load_checkpoint_dir(out)
     table = pq.read_table(data, columns=["image", "caption"])
     pixels = decode_images(table.column("image").to_pylist(), clip.image_size)
