@@ -13,7 +13,7 @@ stamp=.venv/.ubt-install-stamp
 want="$(sha256sum pyproject.toml | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "bootstrap: installing ubt-ray and its pinned dependencies into .venv (several minutes the first time)" >&2
-    if ! .venv/bin/python -m pip install -q --no-compile -e ".[dev]" > .venv/install.log 2>&1; then
+    if ! .venv/bin/python -m pip install -q -e ".[dev]" > .venv/install.log 2>&1; then
         grep -v "^WARNING: Location" .venv/install.log | tail -30 >&2
         echo "bootstrap: pip install failed; the full log is .venv/install.log" >&2
         exit 1
