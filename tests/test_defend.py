@@ -17,7 +17,7 @@ from ubt_ray.cli import main
 from ubt_ray.config import ModelConfig, load_config, save_config
 from ubt_ray.core.batches import decode_images
 from ubt_ray.core.models import load_clip, save_clip
-from ubt_ray.core.scoring import score_batch, token_grid
+from ubt_ray.core.scoring import prepare_model, score_batch, token_grid
 from ubt_ray.errors import UserError
 from ubt_ray.phases.defend import defense_fingerprint
 from ubt_ray.phases.score import score
@@ -64,15 +64,14 @@ def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scor
 
     # The same function in this process, with the same settings, in batches of another size, gives the same scores.
     clip = load_clip(ModelConfig(checkpoint=str(model)))
-    clip.model.eval().requires_grad_(False)
+    prepare_model(clip.model, cfg.score.amp)
     rows = {r["key"]: r for r in source.to_pylist() if r["key"] != BROKEN_KEY}
     mine = {}
     for start in range(0, len(expected), 50):
         chunk = expected[start:start + 50]
         out = score_batch(clip.model, decode_images([rows[k]["image"] for k in chunk], 32),
                           clip.tokenizer([rows[k]["caption"] for k in chunk]), clip.preprocess_cfg,
-                          token_grid(clip.model, 32), token_portion=tuple(cfg.score.token_portions),
-                          amp=cfg.score.amp)
+                          token_grid(clip.model, 32), token_portion=tuple(cfg.score.token_portions))
         mine.update(zip(chunk, out["score"].tolist()))
     got = dict(zip(keys, table.column("score").to_pylist()))
     assert np.allclose([got[k] for k in expected], [mine[k] for k in expected], atol=1e-5)

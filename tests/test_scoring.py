@@ -1,5 +1,7 @@
 """The pure-torch core of UBT: token saliency, trigger-removing transforms, scores, forget losses, trainable sets."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from ubt_ray.core.models import load_clip
 from ubt_ray.core.objectives import Batch
 from ubt_ray.core.batches import normalize
 from ubt_ray.core.scoring import (TokenGrid, apply_mask, blur, class_attention, combine_drops, downup, image_features,
-                                  score_batch, similarity_and_saliency, text_features, token_grid, token_mask,
+                                  prepare_model, score_batch, similarity_and_saliency, text_features, token_grid, token_mask,
                                   tokens_to_take)
 from ubt_ray.core.unlearning import FORGET_LOSSES, ForgetSet, UnlearnObjective, prepare_forget_inputs, set_trainable
 
@@ -54,16 +56,19 @@ def test_blur_and_downup_remove_fine_patterns_and_keep_flat_images():
     assert downup(x).std() < 0.05 * x.std() and blur(x).std() < 0.2 * x.std()
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("method,transforms", [("token_drop", ("token_mask",)), ("token_drop", ("blur", "downup")),
                                                ("cosine", ()), ("loss", ())])
-def test_scores_do_not_depend_on_the_batch(clip, method, transforms):
+def test_scores_do_not_depend_on_the_batch(clip, method, transforms, bf16):
+    """Also with the bf16 weights scoring uses on a CPU that has native bf16 (elsewhere bf16=True is fp32 again)."""
+    model = prepare_model(copy.deepcopy(clip.model), bf16)
     pixels, tokens = batch(clip)
-    grid = token_grid(clip.model, clip.image_size)
+    grid = token_grid(model, clip.image_size)
     negatives = torch.nn.functional.normalize(torch.randn(16, 128), dim=-1)
     kw = dict(grid=grid, method=method, transforms=transforms, negatives=negatives, logit_scale=10.0)
-    whole = score_batch(clip.model, pixels, tokens, clip.preprocess_cfg, **kw)
+    whole = score_batch(model, pixels, tokens, clip.preprocess_cfg, **kw)
     for i in (0, 3, 5):
-        alone = score_batch(clip.model, pixels[i:i + 1], tokens[i:i + 1], clip.preprocess_cfg, **kw)
+        alone = score_batch(model, pixels[i:i + 1], tokens[i:i + 1], clip.preprocess_cfg, **kw)
         for name, values in alone.items():
             if name == "token_order":
                 assert torch.equal(values[0], whole[name][i])

@@ -160,8 +160,8 @@ class ScoreConfig:
                        choices=("auto", "attention", "token", "gradient", "gradient_x_input"))
     attention_blocks: list[int] = _f([0], "Transformer blocks whose class-token attention is the attention "
                                           "saliency (summed); 0 is the first.")
-    amp: bool = _f(True, "bf16 autocast for scoring on a CPU that runs bf16 natively (AVX512-BF16/AMX), "
-                         "else fp32; never on a GPU (the one GPU run with it lost detection: AUROC 0.43).")
+    amp: bool = _f(True, "Score with bf16 weights on a CPU that runs bf16 natively (AVX512-BF16/AMX), else "
+                         "fp32; never on a GPU (the one GPU run with bf16 autocast lost detection: AUROC 0.43).")
     transforms: list[str] = _f(["token_mask"], "Trigger-removing transforms of token_drop (token_mask, blur, "
                                                "downup); several are combined as the max of standardised drops.")
     negatives: int = _f(1024, "Captions in the negative bank of the loss score (the first distinct ones of D).", ge=1)

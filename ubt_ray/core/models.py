@@ -8,7 +8,6 @@ Checkpoints are written in open_clip's own `local-dir` layout (`open_clip_config
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -59,15 +58,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def inference_autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast for the forward-only scoring passes on a CPU that runs bf16 natively (AVX512-BF16 or AMX),
-    else a no-op: emulated bf16 is slower than fp32. Never on a GPU: on an H200, token-drop scoring under CUDA
-    bf16 autocast gave AUROC 0.43 where fp32 gave 0.955 (two trainings of the quickstart model; fp32 scores its
-    60,000 rows in 25 s there, so bf16 has no time to win)."""
-    if enabled and device.type == "cpu" and torch.backends.mkldnn.is_available() \
+def scoring_dtype(device: torch.device, bf16: bool = True) -> torch.dtype:
+    """The weight dtype of the forward-only scoring passes: bf16 on a CPU that runs it natively (AVX512-BF16 or
+    AMX) when asked, else fp32 (emulated bf16 is slower than fp32). Never bf16 on a GPU: on an H200, token-drop
+    scoring under CUDA bf16 autocast gave AUROC 0.43 where fp32 gave 0.955 (two trainings of the quickstart model;
+    fp32 scores its 60,000 rows in 25 s there, so bf16 has no time to win). bf16 weights rather than autocast:
+    autocast re-casts every weight and activation at each call (1.27x slower here on the quickstart's model)."""
+    if bf16 and device.type == "cpu" and torch.backends.mkldnn.is_available() \
             and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
+        return torch.bfloat16
+    return torch.float32
 
 
 def load_clip(cfg: ModelConfig, storage_cfg: StorageConfig | None = None, device: str | torch.device = "cpu",

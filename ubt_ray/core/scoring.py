@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .batches import normalize
-from .models import inference_autocast
+from .models import scoring_dtype
 
 TRANSFORMS = ("token_mask", "blur", "downup")
 METHODS = ("token_drop", "cosine", "loss")
@@ -212,11 +212,18 @@ def remove_trigger(x: torch.Tensor, transform: str, order: torch.Tensor | None =
     raise ValueError(f"unknown transform {transform!r}: use one of {', '.join(TRANSFORMS)}")
 
 
+def prepare_model(model: torch.nn.Module, bf16: bool = True) -> torch.nn.Module:
+    """`model` in eval mode, frozen, and in place in the scoring dtype of its device (bf16 weights on a CPU that
+    runs bf16 natively when `bf16`: 1.27x faster than fp32 weights under autocast on the quickstart's CPU)."""
+    device = next(model.parameters()).device
+    return model.eval().requires_grad_(False).to(scoring_dtype(device, bf16))
+
+
 def score_batch(model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tensor, preprocess_cfg: dict,
                 grid: TokenGrid, method: str = "token_drop", token_portion: float | Sequence[float] = 4 / 64,
                 transforms: tuple[str, ...] = ("token_mask",), negatives: torch.Tensor | None = None,
-                logit_scale: float | None = None, saliency: str = "auto", attention_blocks: tuple[int, ...] = (0,),
-                amp: bool = False) -> dict[str, torch.Tensor]:
+                logit_scale: float | None = None, saliency: str = "auto",
+                attention_blocks: tuple[int, ...] = (0,)) -> dict[str, torch.Tensor]:
     """Score columns of one batch: `cos`, and per method `drop_<transform>` (+ `token_order`) or `loss`.
 
     token_drop: drop of cos(f(x), g(t)) under each transform (token_mask with several portions ρ: the mean of
@@ -224,17 +231,16 @@ def score_batch(model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tens
     (several are combined later, over the whole dataset). cosine: score = -cos (weak alignment is not what a
     poison looks like, but it is the plain baseline). loss: image-to-text cross-entropy of the pair against a
     fixed bank of negative caption features; score = -loss (a fitted shortcut has a low loss).
-    `amp`: bf16 autocast on a CPU that runs it natively (1.5x on the quickstart's CPU, same AUROC); not on a GPU.
+    The forwards run in the dtype of `model`'s weights (see prepare_model); the columns are fp32.
     """
-    with inference_autocast(pixels.device, amp):
-        out = _score_batch(model, pixels, tokens, preprocess_cfg, grid, method, token_portion, transforms,
-                           negatives, logit_scale, saliency, tuple(attention_blocks))
+    out = _score_batch(model, pixels, tokens, preprocess_cfg, grid, method, token_portion, transforms,
+                       negatives, logit_scale, saliency, tuple(attention_blocks))
     return {name: v if v.dtype == torch.int64 else v.float() for name, v in out.items()}
 
 
 def _score_batch(model, pixels, tokens, preprocess_cfg, grid, method, token_portion, transforms, negatives,
                  logit_scale, saliency, attention_blocks) -> dict[str, torch.Tensor]:
-    x = normalize(pixels, preprocess_cfg)
+    x = normalize(pixels, preprocess_cfg).to(next(model.parameters()).dtype)
     with torch.no_grad():
         text = text_features(model, tokens)
     order = None

@@ -24,7 +24,7 @@ from ..cluster import ensure_ray
 from ..config import Config, ModelConfig, ScoreConfig, StorageConfig
 from ..core.batches import decode_image
 from ..core.models import load_clip
-from ..core.scoring import TRANSFORMS, combine_drops, score_batch, text_features, token_grid
+from ..core.scoring import TRANSFORMS, combine_drops, prepare_model, score_batch, text_features, token_grid
 from ..core.zeroshot import auroc, precision_recall_at_k
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
@@ -54,7 +54,7 @@ class Scorer:
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.clip = load_clip(model, storage_cfg, self.device, seed=seed)
-        self.clip.model.eval().requires_grad_(False)
+        prepare_model(self.clip.model, settings.amp)
         self.grid = token_grid(self.clip.model, self.clip.image_size)
         self.s, self.ledger = settings, ledger
         self.negatives = None
@@ -81,7 +81,7 @@ class Scorer:
         out = score_batch(self.clip.model, torch.from_numpy(np.stack(pixels)).to(self.device),
                           self.clip.tokenizer(captions).to(self.device), self.clip.preprocess_cfg, self.grid,
                           self.s.method, tuple(self.s.token_portions), tuple(self.s.transforms), self.negatives,
-                          self.logit_scale, self.s.saliency, tuple(self.s.attention_blocks), self.s.amp)
+                          self.logit_scale, self.s.saliency, tuple(self.s.attention_blocks))
         columns = {"key": table.column("key")}
         for name, values in out.items():
             if name == "token_order":  # (N, T) -> list<int16> from offsets, without a Python list per row
