@@ -1,0 +1,62 @@
+"""Benchmark: the unlearning step with a perfect detector — a forget set of the true poisons (`is_poison`).
+
+    .venv/bin/python benchmarks/oracle_forget.py --config configs/attacks/blended.yaml \
+        --select outputs/attacks/blended/defend_multi/select --transform blur --out /tmp/oracle_blended \
+        score.output=outputs/attacks/blended/defend_multi/score
+    .venv/bin/ubt unlearn -c configs/attacks/blended.yaml select.output=/tmp/oracle_blended \
+        unlearn.output=/tmp/oracle_blended/unlearn unlearn.forget=push_away
+    .venv/bin/ubt evaluate -c configs/attacks/blended.yaml --model /tmp/oracle_blended/unlearn/model
+
+Writes `<out>/forget` (the first `--count` poisons of the config's training shards, each with the score table's
+score and token order, and `--transform` as the view its forget loss trains towards) and copies `<select>/retain`
+to `<out>/retain`, so that `ubt unlearn` runs exactly as after `ubt select`. It separates the two halves of the
+defense: if unlearning fails on true poisons, detection is not what limits it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ubt_ray.config import load_config  # noqa: E402
+from ubt_ray.phases.score import TABLE  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--select", required=True, help="a finished select phase's output (its retain set is reused)")
+    ap.add_argument("--transform", default="token_mask", help="the view each forget row is trained towards")
+    ap.add_argument("--count", type=int, default=300)
+    ap.add_argument("--out", required=True)
+    args, overrides = ap.parse_known_args()
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "forget").mkdir(parents=True)
+    shutil.copytree(Path(args.select) / "retain", out / "retain")
+    poisons = pq.read_table(cfg.data.train).filter(pc.field("is_poison")).slice(0, args.count)
+    scored = pq.read_table(str(Path(cfg.score.output) / TABLE), columns=["key", "score", "token_order"])
+    by_key = dict(zip(scored.column("key").to_pylist(),
+                      zip(scored.column("score").to_pylist(), scored.column("token_order").to_pylist())))
+    keys = poisons.column("key").to_pylist()
+    forget = (poisons.append_column("score", pa.array([by_key[k][0] for k in keys], pa.float32()))
+              .append_column("token_order", pa.array([by_key[k][1] for k in keys], pa.list_(pa.int16())))
+              .sort_by([("score", "descending")]))
+    forget = forget.append_column("rank", pa.array(range(forget.num_rows), pa.int32()))
+    forget = forget.append_column("transform", pa.array([args.transform] * forget.num_rows, pa.string()))
+    schema = pq.read_table(Path(args.select) / "forget").schema
+    pq.write_table(forget.select(schema.names).cast(schema), out / "forget" / "part-0.parquet")
+    print(f"{forget.num_rows} poisons -> {out / 'forget'}; retain copied from {args.select}")
+
+
+if __name__ == "__main__":
+    main()
