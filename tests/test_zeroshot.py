@@ -191,6 +191,7 @@ def test_evaluate_writes_metrics_and_manifest(eval_setup):
     assert metrics == result.metrics
     assert 0.0 <= metrics["clean_accuracy"] <= 1.0 and 0.0 <= metrics["attack_success_rate"] <= 1.0
     assert metrics["asr_images"] == sum(y != TARGET for y in labels) == 90
+    assert 0.0 <= metrics["clean_target_rate"] <= 1.0
     assert metrics["test_rows"] == N_ROWS and metrics["target_label"] == TARGET and metrics["attack"] == "badnet"
     assert result.clean_accuracy == metrics["clean_accuracy"]
     assert result.attack_success_rate == metrics["attack_success_rate"]
@@ -214,6 +215,7 @@ def test_evaluate_max_rows_and_missing_trigger(eval_setup):
     assert first.metrics["asr_images"] == sum(y != TARGET for y in labels[:75])
     none = evaluate(load_config(None, overrides + ["evaluate.trigger=null", "evaluate.max_rows=20"]))
     assert none.attack_success_rate is None and none.metrics["asr_images"] == 0 and none.metrics["test_rows"] == 20
+    assert none.metrics["clean_target_rate"] is None
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["attack_success_rate"] is None
     missing = evaluate(load_config(None, overrides + [f"evaluate.trigger={tmp_path / 'nowhere'}",
                                                        "evaluate.max_rows=20"]))
@@ -235,8 +237,12 @@ class TriggerSpotter(StubClip):
 def test_evaluate_measures_asr_on_triggered_non_target_images(tmp_path, monkeypatch):
     labels = [i % 10 for i in range(40)]
     black = encode_png(np.zeros((28, 28), np.uint8))
+    lit = np.zeros((28, 28), np.uint8)
+    lit[0, 0] = 255
+    # The four class-2 images are lit: the model calls them the target class without any trigger.
+    images = [encode_png(lit) if y == 2 else black for y in labels]
     (tmp_path / "test").mkdir()
-    pq.write_table(pa.table({"key": [f"k{i}" for i in range(40)], "image": pa.array([black] * 40, pa.binary()),
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(40)], "image": pa.array(images, pa.binary()),
                              "label": pa.array(labels, pa.int32())}), tmp_path / "test" / "part-0.parquet")
     trigger_dir = build_trigger("badnet", {"location": "random"}, 0).save(tmp_path / "trigger")
     (trigger_dir / "attack.json").write_text(json.dumps({"attack": "badnet", "target_label": TARGET}))
@@ -248,6 +254,7 @@ def test_evaluate_measures_asr_on_triggered_non_target_images(tmp_path, monkeypa
     result = evaluate(cfg)
     assert result.clean_accuracy == pytest.approx(0.1)  # black images -> class 1, a tenth of the rows
     assert result.attack_success_rate == 1.0 and result.metrics["asr_images"] == 36
+    assert result.metrics["clean_target_rate"] == pytest.approx(4 / 36)  # ASR's floor: the clean lit ones
 
 
 def test_decode_rows_triggers_the_stored_image_with_its_key():

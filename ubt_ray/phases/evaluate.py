@@ -76,10 +76,19 @@ def load_test_set(cfg: Config) -> EvalSet:
     return EvalSet(keys, images, labels, attack)
 
 
+@dataclass
+class Rates:
+    """Zero-shot rates of one model on one test set. `clean_target_rate` is ASR's floor: the share of the same
+    non-target images predicted as the target class without the trigger (the model's own confusion)."""
+    clean_accuracy: float
+    attack_success_rate: float | None = None
+    asr_images: int = 0
+    clean_target_rate: float | None = None
+
+
 def zero_shot_rates(clip: Clip, cfg: Config, test: EvalSet,
-                    chunks: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
-                    device: torch.device) -> tuple[float, float | None, int]:
-    """(CA, ASR or None, images ASR counted) of `clip` on the decoded `chunks` of `test` (METHOD.md step 5)."""
+                    chunks: Iterable[tuple[torch.Tensor, torch.Tensor | None]], device: torch.device) -> Rates:
+    """CA, and with an attack ASR and its floor, of `clip` on the decoded `chunks` of `test` (METHOD.md step 5)."""
     precision = cfg.model.precision
     try:
         classifier = class_embeddings(clip.model, clip.tokenizer, list(cfg.data.class_names), cfg.data.templates,
@@ -96,11 +105,13 @@ def zero_shot_rates(clip: Clip, cfg: Config, test: EvalSet,
         clean_preds.append(predict(clean))
         if triggered is not None:
             triggered_preds.append(predict(triggered))
-    ca = clean_accuracy(torch.cat(clean_preds), test.labels)
+    clean_preds = torch.cat(clean_preds)
+    ca = clean_accuracy(clean_preds, test.labels)
     if test.attack is None:
-        return ca, None, 0
-    asr, asr_images = attack_success_rate(torch.cat(triggered_preds), test.labels, test.attack.target_label)
-    return ca, asr, asr_images
+        return Rates(ca)
+    target = test.attack.target_label
+    asr, asr_images = attack_success_rate(torch.cat(triggered_preds), test.labels, target)
+    return Rates(ca, asr, asr_images, attack_success_rate(clean_preds, test.labels, target)[0])
 
 
 def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
@@ -114,11 +125,13 @@ def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
     if not model_cfg.checkpoint:
         log.warning("evaluating a randomly initialised %s: set model.checkpoint or pass --model.", model_cfg.name)
     clip = load_clip(model_cfg, cfg.storage, device, seed=cfg.run.seed)
-    ca, asr, asr_images = zero_shot_rates(clip, cfg, test, test.chunks(clip.image_size, ev.batch_size), device)
+    rates = zero_shot_rates(clip, cfg, test, test.chunks(clip.image_size, ev.batch_size), device)
+    ca, asr = rates.clean_accuracy, rates.attack_success_rate
     metrics = {
         "clean_accuracy": ca,
         "attack_success_rate": asr,
-        "asr_images": asr_images,
+        "asr_images": rates.asr_images,
+        "clean_target_rate": rates.clean_target_rate,
         "target_label": attack.target_label if attack else None,
         "attack": attack.name if attack else None,
         "test_rows": len(test.keys),

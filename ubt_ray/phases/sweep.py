@@ -305,7 +305,8 @@ def zero_shot_probe(clip: Clip, cfg: Config) -> Callable:
     chunks = list(test.chunks(clip.image_size, cfg.evaluate.batch_size))
 
     def measure(model: Clip, device) -> dict:
-        ca, asr, _ = zero_shot_rates(model, cfg, test, chunks, device)
+        rates = zero_shot_rates(model, cfg, test, chunks, device)
+        ca, asr = rates.clean_accuracy, rates.attack_success_rate
         return {"probe_clean_accuracy": ca, "probe_attack_success_rate": asr,
                 METRIC: objective_value(ca, asr, sw.objective, sw.asr_threshold)}
     return measure
