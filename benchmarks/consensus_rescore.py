@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ubt_ray.config import load_config  # noqa: E402
-from ubt_ray.core.batches import decode_image  # noqa: E402
+from ubt_ray.core.batches import decode_images  # noqa: E402
 from ubt_ray.core.scoring import blur  # noqa: E402
 from ubt_ray.core.zeroshot import auroc, precision_recall_at_k  # noqa: E402
 from ubt_ray.phases.score import TABLE  # noqa: E402
@@ -43,8 +42,7 @@ def main() -> None:
     shards = pq.read_table(cfg.data.train, columns=["key", "image"])
     where = {k: i for i, k in enumerate(shards.column("key").to_pylist())}
     images = shards.column("image").to_pylist()
-    x = torch.from_numpy(np.stack([decode_image(images[where[k]], 32) for k in table.column("key").to_pylist()]))
-    x = x.float() / 255
+    x = decode_images([images[where[k]] for k in table.column("key").to_pylist()], 32).float() / 255
     residual = (x - blur(x)).flatten(1)
     residual -= residual.mean(0)
     norms = residual.norm(dim=1).clamp_min(1e-6)

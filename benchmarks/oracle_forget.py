@@ -20,7 +20,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ubt_ray.config import load_config  # noqa: E402
 from ubt_ray.phases.score import TABLE  # noqa: E402
+from ubt_ray.phases.select import _pick  # noqa: E402
 
 
 def main() -> None:
@@ -45,16 +45,12 @@ def main() -> None:
     shutil.copytree(Path(args.select) / "retain", out / "retain")
     poisons = pq.read_table(cfg.data.train).filter(pc.field("is_poison")).slice(0, args.count)
     scored = pq.read_table(str(Path(cfg.score.output) / TABLE), columns=["key", "score", "token_order"])
-    by_key = dict(zip(scored.column("key").to_pylist(),
-                      zip(scored.column("score").to_pylist(), scored.column("token_order").to_pylist())))
-    keys = poisons.column("key").to_pylist()
-    forget = (poisons.append_column("score", pa.array([by_key[k][0] for k in keys], pa.float32()))
-              .append_column("token_order", pa.array([by_key[k][1] for k in keys], pa.list_(pa.int16())))
-              .sort_by([("score", "descending")]))
-    forget = forget.append_column("rank", pa.array(range(forget.num_rows), pa.int32()))
-    forget = forget.append_column("transform", pa.array([args.transform] * forget.num_rows, pa.string()))
-    schema = pq.read_table(Path(args.select) / "forget").schema
-    pq.write_table(forget.select(schema.names).cast(schema), out / "forget" / "part-0.parquet")
+    scored = scored.filter(pc.is_in(scored.column("key"), poisons.column("key"))).sort_by([("score", "descending")])
+    chosen = {row["key"]: {"rank": rank, **row, "transform": args.transform}
+              for rank, row in enumerate(scored.to_pylist())}
+    # Tagged as `ubt select` tags its forget rows (rank, FORGET_COLUMNS), in rank order.
+    forget = _pick(poisons, chosen, frozenset()).drop_columns(["set"]).sort_by([("rank", "ascending")])
+    pq.write_table(forget, out / "forget" / "part-0.parquet")
     print(f"{forget.num_rows} poisons -> {out / 'forget'}; retain copied from {args.select}")
 
 
