@@ -50,22 +50,38 @@ def machine_token() -> str:
     return path.read_text().strip()
 
 
+def cluster_ports(workers: int = 200) -> tuple[range, dict[str, int]]:
+    """A worker port range and one port per component, all free now and no two the same: `ray start` refuses a
+    component port inside the worker range (it failed CI once, when a random pick fell there)."""
+    start = free_port()
+    while start + workers > 65536:
+        start = free_port()
+    worker_ports = range(start, start + workers)
+    ports: dict[str, int] = {}
+    for flag in PORT_FLAGS:
+        port = free_port()
+        while port in worker_ports or port in ports.values():
+            port = free_port()
+        ports[flag] = port
+    return worker_ports, ports
+
+
 @pytest.fixture
 def local_cluster(monkeypatch):
     """`ray start --head` on free ports with token auth; yields the dashboard address."""
-    ports = {flag: free_port() for flag in PORT_FLAGS}
+    worker_ports, ports = cluster_ports()
     temp_dir = tempfile.mkdtemp(prefix="ubt-rs-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     # The token of this machine (~/.ray/auth_token, made if missing): a process that has already used Ray (an
     # earlier test module) keeps the token it loaded then, so a fresh one would be refused as invalid.
     monkeypatch.setenv("RAY_AUTH_TOKEN", machine_token())
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    worker_port = free_port()
     cmd = [RAY, "start", "--head", f"--temp-dir={temp_dir}", "--num-cpus=4", "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--min-worker-port={worker_port}",
-           f"--max-worker-port={worker_port + 200}"] + [f"--{flag}={port}" for flag, port in ports.items()]
+           "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--min-worker-port={worker_ports.start}",
+           f"--max-worker-port={worker_ports.stop - 1}"] + [f"--{flag}={port}" for flag, port in ports.items()]
     try:
-        subprocess.run(cmd, check=True, capture_output=True, timeout=180)
+        started = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, f"`ray start` failed:\n{(started.stdout + started.stderr)[-3000:]}"
         yield f"http://127.0.0.1:{ports['dashboard-port']}"
     finally:
         kill_cluster(temp_dir, ports["port"])
