@@ -90,6 +90,9 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
     spec = dataclasses.replace(spec, data=storage.absolute(spec.data), output=storage.absolute(spec.output),
                                init=dataclasses.replace(spec.init, checkpoint=storage.absolute(spec.init.checkpoint)))
     rows = count_rows(spec.data, cfg.storage)
+    # Before the first Ray call (the shards' read): Ray Data would otherwise start a default local Ray and
+    # ignore ray.address and ray.num_cpus.
+    ensure_ray(cfg.ray)
     if rows < t.batch_size:
         raise UserError(f"{spec.data} holds {rows} rows, fewer than {spec.phase}'s batch size {t.batch_size}: "
                         f"lower train.batch_size or give more data.")
@@ -162,7 +165,6 @@ def _objective_name(spec: FitSpec) -> str:
 
 
 def _cluster_has_gpus(cfg: Config) -> bool:
-    ensure_ray(cfg.ray)
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
