@@ -18,6 +18,7 @@ from ubt_ray.phases.poison import poison, select_poison_keys
 
 ATTACKS = ["badnet", "blended", "sig", "wanet", "label_consistent"]
 ROWS, TARGET, NUM_POISONS = 200, 3, 20
+ROWS_PER_FILE = 50  # the 199 written rows: 4 files at most 50 rows each
 # A target-class row with unreadable image bytes: validation drops it, and label_consistent, which must choose
 # all 20 target-class rows, cannot poison it.
 BROKEN = 13
@@ -45,7 +46,8 @@ def rows_by_key(path) -> dict[str, dict]:
 
 def config(clean: Path, out: Path, *overrides: str):
     return load_config(None, [f"data.clean_train={clean}", f"poison.output={out}", f"poison.target_label={TARGET}",
-                              f"poison.num_poisons={NUM_POISONS}", *overrides])
+                              f"poison.num_poisons={NUM_POISONS}", f"poison.rows_per_file={ROWS_PER_FILE}",
+                              *overrides])
 
 
 def expected_poisons(attack: str) -> int:
@@ -95,6 +97,9 @@ def test_poisoned_rows_and_untouched_rest(runs, clean, attack):
     # Poisoned captions are not all one template: the template is drawn per key.
     if attack != "label_consistent":
         assert len({after[k]["caption"] for k in poisoned}) > 1
+
+    files = [pq.ParquetFile(f).metadata.num_rows for f in sorted(Path(result.shards).glob("*.parquet"))]
+    assert sum(files) == ROWS - 1 and max(files) <= ROWS_PER_FILE and len(files) >= 4, files
 
     manifest = json.loads((Path(result.output) / "manifest.json").read_text())
     assert manifest == result.manifest

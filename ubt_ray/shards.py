@@ -113,11 +113,14 @@ def read_shards(uri: str, cfg: Config, columns: list[str] | None = None,
 
 
 def write_shards(ds: ray.data.Dataset, uri: str, cfg: Config, rows_per_file: int) -> None:
-    """Write `ds` as Parquet shards to `uri`, replacing any previous shards there."""
+    """Write `ds` as Parquet shards of at most `rows_per_file` rows to `uri`, replacing any previous shards there.
+    The cap matters: Ray Data packs small input files into one read task, so without it a phase that reads many
+    shards writes one big file, which later phases can read as one block only (one scoring actor at a time)."""
     storage.remove_dir(uri, cfg.storage)
     loc = storage.resolve(uri, cfg.storage)
     with storage.friendly_errors(uri, cfg.storage, "write"):
-        ds.write_parquet(loc.path, filesystem=loc.fs, min_rows_per_file=rows_per_file)
+        ds.write_parquet(loc.path, filesystem=loc.fs, min_rows_per_file=rows_per_file,
+                         max_rows_per_file=rows_per_file)
 
 
 def normalise_table(table: pa.Table) -> pa.Table:
