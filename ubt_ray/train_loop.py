@@ -90,12 +90,12 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
     spec = dataclasses.replace(spec, data=storage.absolute(spec.data), output=storage.absolute(spec.output),
                                init=dataclasses.replace(spec.init, checkpoint=storage.absolute(spec.init.checkpoint)))
     rows = count_rows(spec.data, cfg.storage)
-    # Before the first Ray call (the shards' read): Ray Data would otherwise start a default local Ray and
-    # ignore ray.address and ray.num_cpus.
-    ensure_ray(cfg.ray)
     if rows < t.batch_size:
         raise UserError(f"{spec.data} holds {rows} rows, fewer than {spec.phase}'s batch size {t.batch_size}: "
                         f"lower train.batch_size or give more data.")
+    # Before the first Ray call (the GPU check, the shards' read): Ray Data would otherwise start a default local
+    # Ray and ignore ray.address and ray.num_cpus.
+    ensure_ray(cfg.ray)
     if t.use_gpu and not _cluster_has_gpus(cfg):
         raise UserError("train.use_gpu is true but the Ray cluster has no GPU: set train.use_gpu=false or add GPU workers.")
     ds = read_shards(spec.data, cfg, columns=["key", "image", "caption"]).randomize_block_order(seed=cfg.run.seed)
