@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -35,6 +36,7 @@ def ray_local():
     # Logical CPUs beyond the machine's two, so that two Train workers leave room for Ray Data's tasks.
     ray.init(num_cpus=4, logging_level="ERROR")
     yield ray
+    gc.collect()  # Ray objects (datasets, refs) the module's tests left go while Ray is still up
     ray.shutdown()
 
 
@@ -68,3 +70,25 @@ def s3_bucket(s3_server):
     name = f"ubt-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
     return s3_server, name
+
+
+_finished: dict = {}
+
+
+def pytest_sessionfinish(session):
+    _finished["session"] = session
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave without the interpreter's finalization once pytest is done. CI once saw this process killed by
+    SIGSEGV (exit 139) after printing "201 passed": a crash while native libraries (Ray's core worker, torch's
+    and Arrow's thread pools) are torn down at exit. The results are final and printed by now, so exit with
+    pytest's status instead of running that teardown. Not in pytest-xdist workers, whose controller still
+    talks to them."""
+    session = _finished.get("session")
+    if session is None or hasattr(config, "workerinput"):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(session.exitstatus))
