@@ -124,7 +124,10 @@ def backdoored(ray_local, tmp_path_factory):
                  "train.warmup_steps=10", "train.threads_per_worker=2",
                  # Every training phase in this process (Ray Train's num_workers=0): DDP is test_train's subject,
                  # and a worker actor's start costs each run 10-25 s here.
-                 "train.num_workers=0"]
+                 "train.num_workers=0",
+                 # One scoring actor: this data is one block, so more actors would each start and load the model
+                 # for nothing (the actor pool is test_score_on_ray_data_scores_every_row_once_like_in_process's).
+                 "score.num_actors=1"]
     assert main(["poison", *overrides]) == 0
     assert main(["train", *overrides]) == 0
     return root, overrides

@@ -161,7 +161,8 @@ def train_micro_clip(data: str, out: Path, steps: int = 60) -> None:
 @pytest.fixture(scope="module")
 def backdoored(ray_local, tmp_path_factory):
     """Poisoned Fashion-MNIST shards (1,200 rows, 60 BadNet poisons), a micro CLIP trained on them, and the
-    overrides of a 4-trial sweep over num_samples x token_portion on it."""
+    overrides of a 2-trial sweep over num_samples x token_portion on it, one trial at a time (each trial is a
+    Ray Train run that starts its own actors: the suite's time goes there)."""
     root = tmp_path_factory.mktemp("sweep")
     overrides = [f"run.output_dir={root}", f"data.clean_train={fashion_mnist_shards(root / 'clean', rows=1200)}",
                  f"data.test={fashion_mnist_shards(root / 'test', split='test', rows=300)}",
@@ -169,8 +170,8 @@ def backdoored(ray_local, tmp_path_factory):
     assert main(["poison", *overrides]) == 0
     train_micro_clip(str(root / "poison" / "shards"), root / "attack" / "model")
     overrides += ["defend.overfit=false", "score.model=original", "score.num_actors=1", "score.batch_size=200",
-                  "sweep.space={unlearn.num_samples: {grid: [20, 40]}, unlearn.token_portion: {grid: [0.015625, 0.0625]}}",
-                  "sweep.max_concurrent_trials=2", "sweep.probe_every=2", "sweep.probe_rows=100",
+                  "sweep.space={unlearn.num_samples: {grid: [20, 40]}, unlearn.token_portion: {grid: [0.0625]}}",
+                  "sweep.max_concurrent_trials=1", "sweep.probe_every=2", "sweep.probe_rows=100",
                   "select.retain_samples=256", "unlearn.steps=4", "unlearn.batch_size=32",
                   "unlearn.forget_batch_size=8", "evaluate.max_rows=200", "train.threads_per_worker=1"]
     return root, overrides
@@ -198,12 +199,12 @@ def finished_trials(out: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def resumed_sweep(backdoored):
-    """The sweep interrupted after two finished trials, then resumed with `ubt sweep`."""
+    """The sweep interrupted after its first finished trial, then resumed with `ubt sweep`."""
     root, overrides = backdoored
     out = root / "sweep"
     flag = root / "interrupt.flag"
     flag.touch()
-    first = sweep(load_config(None, overrides), callbacks=[InterruptAfter(2, str(flag))])
+    first = sweep(load_config(None, overrides), callbacks=[InterruptAfter(1, str(flag))])
     first.wrote_results = (out / "results.csv").exists()
     before = finished_trials(out)
     progress = {p.parent.name: p.read_text() for p in out.glob("tune/*/result.json")}
@@ -218,28 +219,28 @@ def test_an_interrupted_sweep_resumes_without_running_finished_trials_again(resu
     run = resumed_sweep
     out, before, stdout = run.out, run.before, run.stdout
     assert run.first.interrupted and not run.first.rows and not run.first.wrote_results
-    assert len(before) >= 2
+    assert len(before) == 1  # one trial at a time: the second had not finished
     assert run.code == 0, stdout
     summary = last_json(stdout)
-    assert summary["resumed"] and summary["trials"] == 4 and summary["finished"] == 4
+    assert summary["resumed"] and summary["trials"] == 2 and summary["finished"] == 2
     after = finished_trials(out)
-    assert len(after) == 4 and set(before) <= set(after)
+    assert len(after) == 2 and set(before) <= set(after)
     # The finished trials were not run again: same evaluation files, same Tune results.
     assert {t: after[t] for t in before} == before
     for trial_dir in out.glob("tune/*/result.json"):
         if any(t in trial_dir.parent.name for t in before):
             assert trial_dir.read_text() == run.progress[trial_dir.parent.name]
-    assert len(list(out.glob("trials/*"))) == 4  # no trial was started under a new id
+    assert len(list(out.glob("trials/*"))) == 2  # no trial was started under a new id
 
 
 def test_the_sweep_writes_a_sorted_table_a_heatmap_and_the_best_checkpoint(resumed_sweep):
     out = resumed_sweep.out
     table = pd.read_csv(out / "results.csv")
-    assert len(table) == 4 and list(table["rank"]) == [1, 2, 3, 4]
+    assert len(table) == 2 and list(table["rank"]) == [1, 2]
     assert table["objective"].is_monotonic_decreasing and set(table["status"]) == {"finished"}
     assert table["clean_accuracy"].between(0, 1).all() and table["attack_success_rate"].between(0, 1).all()
     assert {(r["unlearn.num_samples"], r["unlearn.token_portion"]) for _, r in table.iterrows()} == {
-        (20, 0.015625), (20, 0.0625), (40, 0.015625), (40, 0.0625)}
+        (20, 0.0625), (40, 0.0625)}
     markdown = (out / "results.md").read_text()
     assert "| rank | unlearn.num_samples | unlearn.token_portion | CA | ASR |" in markdown and "Best:" in markdown
     assert "| rank |" in resumed_sweep.stdout
@@ -260,7 +261,7 @@ def test_the_sweep_writes_a_sorted_table_a_heatmap_and_the_best_checkpoint(resum
     # One selection for every trial, made with the largest num_samples of the space.
     assert pq.read_table(out / "select" / "forget").num_rows == 40
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["forget_rows_selected"] == 40 and manifest["finished"] == 4
+    assert manifest["forget_rows_selected"] == 40 and manifest["finished"] == 2
 
 
 def test_a_finished_sweep_asked_again_reruns_nothing(resumed_sweep):
@@ -268,7 +269,7 @@ def test_a_finished_sweep_asked_again_reruns_nothing(resumed_sweep):
     before = finished_trials(out)
     progress = {p: p.read_text() for p in out.glob("tune/*/result.json")}
     result = sweep(load_config(None, resumed_sweep.overrides))
-    assert result.resumed and len(result.rows) == 4 and finished_trials(out) == before
+    assert result.resumed and len(result.rows) == 2 and finished_trials(out) == before
     assert {p: p.read_text() for p in out.glob("tune/*/result.json")} == progress
 
 
