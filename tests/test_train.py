@@ -36,8 +36,16 @@ def test_rewritten_shards_at_the_same_path_are_another_run(tmp_path):
     assert run_fingerprint(cfg, spec) != before
 
 
-def _checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(run_dir.glob("ray/train/checkpoint_*")) if run_dir.exists() else []
+def _registered_checkpoints(run_dir: Path) -> list[dict]:
+    """The checkpoints Ray Train has registered for the run (what a rerun resumes from): those in its checkpoint
+    manager's snapshot, written after the workers' report. A checkpoint_* directory alone is not enough: a
+    fresh-clone run here killed the run 1 s after one appeared, before it was registered, and the rerun
+    started over."""
+    try:
+        return json.loads((run_dir / "ray" / "train" / "checkpoint_manager_snapshot.json").read_text())[
+            "checkpoint_results"]
+    except (OSError, ValueError, KeyError):  # not written yet, or being written
+        return []
 
 
 def test_killed_two_worker_training_resumes_from_its_checkpoint(ray_local, tmp_path, capsys):
@@ -54,10 +62,9 @@ def test_killed_two_worker_training_resumes_from_its_checkpoint(ray_local, tmp_p
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     try:
-        while not _checkpoints(out) and time.time() < deadline and proc.poll() is None:
+        while not _registered_checkpoints(out) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
-        assert _checkpoints(out), "no checkpoint appeared before the deadline"
-        time.sleep(1.0)  # let the checkpoint's files land
+        assert _registered_checkpoints(out), "no checkpoint was registered before the deadline"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
