@@ -16,8 +16,8 @@ pip_setting() {
     .venv/bin/python -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.$1='\(.*\)'\$/\1/p" | head -1
 }
 
-# uv installs the same packages as pip, from the same indexes, about 3x faster (the CUDA wheels that torch
-# pulls in are most of the time). It reads pip's settings from here, and takes the best version over all
+# uv installs the same packages as pip, from the same indexes, in about a third of the time here (torch pulls
+# in some fifteen CUDA wheels). It reads pip's settings from here, and takes the best version over all
 # indexes as pip does. Bytecode is compiled up front, as pip does: imports in every Ray worker need it.
 uv_install() {
     .venv/bin/python -m pip install -q uv || return 1
