@@ -11,9 +11,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.ubt-install-stamp
 want="$(sha256sum pyproject.toml | cut -c1-16)"
-# What pip is configured with here (its environment first, then its config files): one setting's value.
+# What pip is configured with here (its environment first, then its config files): one setting's value, read
+# from `pip config list`, which uv_install runs once.
 pip_setting() {
-    .venv/bin/python -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.$1='\(.*\)'\$/\1/p" | head -1
+    sed -n "s/^[^.]*\.$1='\(.*\)'\$/\1/p" <<< "$pip_config" | head -1
 }
 
 # uv installs the same packages as pip, from the same indexes, in about a third of the time here (torch pulls
@@ -21,6 +22,8 @@ pip_setting() {
 # indexes as pip does. Bytecode is compiled up front, as pip does: imports in every Ray worker need it.
 uv_install() {
     .venv/bin/python -m pip install -q uv || return 1
+    local pip_config
+    pip_config=$(.venv/bin/python -m pip config list 2>/dev/null)
     local args=(--python .venv/bin/python --index-strategy unsafe-best-match --compile-bytecode -q) v
     v=$(pip_setting index-url); [ -z "$v" ] || args+=(--default-index "$v")
     for v in $(pip_setting extra-index-url); do args+=(--index "$v"); done

@@ -83,9 +83,9 @@ def pytest_sessionfinish(session):
 def pytest_unconfigure(config):
     """Leave without the interpreter's finalization once pytest is done. CI once saw this process killed by
     SIGSEGV (exit 139) after printing "201 passed", so in the interpreter's finalization, most likely while
-    native libraries (Ray's core worker, torch's and Arrow's thread pools) are torn down. The results are final and printed by now, so exit with
-    pytest's status instead of running that teardown. Not in pytest-xdist workers, whose controller still
-    talks to them."""
+    native libraries (Ray's core worker, torch's and Arrow's thread pools) are torn down. The results are final
+    and printed by now, so exit with pytest's status instead of running that teardown. Not in pytest-xdist
+    workers, whose controller still talks to them."""
     session = _finished.get("session")
     if session is None or hasattr(config, "workerinput"):
         return
