@@ -20,8 +20,8 @@ from ubt_ray.core.models import load_clip, save_clip
 from ubt_ray.core.scoring import prepare_model, score_batch, token_grid
 from ubt_ray.errors import UserError
 from ubt_ray.phases.defend import defense_fingerprint
-from ubt_ray.phases.score import score
-from ubt_ray.phases.select import merge_top_k, top_k
+from ubt_ray.phases.score import _combine, score, tail_strengths
+from ubt_ray.shards import merge_top_k, top_k
 
 from helpers import caption_shards, fashion_mnist_shards, last_json, small_clip_config, write_random_clip
 
@@ -61,6 +61,8 @@ def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scor
     manifest = json.loads((tmp_path / "scores" / "manifest.json").read_text())
     assert manifest["rows"]["rejected_examples"] == {"image undecodable (UnidentifiedImageError)": [BROKEN_KEY]}
     assert manifest["actors"] == 2
+    # Both actors scored rows: three small files are one read task, which one actor would otherwise take alone.
+    assert len(manifest["rows_per_actor"]) == 2 and sum(manifest["rows_per_actor"]) == 300
 
     # The same function in this process, with the same settings, in batches of another size, gives the same scores.
     clip = load_clip(ModelConfig(checkpoint=str(model)))
@@ -79,6 +81,27 @@ def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scor
     detection = json.loads((tmp_path / "scores" / "detection.json").read_text())
     assert detection["poisons"] == 12 and 0 <= detection["auroc"] <= 1 and "precision@10" in detection
     assert (tmp_path / "scores" / "score_histogram.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pick_combination_takes_the_transform_whose_top_drops_stand_out(ray_local):
+    """Blur's drops have a group of 5 far outliers (a trigger blur removes), the token mask's drops are one
+    spread-out distribution with a larger std: pick takes blur, and its score is blur's drop on every row."""
+    rng = np.random.default_rng(0)
+    n = 400
+    blur = rng.normal(0.0, 0.01, n)
+    blur[[3, 50, 120, 300, 399]] = 0.3
+    table = pa.table({"key": [f"row-{i:06d}" for i in range(n)], "drop_blur": blur.astype(np.float32),
+                      "drop_token_mask": rng.normal(0.0, 0.2, n).astype(np.float32)})
+    ds = ray.data.from_arrow(table).repartition(4)
+    stats = {t: (float(table.column(f"drop_{t}").to_numpy().mean()), float(table.column(f"drop_{t}").to_numpy().std()))
+             for t in ("blur", "token_mask")}
+    strengths = tail_strengths(ds, stats, 5)
+    assert strengths["blur"] > 5 > strengths["token_mask"] > 1
+    out = _combine(table, stats, picked="blur")
+    assert out.column("score").to_pylist() == table.column("drop_blur").to_pylist()
+    assert set(out.column("transform").to_pylist()) == {"blur"}
+    # max_z instead: each row's larger standardised drop, so a token-mask row can come first.
+    assert set(_combine(table, stats).column("transform").to_pylist()) == {"blur", "token_mask"}
 
 
 def test_score_refuses_actors_that_would_starve_the_reads(ray_local, scored_input, tmp_path):

@@ -135,6 +135,27 @@ def test_forget_loss_falls_with_training(kind):
     assert np.isfinite(metrics["loss"]) and metrics["forget_loss"] < first
 
 
+@pytest.mark.parametrize("transform, same_as, weight", [("token_mask", "token_invariance", 2.0),
+                                                        ("blur", "push_away", 5.0)])
+def test_auto_forget_loss_is_invariance_on_token_mask_rows_and_push_away_on_whole_image_rows(transform, same_as,
+                                                                                              weight):
+    """forget: auto gives a row the token mask flagged token_invariance at forget_weight (2), and a row blur
+    flagged push_away at whole_image_weight (5): the same loss as those kinds with that weight."""
+    clip = load_clip(ModelConfig(), seed=0)
+    reference = load_clip(ModelConfig(), seed=0).model.eval().requires_grad_(False)
+    pixels, tokens = batch(clip)
+    grid = token_grid(clip.model, 32)
+    forget = ForgetSet(pixels[:4], tokens[:4], [transform] * 4, None)
+    retain = Batch(pixels[4:], tokens[4:], ["a", "b"])
+    losses = []
+    for kind, forget_weight in (("auto", 2.0), (same_as, weight)):
+        inputs = prepare_forget_inputs(reference, forget, clip.preprocess_cfg, grid, 4 / 64, kind)
+        objective = UnlearnObjective(clip.preprocess_cfg, forget, inputs, kind, forget_weight=forget_weight,
+                                     margin=-1.0, forget_batch_size=4, seed=0, whole_image_weight=5.0)
+        losses.append(objective(clip.model.eval(), retain)[0].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_token_invariance_starts_from_what_the_reference_sees_without_the_tokens(clip):
     pixels, tokens = batch(clip, n=2)
     forget = ForgetSet(pixels, tokens, ["token_mask", "token_mask"], None)

@@ -163,7 +163,12 @@ class ScoreConfig:
     amp: bool = _f(True, "Score with bf16 weights on a CPU that runs bf16 natively (AVX512-BF16/AMX), else "
                          "fp32; never on a GPU (the one GPU run with bf16 autocast lost detection: AUROC 0.43).")
     transforms: list[str] = _f(["token_mask"], "Trigger-removing transforms of token_drop (token_mask, blur, "
-                                               "downup); several are combined as the max of standardised drops.")
+                                               "downup); several are combined by score.combine.")
+    combine: str = _f("max_z", "How several transforms' drops become one score: max_z = each row's largest "
+                               "standardised drop; pick = the drop of the one transform whose top "
+                               "unlearn.num_samples drops stand furthest above its mean (in standard "
+                               "deviations): the transform that removes this dataset's trigger.",
+                      choices=("max_z", "pick"))
     negatives: int = _f(1024, "Captions in the negative bank of the loss score (the first distinct ones of D).", ge=1)
     batch_size: int = _f(256, "Rows per scoring batch.", ge=1)
     num_actors: int | None = _f(None, "Scoring actors; null: one per GPU with use_gpu, else one per cpus_per_actor "
@@ -194,11 +199,15 @@ class UnlearnConfig:
                                          "top-ρ tokens masked; METHOD.md's), push_away (cos(f_θ(x), g_θ(t)) of each "
                                          "selected pair pushed below unlearn.margin), local_push (push_away on the "
                                          "top-ρ tokens alone), invariance_push (the sum of token_invariance and "
-                                         "push_away).",
-                      choices=("token_invariance", "push_away", "local_push", "invariance_push"))
+                                         "push_away), auto (per row: token_invariance where the token mask flagged "
+                                         "it, push_away at unlearn.whole_image_weight where blur or downup did).",
+                      choices=("token_invariance", "push_away", "local_push", "invariance_push", "auto"))
     steps: int = _f(50, "Optimiser steps.", ge=1)
     lr: float = _f(4e-4, "Learning rate.", gt=0)
     forget_weight: float = _f(1.0, "λ_f: weight of the forget loss against the retain (CLIP) loss.", ge=0)
+    whole_image_weight: float = _f(4.0, "λ_f of the rows a whole-image transform (blur, downup) flagged, under "
+                                        "forget: auto (push_away; 4 took a Blended and a SIG backdoor to ASR "
+                                        "<= 3.3%, 2 left Blended at 11.7%).", ge=0)
     margin: float = _f(0.2, "Cosine margin of push_away, local_push and invariance_push: pairs already below it "
                             "are left alone.", ge=-1, le=1)
     trainable: str = _f("all", "Parameters that move.", choices=("all", "visual", "visual.early", "text"))

@@ -7,6 +7,7 @@ optional `label` int32 and `is_poison` bool.
 from __future__ import annotations
 
 import hashlib
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -158,6 +159,33 @@ def validate_table(table: pa.Table, data_cfg: DataConfig) -> tuple[pa.Table, Row
     return normalise_table(table.filter(pa.array(keep))), counts
 
 
+def _order(by: str, descending: bool) -> list[tuple[str, str]]:
+    return [(by, "descending" if descending else "ascending"), ("key", "ascending")]
+
+
+def block_top_k(table: pa.Table, k: int, by: str, descending: bool = True) -> pa.Table:
+    """The k first rows of `table` ordered by `by` (ties by key)."""
+    return table.take(pc.sort_indices(table, sort_keys=_order(by, descending))[:k])
+
+
+def merge_top_k(tables: Iterable[pa.Table], k: int, by: str, descending: bool = True) -> pa.Table | None:
+    """Merge per-block top-k tables into the global top-k, holding at most 2k rows plus one table at a time."""
+    best = None
+    for t in tables:
+        if t.num_rows == 0:
+            continue
+        best = t if best is None else pa.concat_tables([best, t], promote_options="permissive")
+        best = block_top_k(best, k, by, descending)
+    return best
+
+
+def top_k(ds: ray.data.Dataset, k: int, by: str, descending: bool = True) -> pa.Table | None:
+    """The global top-k rows of a Ray Dataset by column `by`, with driver memory bounded by k."""
+    per_block = ds.map_batches(block_top_k, batch_format="pyarrow", batch_size=None,
+                               fn_kwargs={"k": k, "by": by, "descending": descending})
+    return merge_top_k(per_block.iter_batches(batch_format="pyarrow", batch_size=None), k, by, descending)
+
+
 @ray.remote(num_cpus=0)
 class RowLedger:
     """Collects the row accounting (and, where a phase needs them, the keys) of every Ray Data task of one phase,
@@ -166,10 +194,18 @@ class RowLedger:
     def __init__(self) -> None:
         self.counts = RowCounts()
         self.keys: list[str] = []
+        self.by_source: dict[str, int] = {}
 
-    def add(self, counts: RowCounts, keys: list[str] | None = None) -> None:
+    def add(self, counts: RowCounts, keys: list[str] | None = None, source: str | None = None) -> None:
+        """Merge one task's `counts` (and `keys`); `source` (e.g. an actor id) tallies the rows each one took."""
         self.counts.merge(counts)
         self.keys.extend(keys or [])
+        if source is not None:
+            self.by_source[source] = self.by_source.get(source, 0) + counts.rows_in
+
+    def rows_by_source(self) -> list[int]:
+        """Rows taken by each source, most first."""
+        return sorted(self.by_source.values(), reverse=True)
 
     def get(self) -> RowCounts:
         return self.counts

@@ -287,3 +287,9 @@ def combine_drops(drops: dict[str, torch.Tensor], stats: dict[str, tuple[float, 
     z = torch.stack([(drops[n] - stats[n][0]) / max(stats[n][1], 1e-12) for n in names], dim=1)
     best, which = z.max(dim=1)
     return best, [names[i] for i in which.tolist()]
+
+
+def tail_strength(top: torch.Tensor, mean: float, std: float) -> float:
+    """How far the `top` drops (a transform's k largest) stand above the dataset's mean drop, in standard
+    deviations: large where the transform removes a trigger that a group of rows shares."""
+    return float((top.double().mean() - mean) / max(std, 1e-12))

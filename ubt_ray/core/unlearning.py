@@ -4,7 +4,9 @@ The retain loss is the CLIP loss on the loop's batch (least suspicious rows). Th
 selected suspicious rows, held in memory (k is small): `token_invariance` pulls f_θ(x) towards what the
 original model saw without the trigger, stopgrad f_θ₀(x̄); `push_away` pushes cos(f_θ(x), g_θ(t)) below a
 margin on the whole image; `local_push` does the same on the image with only its top-ρ tokens kept;
-`invariance_push` is the sum of token_invariance and push_away.
+`invariance_push` is the sum of token_invariance and push_away; `auto` picks per row by the transform that
+flagged it: token_invariance (weight forget_weight) for a row the token mask flagged, push_away (weight
+whole_image_weight) for one a whole-image transform (blur, downup) flagged.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from .objectives import Batch, clip_loss
 from .scoring import (TokenGrid, apply_mask, image_features, remove_trigger, text_features, token_mask,
                       token_order, token_saliency, tokens_to_take)
 
-FORGET_LOSSES = ("token_invariance", "push_away", "local_push", "invariance_push")
+FORGET_LOSSES = ("token_invariance", "push_away", "local_push", "invariance_push", "auto")
 INVARIANCE = ("token_invariance", "invariance_push")  # trained towards f_θ₀(x̄), on the unmasked image x
 PUSH = ("push_away", "local_push", "invariance_push")  # cos(f_θ(·), g_θ(t)) pushed below the margin
+LOCAL_TRANSFORM = "token_mask"  # the one transform that removes a local trigger; under auto its rows use invariance
 TRAINABLE = ("all", "visual", "visual.early", "text")
 
 
@@ -40,7 +43,8 @@ def prepare_forget_inputs(reference: torch.nn.Module, forget: ForgetSet, preproc
                           token_portion: float, kind: str, batch_size: int = 256) -> torch.Tensor:
     """What each forget row is trained towards, computed once with the frozen θ₀ (`reference`):
     token_invariance and invariance_push: the target features f_θ₀(x̄); local_push: the normalised images
-    with only the top-ρ tokens kept; push_away: the normalised images."""
+    with only the top-ρ tokens kept; push_away: the normalised images; auto: f_θ₀(x̄) for the rows the token
+    mask flagged, zeros for the others (pushed away, nothing to be trained towards)."""
     count = tokens_to_take(token_portion, grid)
     out = []
     for start in range(0, len(forget.pixels), batch_size):
@@ -59,7 +63,11 @@ def prepare_forget_inputs(reference: torch.nn.Module, forget: ForgetSet, preproc
         cleaned = torch.stack([remove_trigger(x[i:i + 1], t, order[i:i + 1], count, grid)[0]
                                for i, t in enumerate(forget.transforms[part])])
         with torch.no_grad():
-            out.append(image_features(reference, cleaned))
+            target = image_features(reference, cleaned)
+        if kind == "auto":
+            local = torch.tensor([t == LOCAL_TRANSFORM for t in forget.transforms[part]])
+            target = target * local[:, None]
+        out.append(target)
     return torch.cat(out)
 
 
@@ -71,11 +79,23 @@ class UnlearnObjective:
     """
 
     def __init__(self, preprocess_cfg: dict, forget: ForgetSet, inputs: torch.Tensor, kind: str,
-                 forget_weight: float, margin: float, forget_batch_size: int, seed: int):
+                 forget_weight: float, margin: float, forget_batch_size: int, seed: int,
+                 whole_image_weight: float | None = None):
         if kind not in FORGET_LOSSES:
             raise ValueError(f"unknown forget loss {kind!r}: use one of {', '.join(FORGET_LOSSES)}")
         self.preprocess_cfg, self.forget, self.inputs, self.kind = preprocess_cfg, forget, inputs, kind
-        self.forget_weight, self.margin = forget_weight, margin
+        self.margin = margin
+        # Per row: trained towards its target (invariance), pushed away from its caption (push), with a weight.
+        k = len(forget.pixels)
+        if kind == "auto":
+            local = torch.tensor([t == LOCAL_TRANSFORM for t in forget.transforms])
+            whole = forget_weight if whole_image_weight is None else whole_image_weight
+            self.invariance, self.push = local, ~local
+            self.weight = torch.where(local, torch.tensor(float(forget_weight)), torch.tensor(float(whole)))
+        else:
+            self.invariance = torch.full((k,), kind in INVARIANCE)
+            self.push = torch.full((k,), kind in PUSH)
+            self.weight = torch.full((k,), float(forget_weight))
         self.forget_batch_size = min(forget_batch_size, len(forget.pixels))
         self.generator = torch.Generator().manual_seed(seed)
         self.order: list[int] = []
@@ -93,23 +113,24 @@ class UnlearnObjective:
         idx = self._next_indices()
         device = batch.pixels.device
         retain_x = normalize(batch.pixels, self.preprocess_cfg)
-        if self.kind in INVARIANCE:
-            forget_x = normalize(self.forget.pixels[idx].to(device), self.preprocess_cfg)
-        else:
+        invariance, push = self.invariance[idx].to(device), self.push[idx].to(device)
+        if self.kind in ("push_away", "local_push"):
             forget_x = self.inputs[idx].to(device)
+        else:
+            forget_x = normalize(self.forget.pixels[idx].to(device), self.preprocess_cfg)
         unique, inverse = torch.unique(batch.tokens, dim=0, return_inverse=True)
-        texts = torch.cat([unique, self.forget.tokens[idx].to(device)]) if self.kind in PUSH else unique
+        texts = torch.cat([unique, self.forget.tokens[idx].to(device)]) if bool(push.any()) else unique
         image_f, text_f, logit_scale = model(torch.cat([retain_x, forget_x]), texts)[:3]
         n, u = len(retain_x), len(unique)
         retain = clip_loss(image_f[:n], text_f[:u][inverse], logit_scale)
-        forget = 0.0
-        if self.kind in INVARIANCE:
-            forget = (1 - (image_f[n:] * self.inputs[idx].to(device)).sum(-1)).mean()
-        if self.kind in PUSH:
-            forget = forget + F.relu((image_f[n:] * text_f[u:]).sum(-1) - self.margin).mean()
-        loss = retain + self.forget_weight * forget
+        per_row = torch.zeros(len(idx), device=device)
+        if bool(invariance.any()):
+            per_row = per_row + invariance * (1 - (image_f[n:] * self.inputs[idx].to(device)).sum(-1))
+        if bool(push.any()):
+            per_row = per_row + push * F.relu((image_f[n:] * text_f[u:]).sum(-1) - self.margin)
+        loss = retain + (self.weight[idx].to(device) * per_row).mean()
         return loss, {"loss": float(loss.detach()), "retain_loss": float(retain.detach()),
-                      "forget_loss": float(forget.detach()), "logit_scale": float(logit_scale.detach())}
+                      "forget_loss": float(per_row.mean().detach()), "logit_scale": float(logit_scale.detach())}
 
 
 def set_trainable(model: torch.nn.Module, which: str) -> int:

@@ -24,12 +24,13 @@ from ..cluster import ensure_ray
 from ..config import Config, ModelConfig, ScoreConfig, StorageConfig
 from ..core.batches import decode_image
 from ..core.models import load_clip
-from ..core.scoring import TRANSFORMS, combine_drops, prepare_model, score_batch, text_features, token_grid
+from ..core.scoring import (TRANSFORMS, combine_drops, prepare_model, score_batch, tail_strength, text_features,
+                            token_grid)
 from ..core.zeroshot import auroc, precision_recall_at_k
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..report_files import png_bytes, pyplot
-from ..shards import RowLedger, count_rows, read_columns, read_shards, shard_schema
+from ..shards import RowLedger, count_rows, read_columns, read_shards, shard_schema, top_k
 
 TABLE = "table"
 DETECTION_FILE = "detection.json"
@@ -73,7 +74,7 @@ class Scorer:
             except Exception as e:  # noqa: BLE001 - any undecodable image is a counted rejection, not a crash
                 counts.reject(f"image undecodable ({type(e).__name__})", keys[i])
         counts.rows_out = len(kept)
-        ray.get(self.ledger.add.remote(counts))
+        ray.get(self.ledger.add.remote(counts, source=ray.get_runtime_context().get_actor_id()))
         table = table.take(pa.array(kept, pa.int64()))
         if not kept:
             return _empty_output(table, self.s)
@@ -110,10 +111,25 @@ def _empty_output(table: pa.Table, s: ScoreConfig) -> pa.Table:
     return pa.table(cols)
 
 
-def _combine(table: pa.Table, stats: dict) -> pa.Table:
+def _combine(table: pa.Table, stats: dict, picked: str | None = None) -> pa.Table:
+    """Ray Data UDF: the `score` and `transform` columns, from the picked transform's drop or the max_z rule."""
+    if picked is not None:
+        return (table.append_column("score", table.column(f"drop_{picked}"))
+                .append_column("transform", pa.array([picked] * table.num_rows, pa.string())))
     drops = {name: torch.from_numpy(table.column(f"drop_{name}").to_numpy(zero_copy_only=False)) for name in stats}
     best, which = combine_drops(drops, stats)
     return table.append_column("score", pa.array(best.numpy())).append_column("transform", pa.array(which, pa.string()))
+
+
+def tail_strengths(ds: ray.data.Dataset, stats: dict[str, tuple[float, float]], k: int) -> dict[str, float]:
+    """Each transform's `tail_strength` over the scored dataset: its k largest drops against its mean and
+    std (per-block top-k merged on the driver, so memory is bounded by k)."""
+    out = {}
+    for name, (mean, std) in stats.items():
+        column = f"drop_{name}"
+        top = top_k(ds.select_columns(["key", column]), k, column)
+        out[name] = tail_strength(torch.from_numpy(top.column(column).to_numpy()), mean, std)
+    return out
 
 
 def check_settings(s: ScoreConfig) -> None:
@@ -164,24 +180,29 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
     threads = s.threads_per_actor or max(1, (os.cpu_count() or 1) // actors)
     ledger = RowLedger.remote()
     model = dataclasses.replace(cfg.model, checkpoint=storage.absolute(model_uri))
-    ds = read_shards(data, cfg, columns=columns).map_batches(
+    # Blocks of at most one batch, so that every actor gets work: Ray Data packs few small files into one read
+    # task, which one actor would otherwise score alone while the others wait (streaming, no shuffle).
+    ds = read_shards(data, cfg, columns=columns).repartition(target_num_rows_per_block=s.batch_size).map_batches(
         Scorer, batch_format="pyarrow", batch_size=s.batch_size,
         compute=ActorPoolStrategy(size=actors), num_cpus=s.cpus_per_actor, num_gpus=1 if s.use_gpu else 0,
         fn_constructor_kwargs={"model": model, "storage_cfg": cfg.storage, "settings": s, "seed": cfg.run.seed,
                                "negative_captions": negatives,
                                "threads": threads,
                                "use_gpu": s.use_gpu, "ledger": ledger})
-    stats = None
+    stats = strengths = picked = None
     if s.method == "token_drop" and len(s.transforms) > 1:
         ds = ds.materialize()  # in the object store, not on the driver: the drops' statistics need every row
         stats = {t: (float(ds.mean(f"drop_{t}")), float(ds.std(f"drop_{t}"))) for t in s.transforms}
-        ds = ds.map_batches(_combine, batch_format="pyarrow", fn_kwargs={"stats": stats})
+        if s.combine == "pick":
+            strengths = tail_strengths(ds, stats, cfg.unlearn.num_samples)
+            picked = max(strengths, key=strengths.get)
+        ds = ds.map_batches(_combine, batch_format="pyarrow", fn_kwargs={"stats": stats, "picked": picked})
     table_uri = storage.join(output, TABLE)
     storage.remove_dir(table_uri, cfg.storage)
     loc = storage.resolve(table_uri, cfg.storage)
     with storage.friendly_errors(table_uri, cfg.storage, "write"):
         ds.write_parquet(loc.path, filesystem=loc.fs)
-    rows = ray.get(ledger.get.remote())
+    rows, rows_per_actor = ray.get([ledger.get.remote(), ledger.rows_by_source.remote()])
     ray.kill(ledger)
     rows.check("score")
     written = count_rows(table_uri, cfg.storage) if rows.rows_out else 0
@@ -194,7 +215,9 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
                               started=started, extra={"table": table_uri, "method": s.method,
                                                       "transforms": s.transforms, "token_portions": s.token_portions,
                                                       "actors": actors, "threads_per_actor": threads,
-                                                      "transform_stats": stats,
+                                                      "rows_per_actor": rows_per_actor,
+                                                      "transform_stats": stats, "combine": s.combine,
+                                                      "tail_strengths": strengths, "picked_transform": picked,
                                                       "detection": detection})
     return ScoreResult(table_uri, rows, detection, time.time() - started, manifest)
 

@@ -12,20 +12,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from .. import storage
 from ..cluster import ensure_ray
 from ..config import Config
 from ..errors import UserError
 from ..manifest import write_manifest
-from ..shards import count_rows, key_hash, read_shards
+from ..shards import block_top_k, count_rows, key_hash, merge_top_k, read_shards
 from .score import TABLE
 
 FORGET, RETAIN = "forget", "retain"
@@ -42,33 +40,6 @@ class SelectResult:
     stats: dict
     wall_time_s: float
     manifest: dict
-
-
-def _order(by: str, descending: bool) -> list[tuple[str, str]]:
-    return [(by, "descending" if descending else "ascending"), ("key", "ascending")]
-
-
-def block_top_k(table: pa.Table, k: int, by: str, descending: bool = True) -> pa.Table:
-    """The k first rows of `table` ordered by `by` (ties by key)."""
-    return table.take(pc.sort_indices(table, sort_keys=_order(by, descending))[:k])
-
-
-def merge_top_k(tables: Iterable[pa.Table], k: int, by: str, descending: bool = True) -> pa.Table | None:
-    """Merge per-block top-k tables into the global top-k, holding at most 2k rows plus one table at a time."""
-    best = None
-    for t in tables:
-        if t.num_rows == 0:
-            continue
-        best = t if best is None else pa.concat_tables([best, t], promote_options="permissive")
-        best = block_top_k(best, k, by, descending)
-    return best
-
-
-def top_k(ds: ray.data.Dataset, k: int, by: str, descending: bool = True) -> pa.Table | None:
-    """The global top-k rows of a Ray Dataset by column `by`, with driver memory bounded by k."""
-    per_block = ds.map_batches(block_top_k, batch_format="pyarrow", batch_size=None,
-                               fn_kwargs={"k": k, "by": by, "descending": descending})
-    return merge_top_k(per_block.iter_batches(batch_format="pyarrow", batch_size=None), k, by, descending)
 
 
 def _with_hash(table: pa.Table, seed: int) -> pa.Table:

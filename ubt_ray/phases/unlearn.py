@@ -36,7 +36,8 @@ def unlearn(cfg: Config, model_uri: str, forget: str, retain: str, probe: Probe 
         phase="unlearn", data=retain, output=u.output, init=init, train=schedule, objective=forget_objective,
         objective_kwargs={"forget_uri": storage.absolute(forget), "storage_cfg": cfg.storage, "init": init, "seed": cfg.run.seed,
                           "num_samples": u.num_samples, "kind": u.forget, "token_portion": u.token_portion,
-                          "forget_weight": u.forget_weight, "margin": u.margin,
+                          "forget_weight": u.forget_weight, "whole_image_weight": u.whole_image_weight,
+                          "margin": u.margin,
                           "forget_batch_size": u.forget_batch_size},
         trainable=u.trainable, probe=probe, callbacks=list(callbacks or [])))
 
@@ -60,7 +61,8 @@ def load_forget_set(forget_uri: str, storage_cfg: StorageConfig, num_samples: in
 
 def forget_objective(preprocess_cfg: dict, forget_uri: str, storage_cfg: StorageConfig, init: ModelConfig,
                      seed: int, num_samples: int, kind: str, token_portion: float, forget_weight: float,
-                     margin: float, forget_batch_size: int, tokenizer=None) -> UnlearnObjective:
+                     whole_image_weight: float, margin: float, forget_batch_size: int,
+                     tokenizer=None) -> UnlearnObjective:
     """The unlearning objective of one Ray Train worker (a factory the training loop calls)."""
     reference = load_clip(init, storage_cfg, "cpu", seed=seed)
     reference.model.eval().requires_grad_(False)
@@ -68,4 +70,5 @@ def forget_objective(preprocess_cfg: dict, forget_uri: str, storage_cfg: Storage
     forget = load_forget_set(forget_uri, storage_cfg, num_samples, reference.image_size, reference.tokenizer,
                              grid.count)
     inputs = prepare_forget_inputs(reference.model, forget, preprocess_cfg, grid, token_portion, kind)
-    return UnlearnObjective(preprocess_cfg, forget, inputs, kind, forget_weight, margin, forget_batch_size, seed)
+    return UnlearnObjective(preprocess_cfg, forget, inputs, kind, forget_weight, margin, forget_batch_size, seed,
+                            whole_image_weight)

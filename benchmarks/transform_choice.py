@@ -1,0 +1,74 @@
+"""Benchmark: which trigger-removing transform should a defense trust, when it does not know the attack?
+
+    .venv/bin/python benchmarks/transform_choice.py --name badnet outputs/attacks/badnet/defend_auto/score/table \
+        --name blended outputs/attacks/blended/score_tm_blur/table ...
+
+Reads score tables written with several `score.transforms` (one `drop_<transform>` column each, and `is_poison`)
+and prints, per table and transform: the detection of that transform's drop alone (AUROC, precision@k), and
+how far its top k drops stand above the rest (`tail_strength`, what `score.combine: pick` ranks transforms by:
+standard deviations above the mean; and in robust ones above the median); plus the detection of the max of standardised drops (the
+`max_z` combination). A rule is good when the transform with the strongest tail is the one that detects best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.results_io import write_results  # noqa: E402
+from ubt_ray.core.scoring import tail_strength  # noqa: E402
+from ubt_ray.core.zeroshot import auroc, precision_recall_at_k  # noqa: E402
+
+
+def tails(d: np.ndarray, k: int) -> dict:
+    """How far the mean of the top k values stands above the rest: in standard deviations about the mean
+    (`z`), and in robust ones about the median (`robust`: 1.4826 MAD, which the tail itself cannot inflate)."""
+    top = np.sort(d)[-k:]
+    med = np.median(d)
+    return {"z": tail_strength(torch.from_numpy(top), float(d.mean()), float(d.std())),
+            "robust": float((top.mean() - med) / (1.4826 * np.median(np.abs(d - med))))}
+
+
+def detection(scores: np.ndarray, truth: np.ndarray, ks: list[int]) -> dict:
+    pr = precision_recall_at_k(scores, truth, ks)
+    return {"auroc": auroc(scores, truth), **{k: v for k, v in pr.items() if k.startswith("precision")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--name", action="append", nargs=2, metavar=("NAME", "TABLE"), required=True,
+                    help="a label and a score table directory (Parquet) with drop_* and is_poison columns")
+    ap.add_argument("--k", type=int, default=300, help="top rows the tail statistic looks at (unlearn.num_samples)")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    ks = [100, 300, 600]
+    result = {}
+    lines = ["| table | transform | tail of the top %d: z / robust z | AUROC | precision@100 / @300 / @600 |" % args.k,
+             "|---|---|---|---|---|"]
+    for name, path in args.name:
+        t = pq.read_table(path)
+        truth = t.column("is_poison").to_numpy(zero_copy_only=False).astype(bool)
+        drops = {c[len("drop_"):]: t.column(c).to_numpy().astype(np.float64)
+                 for c in t.column_names if c.startswith("drop_")}
+        rows = {}
+        for transform, d in sorted(drops.items()):
+            rows[transform] = {"tail": tails(d, args.k), **detection(d, truth, ks)}
+        z = np.stack([(d - d.mean()) / d.std() for d in drops.values()], axis=1).max(axis=1)
+        rows["max_z"] = {"tail": None, **detection(z, truth, ks)}
+        result[name] = {"rows": len(truth), "poisons": int(truth.sum()), "transforms": rows}
+        for transform, r in rows.items():
+            tail = "" if r["tail"] is None else f"{r['tail']['z']:.2f} / {r['tail']['robust']:.2f}"
+            prec = " / ".join(f"{100 * r[f'precision@{k}']:.0f}%" for k in ks)
+            lines.append(f"| {name} ({int(truth.sum())} poisons) | {transform} | {tail} | {r['auroc']:.3f} | {prec} |")
+    write_results(args.out, "transform_choice", result, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
