@@ -46,10 +46,12 @@ def main() -> None:
     ap.add_argument("--name", action="append", nargs=2, metavar=("NAME", "TABLE"), required=True,
                     help="a label and a score table directory (Parquet) with drop_* and is_poison columns")
     ap.add_argument("--k", type=int, default=300, help="top rows the tail statistic looks at (unlearn.num_samples)")
+    ap.add_argument("--sample", type=float, default=0.1, help="also decide on seeded samples of this share of rows")
+    ap.add_argument("--repeats", type=int, default=20, help="samples drawn per table")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     ks = [100, 300, 600]
-    result = {}
+    result, sample_lines = {}, []
     lines = ["| table | transform | tail of the top %d: z / robust z | AUROC | precision@100 / @300 / @600 |" % args.k,
              "|---|---|---|---|---|"]
     for name, path in args.name:
@@ -60,13 +62,24 @@ def main() -> None:
         rows = {}
         for transform, d in sorted(drops.items()):
             rows[transform] = {"tail": tails(d, args.k), **detection(d, truth, ks)}
+        # The same decision on small samples (k scaled with them): how often each transform wins.
+        rng = np.random.default_rng(0)
+        n, k_small = len(truth), max(1, round(args.k * args.sample))
+        wins = dict.fromkeys(drops, 0)
+        for _ in range(args.repeats):
+            idx = rng.choice(n, size=round(n * args.sample), replace=False)
+            strengths = {t: tails(d[idx], k_small)["z"] for t, d in drops.items()}
+            wins[max(strengths, key=strengths.get)] += 1
         z = np.stack([(d - d.mean()) / d.std() for d in drops.values()], axis=1).max(axis=1)
         rows["max_z"] = {"tail": None, **detection(z, truth, ks)}
-        result[name] = {"rows": len(truth), "poisons": int(truth.sum()), "transforms": rows}
+        result[name] = {"rows": len(truth), "poisons": int(truth.sum()), "transforms": rows, "sample_wins": wins}
+        sample_lines.append(f"| {name} | " + ", ".join(f"{t} {w}" for t, w in sorted(wins.items())) + " |")
         for transform, r in rows.items():
             tail = "" if r["tail"] is None else f"{r['tail']['z']:.2f} / {r['tail']['robust']:.2f}"
             prec = " / ".join(f"{100 * r[f'precision@{k}']:.0f}%" for k in ks)
             lines.append(f"| {name} ({int(truth.sum())} poisons) | {transform} | {tail} | {r['auroc']:.3f} | {prec} |")
+    lines += ["", f"Picked (largest z tail) on {args.repeats} random {100 * args.sample:.0f}% samples, top "
+              f"{max(1, round(args.k * args.sample))}:", "", "| table | wins |", "|---|---|"] + sample_lines
     write_results(args.out, "transform_choice", result, "\n".join(lines) + "\n")
 
 
