@@ -71,6 +71,19 @@ def test_file_then_overrides_and_round_trip(tmp_path):
     assert load_config(again) == cfg
 
 
+def test_config_files_layer_later_keys_over_earlier_ones(tmp_path):
+    """-c attack.yaml -c setting.yaml: the setting's keys win, the attack's other keys of a section stay."""
+    attack, setting = tmp_path / "attack.yaml", tmp_path / "setting.yaml"
+    attack.write_text("run:\n  name: a\nscore:\n  batch_size: 64\n  transforms: [token_mask]\n")
+    setting.write_text("score:\n  transforms: [token_mask, blur]\n  combine: pick\n")
+    cfg = load_config([attack, setting], ["score.combine=max_z"])
+    assert cfg.run.name == "a" and cfg.score.batch_size == 64
+    assert cfg.score.transforms == ["token_mask", "blur"] and cfg.score.combine == "max_z"
+    assert main(["config", "-c", str(attack), "-c", str(setting)]) == 0
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config([attack, tmp_path / "missing.yaml"])
+
+
 def test_every_shipped_config_loads():
     import pathlib
     configs = sorted((pathlib.Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))

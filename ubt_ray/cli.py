@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         if source:
             p.add_argument(dest, choices=source)
-        p.add_argument("--config", "-c", help="YAML config (see configs/); defaults apply without one.")
+        p.add_argument("--config", "-c", action="append",
+                       help="YAML config (see configs/); defaults apply without one. Repeat it to layer files: "
+                            "a later file's keys win, e.g. -c configs/attacks/sig.yaml -c configs/any_trigger.yaml.")
         p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
         p.set_defaults(run=run)
         return p

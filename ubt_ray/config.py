@@ -311,19 +311,17 @@ class Config:
 _REF = re.compile(r"\$\{([a-z_]+)\.([a-z_]+)\}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config (or the defaults), apply `section.key=value` overrides, validate and resolve `${...}`."""
+def load_config(path: str | Path | list[str | Path] | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults; several files: each later one's keys over the earlier ones', e.g.
+    an attack config then a defense setting), apply `section.key=value` overrides, validate and resolve `${...}`."""
     raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist: pass an existing YAML file (see configs/).")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax.") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(raw).__name__}.")
+    for p in [] if path is None else [path] if isinstance(path, (str, Path)) else path:
+        for section, values in _read_yaml(Path(p)).items():
+            if isinstance(values, dict) and isinstance(raw.get(section), dict):
+                raw[section] = {**raw[section], **values}
+            else:
+                raw[section] = values
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
@@ -343,6 +341,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if bad:
         raise ConfigError(f"config key 'pipeline.phases' holds unknown phase {bad[0]!r}: use any of {', '.join(PHASES)}.")
     return cfg
+
+
+def _read_yaml(p: Path) -> dict:
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist: pass an existing YAML file (see configs/).")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(raw).__name__}.")
+    return raw
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
