@@ -239,6 +239,8 @@ class BaselineConfig:
 class CompareConfig:
     attacks: list[str] = _f([], "Attack configs to compare the defenses on (paths to YAML, e.g. configs/attacks/sig.yaml).")
     defenses: list[str] = _f(["none", "ft", "cleanclip", "ubt"], "Defenses to run on each attack's backdoored model.")
+    layers: list[str] = _f([], "Config files layered over every attack config, e.g. [configs/any_trigger.yaml] for "
+                               "a defense setting.")
     overrides: list[str] = _f([], "section.key=value overrides applied to every attack config (then the command line's).")
     output: str = _f("outputs/compare", "comparison.md, comparison.csv, comparison.png and comparison.json go here.")
 

@@ -1,7 +1,7 @@
 """compare: no defense / fine-tuning / CleanCLIP / UBT on the same backdoored models, one table per attack.
 
-For every attack config in `compare.attacks` (each with `compare.overrides` and the command line's overrides
-applied): the backdoored model is made if it is missing (prepare, poison, train: reused when done), then each
+For every attack config in `compare.attacks` (each with `compare.layers` layered over it, then `compare.overrides`
+and the command line's overrides applied): the backdoored model is made if it is missing (prepare, poison, train: reused when done), then each
 defense of `compare.defenses` runs on it and is evaluated with the same evaluation. Written to
 `compare.output`: comparison.md and comparison.csv (one row per attack and defense) and comparison.png
 (CA and ASR per defense, grouped by attack).
@@ -47,7 +47,7 @@ def compare(cfg: Config, overrides: list[str] | None = None) -> CompareResult:
         raise UserError("compare.attacks is empty: list attack configs, e.g. [configs/attacks/badnet.yaml].")
     rows = []
     for path in c.attacks:
-        attack_cfg = load_config(path, list(c.overrides) + list(overrides or []))
+        attack_cfg = load_config([path, *c.layers], list(c.overrides) + list(overrides or []))
         rows += compare_attack(attack_cfg, list(c.defenses), c.output)
     write_comparison(rows, c.output, cfg)
     return CompareResult(rows, c.output)
