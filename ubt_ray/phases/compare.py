@@ -1,10 +1,10 @@
 """compare: no defense / fine-tuning / CleanCLIP / UBT on the same backdoored models, one table per attack.
 
-For every attack config in `compare.attacks` (each with `compare.layers` layered over it, then `compare.overrides`
-and the command line's overrides applied): the backdoored model is made if it is missing (prepare, poison, train: reused when done), then each
-defense of `compare.defenses` runs on it and is evaluated with the same evaluation. Written to
-`compare.output`: comparison.md and comparison.csv (one row per attack and defense) and comparison.png
-(CA and ASR per defense, grouped by attack).
+For every attack config in `compare.attacks` (each with `compare.layers` layered over it, then
+`compare.overrides` and the command line's overrides applied): the backdoored model is made if it is missing
+(prepare, poison, train: reused when done), then each defense of `compare.defenses` runs on it and is
+evaluated with the same evaluation. Written to `compare.output`: comparison.md and comparison.csv (one row per
+attack and defense) and comparison.png (CA and ASR per defense, grouped by attack).
 
 Columns: CA, ASR, clean samples used (sample passes over trusted clean pairs: the baselines'), suspicious
 samples used (sample passes over the suspicious set D: UBT's overfit, scoring, unlearning), wall time, and
