@@ -112,6 +112,22 @@ def test_score_refuses_actors_that_would_starve_the_reads(ray_local, scored_inpu
         score(cfg, str(model), str(data))
 
 
+def test_several_transforms_on_rows_that_are_all_rejected_count_them_instead_of_crashing(ray_local, scored_input,
+                                                                                          tmp_path):
+    """With every image undecodable there are no drops to standardise or pick from: the rows are counted as
+    rejected and the table is empty, as with one transform."""
+    _, model = scored_input
+    data = tmp_path / "broken"
+    data.mkdir()
+    t = pq.read_table(caption_shards(tmp_path / "src", rows=20, files=1))
+    pq.write_table(t.set_column(t.column_names.index("image"), "image", pa.array([b"not an image"] * 20)),
+                   data / "part-0.parquet")
+    cfg = load_config(None, ["score.num_actors=1", f"score.output={tmp_path / 'scores'}",
+                             "score.transforms=[token_mask, blur]", "score.combine=pick"])
+    result = score(cfg, str(model), str(data))
+    assert (result.rows.rows_in, result.rows.rows_out, result.rows.rows_rejected) == (20, 0, 20)
+
+
 def test_top_k_is_the_same_whatever_the_number_of_blocks(ray_local):
     rng = np.random.default_rng(0)
     n, k = 5000, 37

@@ -193,11 +193,12 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
     stats = strengths = picked = None
     if s.method == "token_drop" and len(s.transforms) > 1:
         ds = ds.materialize()  # in the object store, not on the driver: the drops' statistics need every row
-        stats = {t: (float(ds.mean(f"drop_{t}")), float(ds.std(f"drop_{t}"))) for t in s.transforms}
-        if s.combine == "pick":
-            strengths = tail_strengths(ds, stats, cfg.unlearn.num_samples)
-            picked = max(strengths, key=strengths.get)
-        ds = ds.map_batches(_combine, batch_format="pyarrow", fn_kwargs={"stats": stats, "picked": picked})
+        if ds.count():  # with every row rejected there is nothing to combine: the empty table and the counts say so
+            stats = {t: (float(ds.mean(f"drop_{t}")), float(ds.std(f"drop_{t}"))) for t in s.transforms}
+            if s.combine == "pick":
+                strengths = tail_strengths(ds, stats, cfg.unlearn.num_samples)
+                picked = max(strengths, key=strengths.get)
+            ds = ds.map_batches(_combine, batch_format="pyarrow", fn_kwargs={"stats": stats, "picked": picked})
     table_uri = storage.join(output, TABLE)
     # In files of many rows, not one per scoring batch: select reads the table back (235 files of 256 rows took
     # it 35 s against 7 s for one file on the quickstart's 60,000 rows).
