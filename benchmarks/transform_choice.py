@@ -6,8 +6,8 @@
 Reads score tables written with several `score.transforms` (one `drop_<transform>` column each, and `is_poison`)
 and prints, per table and transform: the detection of that transform's drop alone (AUROC, precision@k), and
 how far its top k drops stand above the rest (`tail_strength`, what `score.combine: pick` ranks transforms by:
-standard deviations above the mean; and in robust ones above the median); plus the detection of the max of standardised drops (the
-`max_z` combination). A rule is good when the transform with the strongest tail is the one that detects best.
+standard deviations above the mean; and in robust ones above the median); plus the detection of the max of
+standardised drops (the `max_z` combination). A rule is good when the transform with the strongest tail is the one that detects best.
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ def prepare_forget_inputs(reference: torch.nn.Module, forget: ForgetSet, preproc
                           token_portion: float, kind: str, batch_size: int = 256) -> torch.Tensor:
     """What each forget row is trained towards, computed once with the frozen θ₀ (`reference`):
     token_invariance and invariance_push: the target features f_θ₀(x̄); local_push: the normalised images
-    with only the top-ρ tokens kept; push_away: the normalised images; auto: f_θ₀(x̄) for the rows the token
-    mask flagged, zeros for the others (pushed away, nothing to be trained towards)."""
+    with only the top-ρ tokens kept; push_away: the normalised images; auto: f_θ₀(x̄) of every row, which the
+    objective uses only on the rows the token mask flagged (the others are pushed away)."""
     count = tokens_to_take(token_portion, grid)
     out = []
     for start in range(0, len(forget.pixels), batch_size):
@@ -63,11 +63,7 @@ def prepare_forget_inputs(reference: torch.nn.Module, forget: ForgetSet, preproc
         cleaned = torch.stack([remove_trigger(x[i:i + 1], t, order[i:i + 1], count, grid)[0]
                                for i, t in enumerate(forget.transforms[part])])
         with torch.no_grad():
-            target = image_features(reference, cleaned)
-        if kind == "auto":
-            local = torch.tensor([t == LOCAL_TRANSFORM for t in forget.transforms[part]])
-            target = target * local[:, None]
-        out.append(target)
+            out.append(image_features(reference, cleaned))
     return torch.cat(out)
 
 
