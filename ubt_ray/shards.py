@@ -109,8 +109,19 @@ def read_shards(uri: str, cfg: Config, columns: list[str] | None = None,
     loc = storage.resolve(uri, cfg.storage)
     paths = [storage.resolve(f, cfg.storage).path for f in files]
     with storage.friendly_errors(uri, cfg.storage, "read"):
-        ds = ray.data.read_parquet(paths, filesystem=loc.fs)
+        ds = _read_parquet(paths, loc.fs, cfg.ray.parquet_reader)
         return ds.select_columns(columns) if columns is not None else ds
+
+
+def _read_parquet(paths: list[str], fs, reader: str) -> ray.data.Dataset:
+    """`ray.data.read_parquet` through the chosen read path (`ray.parquet_reader`). The flag is read when the
+    read is planned, here, so it is set for this call only and the process's DataContext is left as it was."""
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.use_datasource_v2 = ctx.use_datasource_v2, reader == "v2"
+    try:
+        return ray.data.read_parquet(paths, filesystem=fs)
+    finally:
+        ctx.use_datasource_v2 = before
 
 
 def write_shards(ds: ray.data.Dataset, uri: str, cfg: Config, rows_per_file: int) -> None:
