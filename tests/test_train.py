@@ -89,6 +89,19 @@ def test_killed_two_worker_training_resumes_from_its_checkpoint(ray_local, tmp_p
     assert again["resumed_from_step"] == 0 and again["steps"] == 2
 
 
+def test_the_same_training_twice_gives_the_same_weights(ray_local, tmp_path, capsys):
+    """Same shards (three files), config and seed: the same model, bit for bit (Train's ingest hands the blocks
+    out in their seeded order; Ray Data's v2 Parquet reads gave another model each run)."""
+    data = caption_shards(tmp_path / "shards", rows=300, files=3)
+    weights = []
+    for run in ("a", "b"):
+        assert main(["train", f"data.train={data}", f"train.output={tmp_path / run}", "train.num_workers=0",
+                     "train.batch_size=32", "train.steps=4", "train.warmup_steps=1", "train.threads_per_worker=1"]) == 0
+        weights.append((tmp_path / run / "model" / "open_clip_model.safetensors").read_bytes())
+    capsys.readouterr()
+    assert weights[0] == weights[1]
+
+
 PIPELINE = ["pipeline.phases=[poison, train, evaluate, defend]", "poison.num_poisons=20", "train.batch_size=64",
             "train.epochs=1", "train.warmup_steps=1", "train.threads_per_worker=1",
             "train.num_workers=0",  # Ray Train in this process: the workers are the killed-resume test's subject
