@@ -43,7 +43,7 @@ class RayConfig:
     num_cpus: int | None = _f(None, "CPUs of a local Ray started by this run; null uses all of them.", ge=1)
     parquet_reader: str = _f("v1", "Ray Data's Parquet read path: v1 (ParquetDatasource) or v2 (Ray 2.60's default "
                              "ListFiles -> ReadFiles). On a 2-core machine v2 cost 4-8 s per read of 1,200 rows, "
-                             "v1 0.3-1.3 s (benchmarks/parquet_reader.py).", choices=("v1", "v2"))
+                             "v1 0.2-1.3 s (benchmarks/parquet_reader.py).", choices=("v1", "v2"))
 
 
 @dataclass

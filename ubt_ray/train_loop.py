@@ -148,9 +148,10 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
 
 
 def _ordered_ingest() -> ray.train.DataConfig:
-    """Train's data ingest with the blocks handed out in their (seeded, randomized) order rather than as they
-    finish: with the v1 Parquet reads it makes a run reproducible (an in-process overfit of 10 steps on the
-    BadNet shards gave the same weights twice; with v2 reads, two different ones)."""
+    """Train's data ingest with the blocks handed out in their (seeded, randomized) order rather than as their
+    read tasks finish, so that the order cannot depend on timing. With the v1 Parquet reads a run is
+    reproducible (an in-process overfit of 10 steps on the BadNet shards gave the same weights twice, measured
+    before this ordering was added; with v2 reads, two different models); tests/test_train.py checks it."""
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
     return ray.train.DataConfig(execution_options=options)
