@@ -26,11 +26,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.results_io import write_results  # noqa: E402
+from benchmarks.transform_choice import detection  # noqa: E402
 from ubt_ray.config import ModelConfig  # noqa: E402
 from ubt_ray.core.batches import decode_images  # noqa: E402
 from ubt_ray.core.models import load_clip  # noqa: E402
 from ubt_ray.core.scoring import blur, text_features  # noqa: E402
-from ubt_ray.core.zeroshot import auroc, precision_recall_at_k  # noqa: E402
 
 
 SPACES = {"pixels": (1, False), "pixels, blurred": (1, True), "4x4-pixel means": (4, False),
@@ -92,9 +92,7 @@ def main() -> None:
         result[name] = {"rows": len(truth), "poisons": int(truth.sum())}
         for space, (pool, smooth) in SPACES.items():
             score = neighbour_disagreement(image_space(pixels, args.dims, pool, smooth), text, args.k).numpy()
-            pr = precision_recall_at_k(score.astype(np.float64), truth, ks)
-            m = {"auroc": auroc(score.astype(np.float64), truth),
-                 **{key: v for key, v in pr.items() if key.startswith("precision")}}
+            m = detection(score.astype(np.float64), truth, ks)
             result[name][space] = m
             lines.append(f"| {name} | {int(truth.sum())} / {len(truth)} | {space} | {m['auroc']:.3f} | "
                          + " / ".join(f"{100 * m[f'precision@{k}']:.0f}%" for k in ks) + " |")
