@@ -17,7 +17,9 @@ from ubt_ray.cli import main
 from ubt_ray.config import ModelConfig, load_config, save_config
 from ubt_ray.core.batches import decode_images
 from ubt_ray.core.models import load_clip, save_clip
-from ubt_ray.core.scoring import prepare_model, score_batch, token_grid
+from ubt_ray.core.neighbours import (concept_first, concept_medoid, grey_vectors, moments, principal_axes, project,
+                                     ring_disagreement)
+from ubt_ray.core.scoring import prepare_model, score_batch, text_features, token_grid
 from ubt_ray.errors import UserError
 from ubt_ray.phases.defend import defense_fingerprint
 from ubt_ray.phases.score import _combine, score, tail_strengths
@@ -26,6 +28,7 @@ from ubt_ray.shards import merge_top_k, top_k
 from helpers import caption_shards, fashion_mnist_shards, last_json, small_clip_config, write_random_clip
 
 BROKEN_KEY = "row-000007"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +84,39 @@ def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scor
     detection = json.loads((tmp_path / "scores" / "detection.json").read_text())
     assert detection["poisons"] == 12 and 0 <= detection["auroc"] <= 1 and "precision@10" in detection
     assert (tmp_path / "scores" / "score_histogram.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_caption_disagreement_on_ray_data_scores_every_row_once_like_in_process(ray_local, scored_input,
+                                                                                 tmp_path):
+    """The two-pass score (actors embed, tasks find neighbours) gives each decodable row the score the core
+    functions give it on the whole set at once, and counts the undecodable row."""
+    data, model = scored_input
+    cfg = load_config(None, ["score.method=caption_disagreement", "score.num_actors=2", "score.batch_size=64",
+                             "score.neighbour_ranks=[5, 30]", "score.neighbour_dims=16", "unlearn.num_samples=20",
+                             f"score.output={tmp_path / 'scores'}", "score.top_k=[5, 10]"])
+    result = score(cfg, str(model), str(data))
+    table = pq.read_table(result.table)
+    source = pq.read_table(data)
+    expected = [k for k in source.column("key").to_pylist() if k != BROKEN_KEY]
+    keys = table.column("key").to_pylist()
+    assert sorted(keys) == sorted(expected) and len(set(keys)) == len(keys)
+    assert (result.rows.rows_in, result.rows.rows_out, result.rows.rows_rejected) == (300, 299, 1)
+    manifest = json.loads((tmp_path / "scores" / "manifest.json").read_text())
+    assert manifest["rows"]["rejected_examples"] == {"image undecodable (UnidentifiedImageError)": [BROKEN_KEY]}
+    assert manifest["neighbour_ranks"] == [5, 30] and manifest["principal_axes"] == 16
+
+    clip = load_clip(ModelConfig(checkpoint=str(model)))
+    rows = {r["key"]: r for r in source.to_pylist()}
+    grey = grey_vectors(decode_images([rows[k]["image"] for k in expected], 32))
+    mean, axes = principal_axes(*moments(grey), 16)
+    with torch.no_grad():
+        text = text_features(clip.model, clip.tokenizer([rows[k]["caption"] for k in expected]))
+    disagreement = ring_disagreement(torch.arange(len(expected)), project(grey, mean, axes), text, 5, 30)
+    medoid = disagreement.topk(20).indices[concept_medoid(text[disagreement.topk(20).indices])]
+    mine, _ = concept_first(disagreement, text, text[medoid], cfg.score.concept_similarity)
+    got = dict(zip(keys, table.column("score").to_pylist()))
+    assert np.allclose([got[k] for k in expected], mine.numpy(), atol=1e-5)
+    assert set(table.column_names) == {"key", "score", "disagreement", "target_similarity", "is_poison"}
 
 
 def test_pick_combination_takes_the_transform_whose_top_drops_stand_out(ray_local):
@@ -211,6 +247,20 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
     assert again["reused"] and again["after"] == summary["after"] and again["cleaned_model"] == summary["cleaned_model"]
     assert defense_fingerprint(load_config(None, [*overrides, *UBT])) == report["fingerprint"]
     assert defense_fingerprint(load_config(None, [*overrides, *UBT, "unlearn.steps=41"])) != report["fingerprint"]
+
+
+def test_caption_disagreement_finds_the_poisons_by_their_captions(backdoored, tmp_path, capsys):
+    """The trigger-agnostic score on the backdoored fixture's shards: its poisons (another class's image with the
+    target's caption) rank at the top, ahead of the 2,850 clean rows, with no image-tower forward."""
+    root, overrides = backdoored
+    capsys.readouterr()
+    assert main(["score", "-c", str(REPO / "configs" / "caption_disagreement.yaml"), "--model",
+                 str(root / "attack" / "model"), *overrides, "score.neighbour_ranks=[10, 60]",
+                 f"score.output={tmp_path}", "unlearn.num_samples=150", "score.top_k=[150]"]) == 0
+    detection = json.loads((tmp_path / "detection.json").read_text())
+    assert detection["poisons"] == 150 and detection["auroc"] >= 0.95 and detection["precision@150"] >= 0.7, detection
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert "t-shirt" in manifest["target_caption"]
 
 
 def test_overfit_on_the_weakest_similarity_subset(backdoored, capsys):

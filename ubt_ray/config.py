@@ -151,8 +151,10 @@ class OverfitConfig:
 @dataclass
 class ScoreConfig:
     method: str = _f("token_drop", "Suspicion score: drop of similarity under trigger-removing transforms, plain "
-                                    "cosine, or per-sample loss against a fixed negative bank.",
-                     choices=("token_drop", "cosine", "loss"))
+                                    "cosine, per-sample loss against a fixed negative bank, or caption_disagreement "
+                                    "(a row's caption against those of the rows that look like it; no trigger "
+                                    "assumed, none of the image tower used; configs/caption_disagreement.yaml).",
+                     choices=("token_drop", "cosine", "loss", "caption_disagreement"))
     model: str = _f("overfit", "Score with the overfit model θₒ or the original θ₀.", choices=("overfit", "original"))
     token_portions: list[float] = _f([1 / 64, 4 / 64], "ρ values: share of image tokens the token_mask transform "
                                                       "masks; with several, the drop is the mean of the drops at each.")
@@ -172,6 +174,16 @@ class ScoreConfig:
                                "unlearn.num_samples drops stand furthest above its mean (in standard "
                                "deviations): the transform that removes this dataset's trigger.",
                       choices=("max_z", "pick"))
+    neighbour_ranks: list[int] = _f([100, 400], "caption_disagreement: the neighbours are the rows ranked first to "
+                                                "last - 1 by pixel-space similarity (a ring: a warp trigger packs "
+                                                "the poisons into clusters whose nearest members are poisons).")
+    neighbour_dims: int = _f(64, "caption_disagreement: principal axes of the grey-level pixels (32x32) the "
+                                 "neighbours are found in.", ge=1, le=1024)
+    target_concept: bool = _f(True, "caption_disagreement: rank first the rows whose caption is the concept the "
+                                    "unlearn.num_samples most disagreeing rows share (an attack's poisons share its "
+                                    "target's caption; WaNet's precision@300 0.48 -> 0.90).")
+    concept_similarity: float = _f(0.9, "caption_disagreement: text-feature cosine to that concept's caption from "
+                                        "which a caption belongs to it.", ge=-1, le=1)
     negatives: int = _f(1024, "Captions in the negative bank of the loss score (the first distinct ones of D).", ge=1)
     batch_size: int = _f(256, "Rows per scoring batch.", ge=1)
     num_actors: int | None = _f(None, "Scoring actors; null: one per GPU with use_gpu, else one per cpus_per_actor "

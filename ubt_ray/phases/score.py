@@ -31,6 +31,7 @@ from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..report_files import png_bytes, pyplot
 from ..shards import RowLedger, count_rows, read_columns, read_shards, shard_schema, top_k, write_shards
+from .disagreement import caption_disagreement
 
 TABLE = "table"
 DETECTION_FILE = "detection.json"
@@ -98,14 +99,18 @@ class Scorer:
 
 
 def _empty_output(table: pa.Table, s: ScoreConfig) -> pa.Table:
-    cols = {"key": pa.array([], pa.string()), "cos": pa.array([], pa.float32())}
+    cols = {"key": pa.array([], pa.string())}
+    if s.method == "caption_disagreement":
+        cols.update({c: pa.array([], pa.float32()) for c in ("score", "disagreement", "target_similarity")})
+    else:
+        cols["cos"] = pa.array([], pa.float32())
     if s.method == "token_drop":
         cols.update({f"drop_{t}": pa.array([], pa.float32()) for t in s.transforms})
         if "token_mask" in s.transforms:
             cols["token_order"] = pa.array([], pa.list_(pa.int16()))
     if s.method == "loss":
         cols["loss"] = pa.array([], pa.float32())
-    if s.method != "token_drop" or len(s.transforms) == 1:
+    if s.method in ("cosine", "loss") or (s.method == "token_drop" and len(s.transforms) == 1):
         cols["score"] = pa.array([], pa.float32())
     if "is_poison" in table.column_names:
         cols["is_poison"] = pa.array([], pa.bool_())
@@ -139,6 +144,10 @@ def check_settings(s: ScoreConfig) -> None:
     if bad or not s.transforms or len(set(s.transforms)) != len(s.transforms):
         raise UserError(f"score.transforms={s.transforms} must name each of {', '.join(TRANSFORMS)} at most once, "
                         f"and at least one of them.")
+    first_last = s.neighbour_ranks
+    if len(first_last) != 2 or not 0 <= first_last[0] < first_last[1]:
+        raise UserError(f"score.neighbour_ranks={first_last} must be two ranks [first, last] with 0 <= first < "
+                        f"last, e.g. [100, 400].")
     if not s.token_portions or any(not 0 < p <= 1 for p in s.token_portions):
         raise UserError(f"score.token_portions={s.token_portions} must be one or more shares of the image tokens "
                         f"in (0, 1], e.g. [0.015625, 0.0625].")
@@ -181,24 +190,14 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
     threads = s.threads_per_actor or max(1, (os.cpu_count() or 1) // actors)
     ledger = RowLedger.remote()
     model = dataclasses.replace(cfg.model, checkpoint=storage.absolute(model_uri))
-    # Blocks of at most one batch, so that every actor gets work: Ray Data packs few small files into one read
-    # task, which one actor would otherwise score alone while the others wait (streaming, no shuffle).
-    ds = read_shards(data, cfg, columns=columns).repartition(target_num_rows_per_block=s.batch_size).map_batches(
-        Scorer, batch_format="pyarrow", batch_size=s.batch_size,
-        compute=ActorPoolStrategy(size=actors), num_cpus=s.cpus_per_actor, num_gpus=1 if s.use_gpu else 0,
-        fn_constructor_kwargs={"model": model, "storage_cfg": cfg.storage, "settings": s, "seed": cfg.run.seed,
-                               "negative_captions": negatives,
-                               "threads": threads,
-                               "use_gpu": s.use_gpu, "ledger": ledger})
     stats = strengths = picked = None
-    if s.method == "token_drop" and len(s.transforms) > 1:
-        ds = ds.materialize()  # in the object store, not on the driver: the drops' statistics need every row
-        if ds.count():  # with every row rejected there is nothing to combine: the empty table and the counts say so
-            stats = {t: (float(ds.mean(f"drop_{t}")), float(ds.std(f"drop_{t}"))) for t in s.transforms}
-            if s.combine == "pick":
-                strengths = tail_strengths(ds, stats, cfg.unlearn.num_samples)
-                picked = max(strengths, key=strengths.get)
-            ds = ds.map_batches(_combine, batch_format="pyarrow", fn_kwargs={"stats": stats, "picked": picked})
+    extra: dict = {}
+    if s.method == "caption_disagreement":
+        ds, extra = caption_disagreement(cfg, model, data, columns, actors, threads, ledger)
+        if ds is None:  # every image undecodable: the counts say so, the table is empty
+            ds = ray.data.from_arrow(_empty_output(pa.table({c: [] for c in columns}), s))
+    else:
+        ds, stats, strengths, picked = _drop_scores(cfg, model, data, columns, negatives, actors, threads, ledger)
     table_uri = storage.join(output, TABLE)
     # In files of many rows, not one per scoring batch: select reads the table back (235 files of 256 rows took
     # it 35 s against 7 s for one file on the quickstart's 60,000 rows).
@@ -219,8 +218,34 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
                                                       "rows_per_actor": rows_per_actor,
                                                       "transform_stats": stats, "combine": s.combine,
                                                       "tail_strengths": strengths, "picked_transform": picked,
-                                                      "detection": detection})
+                                                      **extra, "detection": detection})
     return ScoreResult(table_uri, rows, detection, time.time() - started, manifest)
+
+
+def _drop_scores(cfg: Config, model: ModelConfig, data: str, columns: list[str], negatives: list[str], actors: int,
+                 threads: int, ledger) -> tuple[ray.data.Dataset, dict | None, dict | None, str | None]:
+    """The token_drop / cosine / loss score dataset, and (several transforms) the drops' statistics, tail
+    strengths and the picked transform."""
+    s = cfg.score
+    # Blocks of at most one batch, so that every actor gets work: Ray Data packs few small files into one read
+    # task, which one actor would otherwise score alone while the others wait (streaming, no shuffle).
+    ds = read_shards(data, cfg, columns=columns).repartition(target_num_rows_per_block=s.batch_size).map_batches(
+        Scorer, batch_format="pyarrow", batch_size=s.batch_size,
+        compute=ActorPoolStrategy(size=actors), num_cpus=s.cpus_per_actor, num_gpus=1 if s.use_gpu else 0,
+        fn_constructor_kwargs={"model": model, "storage_cfg": cfg.storage, "settings": s, "seed": cfg.run.seed,
+                               "negative_captions": negatives,
+                               "threads": threads,
+                               "use_gpu": s.use_gpu, "ledger": ledger})
+    stats = strengths = picked = None
+    if s.method == "token_drop" and len(s.transforms) > 1:
+        ds = ds.materialize()  # in the object store, not on the driver: the drops' statistics need every row
+        if ds.count():  # with every row rejected there is nothing to combine: the empty table and the counts say so
+            stats = {t: (float(ds.mean(f"drop_{t}")), float(ds.std(f"drop_{t}"))) for t in s.transforms}
+            if s.combine == "pick":
+                strengths = tail_strengths(ds, stats, cfg.unlearn.num_samples)
+                picked = max(strengths, key=strengths.get)
+            ds = ds.map_batches(_combine, batch_format="pyarrow", fn_kwargs={"stats": stats, "picked": picked})
+    return ds, stats, strengths, picked
 
 
 def detection_metrics(table_uri: str, cfg: Config, ks: list[int], output: str) -> dict:
