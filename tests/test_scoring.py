@@ -1,15 +1,18 @@
 """The pure-torch core of UBT: token saliency, trigger-removing transforms, scores, forget losses, trainable sets."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ubt_ray.config import ModelConfig
 from ubt_ray.core.models import load_clip
 from ubt_ray.core.objectives import Batch
 from ubt_ray.core.batches import normalize
+from ubt_ray.core.neighbours import concept_first, concept_medoid, ring_disagreement
 from ubt_ray.core.scoring import (TokenGrid, apply_mask, blur, class_attention, combine_drops, downup, image_features,
                                   prepare_model, score_batch, similarity_and_saliency, text_features, token_grid,
                                   token_mask, tokens_to_take)
@@ -179,3 +182,26 @@ def test_set_trainable_moves_only_the_named_part(clip):
     assert text + visual == total - 1  # all but the logit scale
     with pytest.raises(ValueError, match="unknown trainable"):
         set_trainable(model, "heads")
+
+
+def test_ring_disagreement_averages_over_the_ranked_neighbours_without_the_row_itself():
+    """Points on a circle, neighbours by angle: row 0's neighbours ranked 0-1 are rows 1 and 7 (both captions
+    agree), ranked 2-3 are rows 2 and 6 (one caption disagrees: cosine 0)."""
+    angles = torch.arange(8) * (2 * math.pi / 8)
+    space = torch.stack([angles.cos(), angles.sin()], dim=1)
+    text = F.one_hot(torch.tensor([0, 0, 1, 0, 0, 0, 0, 0]), 2).float()
+    rows = torch.tensor([0])
+    assert ring_disagreement(rows, space, text, 0, 2).item() == pytest.approx(0.0)
+    assert ring_disagreement(rows, space, text, 2, 4).item() == pytest.approx(0.5)
+    # Row 2, the odd caption out: every neighbour disagrees, whichever ring.
+    assert ring_disagreement(torch.tensor([2]), space, text, 0, 4).item() == pytest.approx(1.0)
+
+
+def test_concept_first_ranks_the_majority_concept_of_the_top_rows_first():
+    text = F.one_hot(torch.tensor([0, 0, 1, 0, 2, 1]), 3).float()
+    disagreement = torch.tensor([0.2, 0.9, 0.95, 0.8, 0.3, 0.1])
+    top = disagreement.topk(3).indices  # rows 2, 1, 3: concepts 1, 0, 0
+    target = text[top[concept_medoid(text[top])]]
+    score, cos = concept_first(disagreement, text, target, 0.9)
+    assert score.argsort(descending=True).tolist()[:3] == [1, 3, 0]  # concept 0's rows, by disagreement
+    assert cos.tolist() == [1, 1, 0, 1, 0, 0]

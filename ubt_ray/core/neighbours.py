@@ -29,8 +29,8 @@ def grey_vectors(pixels: torch.Tensor) -> torch.Tensor:
 
 def moments(grey: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Row count, sum and sum of outer products of grey vectors (float64), to be added over batches."""
-    x = grey.double() / 255.0
-    return len(x), x.sum(dim=0), x.T @ x
+    x = grey.float() / 255.0  # float32 products, float64 sums: precise enough for the leading axes
+    return len(x), x.sum(dim=0, dtype=torch.float64), (x.T @ x).double()
 
 
 def principal_axes(count: int, total: torch.Tensor, outer: torch.Tensor, dims: int) -> tuple[torch.Tensor,
@@ -55,7 +55,8 @@ def ring_disagreement(rows: torch.Tensor, space: torch.Tensor, text: torch.Tenso
     sims[torch.arange(len(rows)), rows] = -torch.inf
     last = min(last, len(space) - 1)
     neighbours = sims.topk(last, dim=1).indices[:, min(first, last - 1):]
-    return 1 - (text[rows][:, None, :] * text[neighbours]).sum(-1).mean(dim=1)
+    # The mean of the neighbours' text features, without a (rows x neighbours x d) intermediate.
+    return 1 - (text[rows] * F.embedding_bag(neighbours, text, mode="mean")).sum(-1)
 
 
 def concept_medoid(text: torch.Tensor) -> int:

@@ -18,13 +18,11 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from ..config import Config, ModelConfig, StorageConfig
-from ..core.batches import decode_image
 from ..core.models import load_clip
 from ..core.neighbours import (concept_first, concept_medoid, grey_vectors, moments, principal_axes, project,
                                ring_disagreement)
 from ..core.scoring import text_features
-from ..manifest import RowCounts
-from ..shards import read_shards
+from ..shards import decode_rows, read_shards
 
 QUERY_ROWS = 1024  # rows scored per kNN step: a (QUERY_ROWS x N) similarity matrix, 240 MB at N = 60,000
 
@@ -40,20 +38,11 @@ class Embedder:
         self.ledger = ledger
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        keys = table.column("key").to_pylist()
-        counts, pixels, kept = RowCounts(rows_in=len(keys)), [], []
-        for i, data in enumerate(table.column("image").to_pylist()):
-            try:
-                pixels.append(decode_image(data, self.clip.image_size))
-                kept.append(i)
-            except Exception as e:  # noqa: BLE001 - any undecodable image is a counted rejection, not a crash
-                counts.reject(f"image undecodable ({type(e).__name__})", keys[i])
-        counts.rows_out = len(kept)
+        table, pixels, counts = decode_rows(table, self.clip.image_size)
         ray.get(self.ledger.add.remote(counts, source=ray.get_runtime_context().get_actor_id()))
-        table = table.take(pa.array(kept, pa.int64()))
-        if not kept:  # no fixed-size columns to build: the whole dataset's rows are gathered, empty ones dropped
+        if pixels is None:  # no fixed-size columns to build: the whole dataset's rows are gathered, empty ones dropped
             return table.select(["key"])
-        grey = grey_vectors(torch.from_numpy(np.stack(pixels)))
+        grey = grey_vectors(torch.from_numpy(pixels))
         with torch.no_grad():
             text = text_features(self.clip.model, self.clip.tokenizer(table.column("caption").to_pylist())
                                  .to(self.device)).float().cpu().numpy()

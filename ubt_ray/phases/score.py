@@ -22,7 +22,6 @@ from ray.data import ActorPoolStrategy
 from .. import storage
 from ..cluster import ensure_ray
 from ..config import Config, ModelConfig, ScoreConfig, StorageConfig
-from ..core.batches import decode_image
 from ..core.models import load_clip
 from ..core.scoring import (TRANSFORMS, combine_drops, prepare_model, score_batch, tail_strength, text_features,
                             token_grid)
@@ -30,7 +29,7 @@ from ..core.zeroshot import auroc, precision_recall_at_k
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..report_files import png_bytes, pyplot
-from ..shards import RowLedger, count_rows, read_columns, read_shards, shard_schema, top_k, write_shards
+from ..shards import RowLedger, count_rows, decode_rows, read_columns, read_shards, shard_schema, top_k, write_shards
 from .disagreement import caption_disagreement
 
 TABLE = "table"
@@ -67,21 +66,12 @@ class Scorer:
         self.logit_scale = float(self.clip.model.logit_scale.exp())
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        keys = table.column("key").to_pylist()
-        counts, pixels, kept = RowCounts(rows_in=len(keys)), [], []
-        for i, data in enumerate(table.column("image").to_pylist()):
-            try:
-                pixels.append(decode_image(data, self.clip.image_size))
-                kept.append(i)
-            except Exception as e:  # noqa: BLE001 - any undecodable image is a counted rejection, not a crash
-                counts.reject(f"image undecodable ({type(e).__name__})", keys[i])
-        counts.rows_out = len(kept)
+        table, pixels, counts = decode_rows(table, self.clip.image_size)
         ray.get(self.ledger.add.remote(counts, source=ray.get_runtime_context().get_actor_id()))
-        table = table.take(pa.array(kept, pa.int64()))
-        if not kept:
+        if pixels is None:
             return _empty_output(table, self.s)
         captions = table.column("caption").to_pylist()
-        out = score_batch(self.clip.model, torch.from_numpy(np.stack(pixels)).to(self.device),
+        out = score_batch(self.clip.model, torch.from_numpy(pixels).to(self.device),
                           self.clip.tokenizer(captions).to(self.device), self.clip.preprocess_cfg, self.grid,
                           self.s.method, tuple(self.s.token_portions), tuple(self.s.transforms), self.negatives,
                           self.logit_scale, self.s.saliency, tuple(self.s.attention_blocks))
