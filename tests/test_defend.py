@@ -50,10 +50,13 @@ def scored_input(tmp_path_factory):
     return out, model
 
 
-def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scored_input, tmp_path):
+def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scored_input, tmp_path, monkeypatch):
     data, model = scored_input
     cfg = load_config(None, ["score.num_actors=2", "score.batch_size=64", f"score.output={tmp_path / 'scores'}",
                              "score.top_k=[5, 10]"])
+    # Both actors up before the first block goes out: otherwise one that starts 10 s late (seen once) finds the
+    # 300 rows already scored, and the check below of both actors' shares would be about start-up timing.
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 120)
     result = score(cfg, str(model), str(data))
     table = pq.read_table(result.table)
     keys = table.column("key").to_pylist()
