@@ -181,7 +181,7 @@ class ScoreConfig:
                                  "neighbours are found in.", ge=1, le=1024)
     target_concept: bool = _f(True, "caption_disagreement: rank first the rows whose caption is the concept the "
                                     "unlearn.num_samples most disagreeing rows share (an attack's poisons share its "
-                                    "target's caption; WaNet's precision@300 0.48 -> 0.90).")
+                                    "target's caption; WaNet's precision@300 0.48 -> 0.89).")
     concept_similarity: float = _f(0.9, "caption_disagreement: text-feature cosine to that concept's caption from "
                                         "which a caption belongs to it.", ge=-1, le=1)
     negatives: int = _f(1024, "Captions in the negative bank of the loss score (the first distinct ones of D).", ge=1)
