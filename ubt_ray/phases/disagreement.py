@@ -2,11 +2,12 @@
 
 Three passes, each over every row once. (1) `read_parquet -> map_batches(Embedder, ActorPoolStrategy)`: each
 actor loads the text tower once and turns a row into its grey-level vector and its caption's text feature;
-undecodable images are counted as rejected. (2) On the driver: the pixel moments summed over blocks give the
+undecodable images are counted as rejected. (2) On the driver: the moments of all grey vectors give the
 principal axes; every row's coordinates on them and its text feature form two matrices put in the object store
 once. (3) `range(N) -> map_batches(_disagreement)`: Ray Data tasks score row indices against all rows (the kNN
-needs every row's coordinates). The driver holds N x (1 KiB + 4 x (d + dims)) bytes, about 130 MB for 60,000
-rows: fine to a few million rows, beyond which an approximate-kNN index would be the way (not built).
+needs every row's coordinates). The driver holds at least N x (1 KiB + 4 x (d + dims)) bytes (107 MB for 60,000
+rows with d = 128): fine to a few million rows, beyond which an approximate-kNN index would be the way (not
+built). On a GPU cluster the embedding actors take the GPUs; the kNN tasks run on CPUs.
 """
 
 from __future__ import annotations
