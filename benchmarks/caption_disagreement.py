@@ -28,8 +28,8 @@ from benchmarks.transform_choice import detection  # noqa: E402
 from ubt_ray.config import ModelConfig, ScoreConfig  # noqa: E402
 from ubt_ray.core.batches import decode_images  # noqa: E402
 from ubt_ray.core.models import load_clip  # noqa: E402
-from ubt_ray.core.neighbours import (concept_first, concept_medoid, grey_vectors, moments,  # noqa: E402
-                                     principal_axes, project, ring_disagreement)
+from ubt_ray.core.neighbours import (grey_vectors, pixel_space, ring_disagreement,  # noqa: E402
+                                     target_concept_first)
 from ubt_ray.core.scoring import text_features  # noqa: E402
 
 # (label, first rank, last rank, target concept first)
@@ -61,7 +61,7 @@ def main() -> None:
         with torch.no_grad():
             text = text_features(clip.model, clip.tokenizer(unique))[torch.tensor([unique.index(c) for c in captions])]
         grey = grey_vectors(decode_images(t.column("image").to_pylist(), clip.image_size))
-        space = project(grey, *principal_axes(*moments(grey), defaults.neighbour_dims))
+        space = pixel_space(grey, defaults.neighbour_dims)
         result[name] = {"rows": len(truth), "poisons": int(truth.sum()), "model": model}
         everyone = torch.arange(len(truth))
         rings = {}
@@ -71,9 +71,7 @@ def main() -> None:
                                                 for i in range(0, len(truth), 1024)])
             score = rings[first, last]
             if concept:
-                top = score.topk(args.select).indices
-                score, _ = concept_first(score, text, text[top[concept_medoid(text[top])]],
-                                         defaults.concept_similarity)
+                score, _, _ = target_concept_first(score, text, args.select, defaults.concept_similarity)
             m = detection(score.numpy().astype(np.float64), truth, KS)
             m["poisons_outside_top_5pct"] = int(truth.sum() - truth[np.argsort(-score.numpy())[:len(truth) // 20]].sum())
             result[name][label] = m

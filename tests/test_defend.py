@@ -17,8 +17,7 @@ from ubt_ray.cli import main
 from ubt_ray.config import ModelConfig, load_config, save_config
 from ubt_ray.core.batches import decode_images
 from ubt_ray.core.models import load_clip, save_clip
-from ubt_ray.core.neighbours import (concept_first, concept_medoid, grey_vectors, moments, principal_axes, project,
-                                     ring_disagreement)
+from ubt_ray.core.neighbours import grey_vectors, pixel_space, ring_disagreement, target_concept_first
 from ubt_ray.core.scoring import prepare_model, score_batch, text_features, token_grid
 from ubt_ray.errors import UserError
 from ubt_ray.phases.defend import defense_fingerprint
@@ -110,13 +109,11 @@ def test_caption_disagreement_on_ray_data_scores_every_row_once_like_in_process(
 
     clip = load_clip(ModelConfig(checkpoint=str(model)))
     rows = {r["key"]: r for r in source.to_pylist()}
-    grey = grey_vectors(decode_images([rows[k]["image"] for k in expected], 32))
-    mean, axes = principal_axes(*moments(grey), 16)
+    space = pixel_space(grey_vectors(decode_images([rows[k]["image"] for k in expected], 32)), 16)
     with torch.no_grad():
         text = text_features(clip.model, clip.tokenizer([rows[k]["caption"] for k in expected]))
-    disagreement = ring_disagreement(torch.arange(len(expected)), project(grey, mean, axes), text, 5, 30)
-    medoid = disagreement.topk(20).indices[concept_medoid(text[disagreement.topk(20).indices])]
-    mine, _ = concept_first(disagreement, text, text[medoid], cfg.score.concept_similarity)
+    disagreement = ring_disagreement(torch.arange(len(expected)), space, text, 5, 30)
+    mine, _, _ = target_concept_first(disagreement, text, 20, cfg.score.concept_similarity)
     got = dict(zip(keys, table.column("score").to_pylist()))
     assert np.allclose([got[k] for k in expected], mine.numpy(), atol=1e-5)
     assert set(table.column_names) == {"key", "score", "disagreement", "target_similarity", "is_poison"}

@@ -284,3 +284,13 @@ def decode_rows(table: pa.Table, size: int) -> tuple[pa.Table, np.ndarray | None
             counts.reject(f"image undecodable ({type(e).__name__})", keys[i])
     counts.rows_out = len(kept)
     return table.take(pa.array(kept, pa.int64())), np.stack(pixels) if pixels else None, counts
+
+
+def map_on_actor_pool(data: str, cfg: Config, columns: list[str], actor: type, batch_size: int, actors: int,
+                      cpus_per_actor: int, use_gpu: bool, constructor_kwargs: dict) -> ray.data.Dataset:
+    """`read_parquet -> map_batches(actor class, ActorPoolStrategy)` over the shards under `data` (pyarrow
+    batches). Blocks of at most one batch, so that every actor gets work: Ray Data packs few small files into one
+    read task, which one actor would otherwise take alone while the others wait (streaming, no shuffle)."""
+    return read_shards(data, cfg, columns=columns).repartition(target_num_rows_per_block=batch_size).map_batches(
+        actor, batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0, fn_constructor_kwargs=constructor_kwargs)

@@ -47,6 +47,12 @@ def project(grey: torch.Tensor, mean: torch.Tensor, axes: torch.Tensor) -> torch
     return F.normalize((grey.float() / 255.0 - mean) @ axes, dim=-1)
 
 
+def pixel_space(grey: torch.Tensor, dims: int) -> torch.Tensor:
+    """Each grey vector's L2-normalised coordinates on the `dims` leading principal axes of all of them."""
+    count, total, outer = moments(grey)
+    return project(grey, *principal_axes(count, total, outer, dims))
+
+
 def ring_disagreement(rows: torch.Tensor, space: torch.Tensor, text: torch.Tensor, first: int,
                       last: int) -> torch.Tensor:
     """1 - mean cos(text of row i, text of row j) over the rows j ranked `first` to `last` - 1 among row i's
@@ -71,3 +77,13 @@ def concept_first(disagreement: torch.Tensor, text: torch.Tensor, target: torch.
     disagreement, then all others by disagreement; and each row's cosine to the target."""
     cos = text @ target
     return disagreement - OUTSIDE_CONCEPT * (cos < similarity).float(), cos
+
+
+def target_concept_first(disagreement: torch.Tensor, text: torch.Tensor, num_samples: int,
+                         similarity: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`concept_first` with the target concept taken from the `num_samples` most disagreeing rows (ties by row
+    order): the scores, each row's cosine to the target, and the row whose caption is the target's medoid."""
+    top = torch.argsort(disagreement, descending=True, stable=True)[:num_samples]
+    medoid = int(top[concept_medoid(text[top])])
+    score, cos = concept_first(disagreement, text, text[medoid], similarity)
+    return score, cos, medoid

@@ -16,14 +16,12 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from ray.data import ActorPoolStrategy
 
 from ..config import Config, ModelConfig, StorageConfig
 from ..core.models import load_clip
-from ..core.neighbours import (concept_first, concept_medoid, grey_vectors, moments, principal_axes, project,
-                               ring_disagreement)
+from ..core.neighbours import grey_vectors, pixel_space, ring_disagreement, target_concept_first
 from ..core.scoring import text_features
-from ..shards import decode_rows, read_shards
+from ..shards import decode_rows, map_on_actor_pool
 
 QUERY_ROWS = 1024  # rows scored per kNN step: a (QUERY_ROWS x N) similarity matrix, 240 MB at N = 60,000
 
@@ -75,22 +73,16 @@ def caption_disagreement(cfg: Config, model: ModelConfig, data: str, columns: li
     """The score dataset (key, score, disagreement, target_similarity[, is_poison]) of every decodable row of
     `data`, and what the manifest should say about it; None when no row could be decoded."""
     s = cfg.score
-    embedded = read_shards(data, cfg, columns=columns).repartition(target_num_rows_per_block=s.batch_size) \
-        .map_batches(Embedder, batch_format="pyarrow", batch_size=s.batch_size,
-                     compute=ActorPoolStrategy(size=actors), num_cpus=s.cpus_per_actor,
-                     num_gpus=1 if s.use_gpu else 0,
-                     fn_constructor_kwargs={"model": model, "storage_cfg": cfg.storage, "seed": cfg.run.seed,
-                                            "threads": threads, "use_gpu": s.use_gpu, "ledger": ledger})
+    embedded = map_on_actor_pool(data, cfg, columns, Embedder, s.batch_size, actors, s.cpus_per_actor, s.use_gpu,
+                                 {"model": model, "storage_cfg": cfg.storage, "seed": cfg.run.seed,
+                                  "threads": threads, "use_gpu": s.use_gpu, "ledger": ledger})
     # In dataset order (blocks as read): a row's index below is its position here, whatever the block sizes.
     tables = [t for t in embedded.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
     if not tables:
         return None, {}
     table = pa.concat_tables(tables)
-    grey = torch.from_numpy(_matrix(table.column("grey")))
-    count, total, outer = moments(grey)
-    mean, axes = principal_axes(count, total, outer, s.neighbour_dims)
-    space = project(grey, mean, axes).numpy()
-    text = _matrix(table.column("text")).astype(np.float32)
+    space = pixel_space(torch.from_numpy(_matrix(table.column("grey"))), s.neighbour_dims).numpy()
+    text = _matrix(table.column("text"))
     rows = table.num_rows
     first, last = s.neighbour_ranks
     refs = {"space_ref": ray.put(space), "text_ref": ray.put(text)}
@@ -100,14 +92,12 @@ def caption_disagreement(cfg: Config, model: ModelConfig, data: str, columns: li
     disagreement = np.empty(rows, np.float32)
     for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
         disagreement[batch["id"]] = batch["disagreement"]
-    info = {"neighbour_ranks": [first, min(last, rows - 1)], "principal_axes": int(axes.shape[1])}
+    info = {"neighbour_ranks": [first, min(last, rows - 1)], "principal_axes": int(space.shape[1])}
     score, cos = torch.from_numpy(disagreement), torch.zeros(rows)
     if s.target_concept:
         # The caption concept of the most suspicious rows: an attack's poisons share its target's caption.
-        top = np.argsort(-disagreement, kind="stable")[:cfg.unlearn.num_samples]
-        medoid = int(top[concept_medoid(torch.from_numpy(text[top]))])
-        score, cos = concept_first(score, torch.from_numpy(text), torch.from_numpy(text[medoid]),
-                                   s.concept_similarity)
+        score, cos, medoid = target_concept_first(score, torch.from_numpy(text), cfg.unlearn.num_samples,
+                                                  s.concept_similarity)
         info.update({"target_caption": table.column("caption")[medoid].as_py(),
                      "rows_in_target_concept": int((cos >= s.concept_similarity).sum())})
     columns = {"key": table.column("key"), "score": pa.array(score.numpy()),

@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from ray.data import ActorPoolStrategy
 
 from .. import storage
 from ..cluster import ensure_ray
@@ -29,7 +28,8 @@ from ..core.zeroshot import auroc, precision_recall_at_k
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..report_files import png_bytes, pyplot
-from ..shards import RowLedger, count_rows, decode_rows, read_columns, read_shards, shard_schema, top_k, write_shards
+from ..shards import (RowLedger, count_rows, decode_rows, map_on_actor_pool, read_columns, shard_schema, top_k,
+                      write_shards)
 from .disagreement import caption_disagreement
 
 TABLE = "table"
@@ -217,15 +217,10 @@ def _drop_scores(cfg: Config, model: ModelConfig, data: str, columns: list[str],
     """The token_drop / cosine / loss score dataset, and (several transforms) the drops' statistics, tail
     strengths and the picked transform."""
     s = cfg.score
-    # Blocks of at most one batch, so that every actor gets work: Ray Data packs few small files into one read
-    # task, which one actor would otherwise score alone while the others wait (streaming, no shuffle).
-    ds = read_shards(data, cfg, columns=columns).repartition(target_num_rows_per_block=s.batch_size).map_batches(
-        Scorer, batch_format="pyarrow", batch_size=s.batch_size,
-        compute=ActorPoolStrategy(size=actors), num_cpus=s.cpus_per_actor, num_gpus=1 if s.use_gpu else 0,
-        fn_constructor_kwargs={"model": model, "storage_cfg": cfg.storage, "settings": s, "seed": cfg.run.seed,
-                               "negative_captions": negatives,
-                               "threads": threads,
-                               "use_gpu": s.use_gpu, "ledger": ledger})
+    ds = map_on_actor_pool(data, cfg, columns, Scorer, s.batch_size, actors, s.cpus_per_actor, s.use_gpu,
+                           {"model": model, "storage_cfg": cfg.storage, "settings": s, "seed": cfg.run.seed,
+                            "negative_captions": negatives, "threads": threads, "use_gpu": s.use_gpu,
+                            "ledger": ledger})
     stats = strengths = picked = None
     if s.method == "token_drop" and len(s.transforms) > 1:
         ds = ds.materialize()  # in the object store, not on the driver: the drops' statistics need every row
