@@ -77,7 +77,8 @@ def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scor
     for start in range(0, len(expected), 50):
         chunk = expected[start:start + 50]
         out = score_batch(clip.model, decode_images([rows[k]["image"] for k in chunk], 32),
-                          clip.tokenizer([rows[k]["caption"] for k in chunk]), clip.preprocess_cfg,
+                          text_features(clip.model, clip.tokenizer([rows[k]["caption"] for k in chunk])),
+                          clip.preprocess_cfg,
                           token_grid(clip.model, 32), token_portion=tuple(cfg.score.token_portions))
         mine.update(zip(chunk, out["score"].tolist()))
     got = dict(zip(keys, table.column("score").to_pylist()))

@@ -13,7 +13,7 @@ from ubt_ray.core.models import load_clip
 from ubt_ray.core.objectives import Batch
 from ubt_ray.core.batches import normalize
 from ubt_ray.core.neighbours import concept_first, concept_medoid, ring_disagreement
-from ubt_ray.core.scoring import (TokenGrid, apply_mask, blur, class_attention, combine_drops, downup, image_features,
+from ubt_ray.core.scoring import (CaptionFeatures, TokenGrid, apply_mask, blur, class_attention, combine_drops, downup, image_features,
                                   prepare_model, score_batch, similarity_and_saliency, text_features, token_grid,
                                   token_mask, tokens_to_take)
 from ubt_ray.core.unlearning import FORGET_LOSSES, ForgetSet, UnlearnObjective, prepare_forget_inputs, set_trainable
@@ -69,9 +69,9 @@ def test_scores_do_not_depend_on_the_batch(clip, method, transforms, bf16):
     grid = token_grid(model, clip.image_size)
     negatives = torch.nn.functional.normalize(torch.randn(16, 128), dim=-1)
     kw = dict(grid=grid, method=method, transforms=transforms, negatives=negatives, logit_scale=10.0)
-    whole = score_batch(model, pixels, tokens, clip.preprocess_cfg, **kw)
+    whole = score_batch(model, pixels, text_features(model, tokens), clip.preprocess_cfg, **kw)
     for i in (0, 3, 5):
-        alone = score_batch(model, pixels[i:i + 1], tokens[i:i + 1], clip.preprocess_cfg, **kw)
+        alone = score_batch(model, pixels[i:i + 1], text_features(model, tokens[i:i + 1]), clip.preprocess_cfg, **kw)
         for name, values in alone.items():
             if name == "token_order":
                 assert torch.equal(values[0], whole[name][i])
@@ -83,6 +83,20 @@ def test_scores_do_not_depend_on_the_batch(clip, method, transforms, bf16):
         assert torch.equal(whole["score"], -whole["cos"])
 
 
+def test_caption_features_are_each_captions_own_and_the_cache_stays_bounded(clip):
+    """Cached or not, a row's feature is text_features of its caption alone; past the capacity new captions are
+    still encoded right, just not kept."""
+    model = prepare_model(copy.deepcopy(clip.model), True)
+    features = CaptionFeatures(model, clip.tokenizer, torch.device("cpu"), capacity=3)
+    first = [f"a photo of a {w}" for w in ["bag", "shirt", "bag", "boot", "coat"]]
+    later = [f"a photo of a {w}" for w in ["dress", "bag", "sandal", "coat", "dress"]]
+    for captions in (first, later, first):
+        got = features(captions)
+        alone = torch.cat([text_features(model, clip.tokenizer([c])) for c in captions])
+        assert got.shape == (len(captions), 128) and torch.allclose(got, alone, atol=1e-5)
+    assert list(features.known) == [f"a photo of a {w}" for w in ["bag", "shirt", "boot"]]
+
+
 @pytest.mark.parametrize("kind", ["attention", "token", "gradient", "gradient_x_input"])
 def test_every_saliency_finds_the_token_that_holds_the_content(clip, kind):
     """On an image whose only content is one bright token, every saliency ranks that token first, and the
@@ -91,7 +105,7 @@ def test_every_saliency_finds_the_token_that_holds_the_content(clip, kind):
     pixels = torch.zeros_like(pixels)
     pixels[..., 28:, 28:] = 255  # all the image's content sits in the bottom-right token
     grid = token_grid(clip.model, 32)
-    out = score_batch(clip.model, pixels, tokens, clip.preprocess_cfg, grid, saliency=kind)
+    out = score_batch(clip.model, pixels, text_features(clip.model, tokens), clip.preprocess_cfg, grid, saliency=kind)
     assert int(out["token_order"][0, 0]) == 63
     x = normalize(pixels, clip.preprocess_cfg)
     text = text_features(clip.model, tokens)

@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 import ray
 
 from .config import Config, DataConfig, StorageConfig
-from .core.batches import decode_image
 from .core.captions import caption_rejection
 from .core.images import image_rejection
 from .errors import UserError
@@ -26,6 +25,9 @@ from . import storage
 REQUIRED_COLUMNS = ("key", "image", "caption")
 OPTIONAL_COLUMNS = {"label": pa.int32(), "is_poison": pa.bool_()}
 BASE_SCHEMA = pa.schema([("key", pa.string()), ("image", pa.binary()), ("caption", pa.string())])
+# The score table's folder under a score output: here, not in phases.score, so that select (whose Ray Data
+# tasks import it in fresh workers) does not import torch: 6 s per fresh worker on 2 cores.
+TABLE = "table"
 
 
 def shard_files(uri: str, storage_cfg: StorageConfig | None = None) -> list[str]:
@@ -269,21 +271,6 @@ def write_hash_sample(data: str, out: str, fraction: float, cfg: Config) -> str:
                                             fn_kwargs={"fraction": fraction, "seed": cfg.run.seed})
     validate_and_write(ds, out, cfg, rows_per_file=cfg.poison.rows_per_file)
     return out
-
-
-def decode_rows(table: pa.Table, size: int) -> tuple[pa.Table, np.ndarray | None, RowCounts]:
-    """The rows of `table` whose image decodes, their uint8 pixels (N, 3, size, size; None when no row
-    decodes), and the counts: an undecodable image is a counted rejection, with its key, not a crash."""
-    keys = table.column("key").to_pylist()
-    counts, pixels, kept = RowCounts(rows_in=len(keys)), [], []
-    for i, data in enumerate(table.column("image").to_pylist()):
-        try:
-            pixels.append(decode_image(data, size))
-            kept.append(i)
-        except Exception as e:  # noqa: BLE001 - any undecodable image is a counted rejection, not a crash
-            counts.reject(f"image undecodable ({type(e).__name__})", keys[i])
-    counts.rows_out = len(kept)
-    return table.take(pa.array(kept, pa.int64())), np.stack(pixels) if pixels else None, counts
 
 
 def map_on_actor_pool(data: str, cfg: Config, columns: list[str], actor: type, batch_size: int, actors: int,

@@ -11,9 +11,12 @@ import io
 from typing import Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+
+from ..manifest import RowCounts
 
 _RESIZERS: dict[int, Callable] = {}
 
@@ -28,6 +31,21 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         if img.size != (size, size):
             img = _RESIZERS[size](img)
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def decode_rows(table: pa.Table, size: int) -> tuple[pa.Table, np.ndarray | None, RowCounts]:
+    """The rows of `table` whose image decodes, their uint8 pixels (N, 3, size, size; None when no row
+    decodes), and the counts: an undecodable image is a counted rejection, with its key, not a crash."""
+    keys = table.column("key").to_pylist()
+    counts, pixels, kept = RowCounts(rows_in=len(keys)), [], []
+    for i, data in enumerate(table.column("image").to_pylist()):
+        try:
+            pixels.append(decode_image(data, size))
+            kept.append(i)
+        except Exception as e:  # noqa: BLE001 - any undecodable image is a counted rejection, not a crash
+            counts.reject(f"image undecodable ({type(e).__name__})", keys[i])
+    counts.rows_out = len(kept)
+    return table.take(pa.array(kept, pa.int64())), np.stack(pixels) if pixels else None, counts
 
 
 def decode_images(images: Sequence[bytes], size: int) -> torch.Tensor:

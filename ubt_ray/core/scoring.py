@@ -54,6 +54,28 @@ def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.encode_text(unique).float(), dim=-1)[inverse]
 
 
+class CaptionFeatures:
+    """text_features of captions for a frozen model, each distinct caption tokenised and encoded once and kept
+    for later batches, up to `capacity` captions (then new ones are encoded per batch and not kept). Templated
+    captions repeat (the quickstart's 60,000 rows have a few hundred distinct ones) and tokenising every row
+    cost a tenth of the token-drop scoring pass on 2 cores; web captions rarely repeat, and the cache just
+    stops growing. A feature depends on its caption alone, as in text_features."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device, capacity: int = 1 << 16):
+        self.model, self.tokenizer, self.device, self.capacity = model, tokenizer, device, capacity
+        self.known: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        new = [c for c in dict.fromkeys(captions) if c not in self.known]
+        fresh: dict[str, torch.Tensor] = {}
+        if new:
+            with torch.no_grad():
+                fresh = dict(zip(new, text_features(self.model, self.tokenizer(new).to(self.device))))
+            for c in new[:max(0, self.capacity - len(self.known))]:
+                self.known[c] = fresh[c]
+        return torch.stack([self.known[c] if c in self.known else fresh[c] for c in captions])
+
+
 def image_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """L2-normalised image features of normalised inputs `x`, in fp32 (under bf16 autocast the cosines would
     otherwise be rounded to 8 bits of mantissa and tie)."""
@@ -219,7 +241,7 @@ def prepare_model(model: torch.nn.Module, bf16: bool = True) -> torch.nn.Module:
     return model.eval().requires_grad_(False).to(scoring_dtype(device, bf16))
 
 
-def score_batch(model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tensor, preprocess_cfg: dict,
+def score_batch(model: torch.nn.Module, pixels: torch.Tensor, text: torch.Tensor, preprocess_cfg: dict,
                 grid: TokenGrid, method: str = "token_drop", token_portion: float | Sequence[float] = 4 / 64,
                 transforms: tuple[str, ...] = ("token_mask",), negatives: torch.Tensor | None = None,
                 logit_scale: float | None = None, saliency: str = "auto",
@@ -231,18 +253,17 @@ def score_batch(model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tens
     (several are combined later, over the whole dataset). cosine: score = -cos (weak alignment is not what a
     poison looks like, but it is the plain baseline). loss: image-to-text cross-entropy of the pair against a
     fixed bank of negative caption features; score = -loss (a fitted shortcut has a low loss).
+    `text` holds the rows' caption features (text_features or CaptionFeatures of the same model).
     The forwards run in the dtype of `model`'s weights (see prepare_model); the columns are fp32.
     """
-    out = _score_batch(model, pixels, tokens, preprocess_cfg, grid, method, token_portion, transforms,
+    out = _score_batch(model, pixels, text, preprocess_cfg, grid, method, token_portion, transforms,
                        negatives, logit_scale, saliency, tuple(attention_blocks))
     return {name: v if v.dtype == torch.int64 else v.float() for name, v in out.items()}
 
 
-def _score_batch(model, pixels, tokens, preprocess_cfg, grid, method, token_portion, transforms, negatives,
+def _score_batch(model, pixels, text, preprocess_cfg, grid, method, token_portion, transforms, negatives,
                  logit_scale, saliency, attention_blocks) -> dict[str, torch.Tensor]:
     x = normalize(pixels, preprocess_cfg).to(next(model.parameters()).dtype)
-    with torch.no_grad():
-        text = text_features(model, tokens)
     order = None
     if method == "token_drop" and "token_mask" in transforms:
         cos, sal = similarity_and_saliency(model, x, text, grid, saliency, attention_blocks)

@@ -18,10 +18,11 @@ import ray
 import torch
 
 from ..config import Config, ModelConfig, StorageConfig
+from ..core.batches import decode_rows
 from ..core.models import load_clip
 from ..core.neighbours import grey_vectors, pixel_space, ring_disagreement, target_concept_first
-from ..core.scoring import text_features
-from ..shards import decode_rows, map_on_actor_pool
+from ..core.scoring import CaptionFeatures
+from ..shards import map_on_actor_pool
 
 QUERY_ROWS = 1024  # rows scored per kNN step: a (QUERY_ROWS x N) similarity matrix, 240 MB at N = 60,000
 
@@ -34,6 +35,7 @@ class Embedder:
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.clip = load_clip(model, storage_cfg, self.device, seed=seed)
+        self.captions = CaptionFeatures(self.clip.model, self.clip.tokenizer, self.device)
         self.ledger = ledger
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -42,9 +44,7 @@ class Embedder:
         if pixels is None:  # no fixed-size columns to build: the whole dataset's rows are gathered, empty ones dropped
             return table.select(["key"])
         grey = grey_vectors(torch.from_numpy(pixels))
-        with torch.no_grad():
-            text = text_features(self.clip.model, self.clip.tokenizer(table.column("caption").to_pylist())
-                                 .to(self.device)).float().cpu().numpy()
+        text = self.captions(table.column("caption").to_pylist()).float().cpu().numpy()
         columns = {"key": table.column("key"), "caption": table.column("caption"),
                    "grey": pa.FixedSizeListArray.from_arrays(pa.array(grey.numpy().reshape(-1)), grey.shape[1]),
                    "text": pa.FixedSizeListArray.from_arrays(pa.array(text.reshape(-1)), text.shape[1])}

@@ -21,18 +21,18 @@ import torch
 from .. import storage
 from ..cluster import ensure_ray
 from ..config import Config, ModelConfig, ScoreConfig, StorageConfig
+from ..core.batches import decode_rows
 from ..core.models import load_clip
-from ..core.scoring import (TRANSFORMS, combine_drops, prepare_model, score_batch, tail_strength, text_features,
-                            token_grid)
+from ..core.scoring import (TRANSFORMS, CaptionFeatures, combine_drops, prepare_model, score_batch, tail_strength,
+                            text_features, token_grid)
 from ..core.zeroshot import auroc, precision_recall_at_k
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..report_files import png_bytes, pyplot
-from ..shards import (RowLedger, count_rows, decode_rows, map_on_actor_pool, read_columns, shard_schema, top_k,
+from ..shards import (TABLE, RowLedger, count_rows, map_on_actor_pool, read_columns, shard_schema, top_k,
                       write_shards)
 from .disagreement import caption_disagreement
 
-TABLE = "table"
 DETECTION_FILE = "detection.json"
 HISTOGRAM_FILE = "score_histogram.png"
 TABLE_ROWS_PER_FILE = 100_000  # score rows are small: no image, a key, a few floats, a 64-entry token order
@@ -58,6 +58,7 @@ class Scorer:
         self.clip = load_clip(model, storage_cfg, self.device, seed=seed)
         prepare_model(self.clip.model, settings.amp)
         self.grid = token_grid(self.clip.model, self.clip.image_size)
+        self.captions = CaptionFeatures(self.clip.model, self.clip.tokenizer, self.device)
         self.s, self.ledger = settings, ledger
         self.negatives = None
         if settings.method == "loss":
@@ -70,9 +71,8 @@ class Scorer:
         ray.get(self.ledger.add.remote(counts, source=ray.get_runtime_context().get_actor_id()))
         if pixels is None:
             return _empty_output(table, self.s)
-        captions = table.column("caption").to_pylist()
         out = score_batch(self.clip.model, torch.from_numpy(pixels).to(self.device),
-                          self.clip.tokenizer(captions).to(self.device), self.clip.preprocess_cfg, self.grid,
+                          self.captions(table.column("caption").to_pylist()), self.clip.preprocess_cfg, self.grid,
                           self.s.method, tuple(self.s.token_portions), tuple(self.s.transforms), self.negatives,
                           self.logit_scale, self.s.saliency, tuple(self.s.attention_blocks))
         columns = {"key": table.column("key")}

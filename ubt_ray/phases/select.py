@@ -23,8 +23,7 @@ from ..cluster import ensure_ray
 from ..config import Config
 from ..errors import UserError
 from ..manifest import write_manifest
-from ..shards import block_top_k, count_rows, key_hash, merge_top_k, read_shards
-from .score import TABLE
+from ..shards import TABLE, block_top_k, count_rows, key_hash, merge_top_k, read_shards
 
 FORGET, RETAIN = "forget", "retain"
 # Score-table columns the forget rows carry into their shards (those the score table has).
