@@ -30,7 +30,7 @@ from ubt_ray.core.batches import decode_images  # noqa: E402
 from ubt_ray.core.models import load_clip  # noqa: E402
 from ubt_ray.core.neighbours import (grey_vectors, pixel_space, ring_disagreement,  # noqa: E402
                                      target_concept_first)
-from ubt_ray.core.scoring import text_features  # noqa: E402
+from ubt_ray.core.scoring import CaptionFeatures  # noqa: E402
 
 # (label, first rank, last rank, target concept first)
 VARIANTS = [("nearest 20", 0, 20, False), ("nearest 300", 0, 300, False), ("ranks 100-400", 100, 400, False),
@@ -56,10 +56,7 @@ def main() -> None:
         clip = load_clip(ModelConfig(checkpoint=model))
         t = pq.read_table(shards, columns=["image", "caption", "is_poison"])
         truth = t.column("is_poison").to_numpy(zero_copy_only=False).astype(bool)
-        captions = t.column("caption").to_pylist()
-        unique = sorted(set(captions))
-        with torch.no_grad():
-            text = text_features(clip.model, clip.tokenizer(unique))[torch.tensor([unique.index(c) for c in captions])]
+        text = CaptionFeatures(clip.model, clip.tokenizer, torch.device("cpu"))(t.column("caption").to_pylist())
         grey = grey_vectors(decode_images(t.column("image").to_pylist(), clip.image_size))
         space = pixel_space(grey, defaults.neighbour_dims)
         result[name] = {"rows": len(truth), "poisons": int(truth.sum()), "model": model}
