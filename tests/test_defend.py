@@ -69,7 +69,8 @@ def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scor
     # Both actors scored rows: three small files are one read task, which one actor would otherwise take alone.
     assert len(manifest["rows_per_actor"]) == 2 and sum(manifest["rows_per_actor"]) == 300
 
-    # The same function in this process, with the same settings, in batches of another size, gives the same scores.
+    # The same function in this process, with the same settings, in batches of another size, gives the same scores,
+    # to the last bit (each forward on score.batch_size rows, wherever the rows came from).
     clip = load_clip(ModelConfig(checkpoint=str(model)))
     prepare_model(clip.model, cfg.score.amp)
     rows = {r["key"]: r for r in source.to_pylist() if r["key"] != BROKEN_KEY}
@@ -79,10 +80,11 @@ def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scor
         out = score_batch(clip.model, decode_images([rows[k]["image"] for k in chunk], 32),
                           text_features(clip.model, clip.tokenizer([rows[k]["caption"] for k in chunk])),
                           clip.preprocess_cfg,
-                          token_grid(clip.model, 32), token_portion=tuple(cfg.score.token_portions))
+                          token_grid(clip.model, 32), token_portion=tuple(cfg.score.token_portions),
+                          rows_per_forward=cfg.score.batch_size)
         mine.update(zip(chunk, out["score"].tolist()))
     got = dict(zip(keys, table.column("score").to_pylist()))
-    assert np.allclose([got[k] for k in expected], [mine[k] for k in expected], atol=1e-5)
+    assert [got[k] for k in expected] == [mine[k] for k in expected]
     assert table.column("token_order").type == pa.list_(pa.int16())
     detection = json.loads((tmp_path / "scores" / "detection.json").read_text())
     assert detection["poisons"] == 12 and 0 <= detection["auroc"] <= 1 and "precision@10" in detection

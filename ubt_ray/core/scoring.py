@@ -3,7 +3,8 @@
 A trigger is a fragile, low-level feature: a transform that removes it (masking the few most salient image
 tokens for a local patch, blurring or down-up-sampling for a global pattern) collapses a poisoned pair's
 image-text similarity while a clean pair barely moves. `drop` scores measure that collapse. Every operation
-here is per sample, so a row's score never depends on the other rows of its batch.
+here is per sample, and every model forward runs on a fixed number of rows (`in_fixed_chunks`), so a row's
+score never depends on the other rows of its batch, not even in its last bit.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .batches import normalize
 from .models import scoring_dtype
 
 TRANSFORMS = ("token_mask", "blur", "downup")
+ROWS_PER_FORWARD = 256  # score.batch_size's default
 METHODS = ("token_drop", "cosine", "loss")
 SALIENCIES = ("auto", "attention", "token", "gradient", "gradient_x_input")
 
@@ -48,10 +50,34 @@ def tokens_to_take(portion: float, grid: TokenGrid) -> int:
     return min(grid.count, max(1, math.ceil(portion * grid.count - 1e-9)))
 
 
-def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """L2-normalised text features, each distinct caption encoded once."""
+def in_fixed_chunks(fn, size: int, *tensors: torch.Tensor):
+    """`fn(*chunk)` over `tensors` (one row per index of their first dimension) in chunks of exactly `size` rows,
+    the last one padded with zero rows: the real rows' outputs (a tensor, or a dict of tensors), concatenated.
+
+    A matrix product's rounding can depend on how many rows it multiplies (oneDNN picks its blocking by the
+    shape): with bf16 weights on this project's CPU, 12 of 87 token-drop scores of rows scored alone differed
+    from the same rows' scores in a batch of 200, by up to 2e-4; with every forward on the same number of rows
+    none did, alone, in that batch, or shuffled. Padding costs only the last chunk of a batch."""
+    count = tensors[0].shape[0]
+    outs = []
+    for lo in range(0, max(count, 1), size):
+        part = [t[lo:lo + size] for t in tensors]
+        real = part[0].shape[0]
+        if real < size:
+            part = [torch.cat([p, p.new_zeros((size - real, *p.shape[1:]))]) for p in part]
+        out = fn(*part)
+        outs.append({k: v[:real] for k, v in out.items()} if isinstance(out, dict) else out[:real])
+    if isinstance(outs[0], dict):
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    return torch.cat(outs)
+
+
+def text_features(model: torch.nn.Module, tokens: torch.Tensor, rows_per_forward: int = ROWS_PER_FORWARD) -> torch.Tensor:
+    """L2-normalised text features, each distinct caption encoded once (in forwards of `rows_per_forward`
+    captions, so that a caption's feature does not depend on the others; see in_fixed_chunks)."""
     unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
-    return F.normalize(model.encode_text(unique).float(), dim=-1)[inverse]
+    encoded = in_fixed_chunks(lambda t: model.encode_text(t).float(), rows_per_forward, unique)
+    return F.normalize(encoded, dim=-1)[inverse]
 
 
 class CaptionFeatures:
@@ -244,8 +270,8 @@ def prepare_model(model: torch.nn.Module, bf16: bool = True) -> torch.nn.Module:
 def score_batch(model: torch.nn.Module, pixels: torch.Tensor, text: torch.Tensor, preprocess_cfg: dict,
                 grid: TokenGrid, method: str = "token_drop", token_portion: float | Sequence[float] = 4 / 64,
                 transforms: tuple[str, ...] = ("token_mask",), negatives: torch.Tensor | None = None,
-                logit_scale: float | None = None, saliency: str = "auto",
-                attention_blocks: tuple[int, ...] = (0,)) -> dict[str, torch.Tensor]:
+                logit_scale: float | None = None, saliency: str = "auto", attention_blocks: tuple[int, ...] = (0,),
+                rows_per_forward: int = ROWS_PER_FORWARD) -> dict[str, torch.Tensor]:
     """Score columns of one batch: `cos`, and per method `drop_<transform>` (+ `token_order`) or `loss`.
 
     token_drop: drop of cos(f(x), g(t)) under each transform (token_mask with several portions ρ: the mean of
@@ -254,10 +280,13 @@ def score_batch(model: torch.nn.Module, pixels: torch.Tensor, text: torch.Tensor
     poison looks like, but it is the plain baseline). loss: image-to-text cross-entropy of the pair against a
     fixed bank of negative caption features; score = -loss (a fitted shortcut has a low loss).
     `text` holds the rows' caption features (text_features or CaptionFeatures of the same model).
-    The forwards run in the dtype of `model`'s weights (see prepare_model); the columns are fp32.
+    The forwards run in the dtype of `model`'s weights (see prepare_model), each on `rows_per_forward` rows (a
+    batch of another size is cut or padded: in_fixed_chunks); the columns are fp32.
     """
-    out = _score_batch(model, pixels, text, preprocess_cfg, grid, method, token_portion, transforms,
-                       negatives, logit_scale, saliency, tuple(attention_blocks))
+    out = in_fixed_chunks(lambda p, t: _score_batch(model, p, t, preprocess_cfg, grid, method, token_portion,
+                                                    transforms, negatives, logit_scale, saliency,
+                                                    tuple(attention_blocks)),
+                          rows_per_forward, pixels, text)
     return {name: v if v.dtype == torch.int64 else v.float() for name, v in out.items()}
 
 

@@ -74,7 +74,8 @@ class Scorer:
         out = score_batch(self.clip.model, torch.from_numpy(pixels).to(self.device),
                           self.captions(table.column("caption").to_pylist()), self.clip.preprocess_cfg, self.grid,
                           self.s.method, tuple(self.s.token_portions), tuple(self.s.transforms), self.negatives,
-                          self.logit_scale, self.s.saliency, tuple(self.s.attention_blocks))
+                          self.logit_scale, self.s.saliency, tuple(self.s.attention_blocks),
+                          rows_per_forward=self.s.batch_size)
         columns = {"key": table.column("key")}
         for name, values in out.items():
             if name == "token_order":  # (N, T) -> list<int16> from offsets, without a Python list per row
