@@ -94,6 +94,18 @@ def test_caption_features_are_each_captions_own_and_the_cache_stays_bounded(clip
     assert list(features.known) == [f"a photo of a {w}" for w in ["bag", "shirt", "boot"]]
 
 
+def test_several_token_portions_average_the_drops_of_each(clip):
+    """token_portion (1/64, 4/64) gives the mean of the drops at 1/64 and at 4/64, and each masks more than the
+    one before (the drops differ), so the mean is not one of them."""
+    pixels, tokens = batch(clip)
+    text = text_features(clip.model, tokens)
+    grid = token_grid(clip.model, 32)
+    drop = {p: score_batch(clip.model, pixels, text, clip.preprocess_cfg, grid, token_portion=p)["drop_token_mask"]
+            for p in (1 / 64, 4 / 64, (1 / 64, 4 / 64))}
+    assert not torch.allclose(drop[1 / 64], drop[4 / 64])
+    assert torch.allclose(drop[(1 / 64, 4 / 64)], (drop[1 / 64] + drop[4 / 64]) / 2, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["attention", "token", "gradient", "gradient_x_input"])
 def test_every_saliency_finds_the_token_that_holds_the_content(clip, kind):
     """On an image whose only content is one bright token, every saliency ranks that token first, and the

@@ -156,8 +156,9 @@ class ScoreConfig:
                                     "assumed, none of the image tower used; configs/caption_disagreement.yaml).",
                      choices=("token_drop", "cosine", "loss", "caption_disagreement"))
     model: str = _f("overfit", "Score with the overfit model θₒ or the original θ₀.", choices=("overfit", "original"))
-    token_portions: list[float] = _f([1 / 64, 4 / 64], "ρ values: share of image tokens the token_mask transform "
-                                                      "masks; with several, the drop is the mean of the drops at each.")
+    token_portions: list[float] = _f([2 / 64], "ρ values: share of image tokens the token_mask transform masks; "
+                                                "with several, the drop is the mean of the drops at each (one more "
+                                                "image forward per row for each; benchmarks/portion_choice.py).")
     saliency: str = _f("auto", "Token saliency of token_mask: attention = the class token's attention to each "
                                 "patch in score.attention_blocks (no backward; auto picks it for a ViT, gradient "
                                 "otherwise); token = |d cos / d token| at the transformer input; gradient = "

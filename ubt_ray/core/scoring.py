@@ -268,7 +268,7 @@ def prepare_model(model: torch.nn.Module, bf16: bool = True) -> torch.nn.Module:
 
 
 def score_batch(model: torch.nn.Module, pixels: torch.Tensor, text: torch.Tensor, preprocess_cfg: dict,
-                grid: TokenGrid, method: str = "token_drop", token_portion: float | Sequence[float] = 4 / 64,
+                grid: TokenGrid, method: str = "token_drop", token_portion: float | Sequence[float] = 2 / 64,
                 transforms: tuple[str, ...] = ("token_mask",), negatives: torch.Tensor | None = None,
                 logit_scale: float | None = None, saliency: str = "auto", attention_blocks: tuple[int, ...] = (0,),
                 rows_per_forward: int = ROWS_PER_FORWARD) -> dict[str, torch.Tensor]:
