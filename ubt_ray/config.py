@@ -186,7 +186,8 @@ class ScoreConfig:
     concept_similarity: float = _f(0.9, "caption_disagreement: text-feature cosine to that concept's caption from "
                                         "which a caption belongs to it.", ge=-1, le=1)
     negatives: int = _f(1024, "Captions in the negative bank of the loss score (the first distinct ones of D).", ge=1)
-    batch_size: int = _f(256, "Rows per scoring batch.", ge=1)
+    batch_size: int = _f(256, "Rows per scoring batch, and per model forward (a smaller block is padded to it, so that "
+                                   "a row's score does not depend on its batch, to the last bit).", ge=1)
     num_actors: int | None = _f(None, "Scoring actors; null: one per GPU with use_gpu, else one per cpus_per_actor "
                                        "CPUs less one CPU left to the read tasks.", ge=1)
     cpus_per_actor: int = _f(1, "CPUs reserved per scoring actor (Ray resources).", ge=1)
