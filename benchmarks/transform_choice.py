@@ -8,6 +8,8 @@ and prints, per table and transform: the detection of that transform's drop alon
 how far its top k drops stand above the rest (`tail_strength`, what `score.combine: pick` ranks transforms by:
 standard deviations above the mean; and in robust ones above the median); plus the detection of the max of
 standardised drops (the `max_z` combination). A rule is good when the transform with the strongest tail is the one that detects best.
+`--extra NAME TABLE` adds another run's drops of the same rows to table NAME, e.g. the 2/64 token-mask drop of
+`benchmarks/portion_choice.py --counts 2 --table T` (as `drop_mask2`; results/transform_choice_mask2.md).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -41,10 +44,27 @@ def detection(scores: np.ndarray, truth: np.ndarray, ks: list[int]) -> dict:
     return {"auroc": auroc(scores, truth), **{k: v for k, v in pr.items() if k.startswith("precision")}}
 
 
+def with_extra_drops(table: pa.Table, extra: pa.Table) -> pa.Table:
+    """`table` with the drop_* columns of `extra` (the same rows, matched by key); portion_choice's drop_<count>
+    is renamed drop_mask<count>, so that it sits beside the score table's drop_token_mask."""
+    names = {c: f"drop_mask{c[len('drop_'):]}" if c[len("drop_"):].isdigit() else c
+             for c in extra.column_names if c.startswith("drop_")}
+    mine = table.select(["key", "is_poison", *[c for c in table.column_names if c.startswith("drop_")]])
+    joined = mine.join(extra.select(["key", *names]).rename_columns(["key", *names.values()]), "key")
+    if joined.num_rows != table.num_rows or extra.num_rows != table.num_rows:
+        raise SystemExit(f"the extra table has {extra.num_rows} rows, {joined.num_rows} matching the table's "
+                         f"{table.num_rows} keys: give it the same rows")
+    return joined
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--name", action="append", nargs=2, metavar=("NAME", "TABLE"), required=True,
                     help="a label and a score table directory (Parquet) with drop_* and is_poison columns")
+    ap.add_argument("--extra", action="append", nargs=2, default=[], metavar=("NAME", "TABLE"),
+                    help="more drop_* columns for table NAME, joined by key from another table (e.g. "
+                         "benchmarks/portion_choice.py --table: drop_<count> becomes drop_mask<count>)")
+    ap.add_argument("--name-out", default="transform_choice", help="result files: <out>/<this>.{json,md}")
     ap.add_argument("--k", type=int, default=300, help="top rows the tail statistic looks at (unlearn.num_samples)")
     ap.add_argument("--sample", type=float, default=0.1, help="also decide on seeded samples of this share of rows")
     ap.add_argument("--repeats", type=int, default=20, help="samples drawn per table")
@@ -56,6 +76,9 @@ def main() -> None:
              "|---|---|---|---|---|"]
     for name, path in args.name:
         t = pq.read_table(path)
+        for extra_name, extra_path in args.extra:
+            if extra_name == name:
+                t = with_extra_drops(t, pq.read_table(extra_path))
         truth = t.column("is_poison").to_numpy(zero_copy_only=False).astype(bool)
         drops = {c[len("drop_"):]: t.column(c).to_numpy().astype(np.float64)
                  for c in t.column_names if c.startswith("drop_")}
@@ -80,7 +103,7 @@ def main() -> None:
             lines.append(f"| {name} ({int(truth.sum())} poisons) | {transform} | {tail} | {r['auroc']:.3f} | {prec} |")
     lines += ["", f"Picked (largest z tail) on {args.repeats} random {100 * args.sample:.0f}% samples, top "
               f"{max(1, round(args.k * args.sample))}:", "", "| table | wins |", "|---|---|"] + sample_lines
-    write_results(args.out, "transform_choice", result, "\n".join(lines) + "\n")
+    write_results(args.out, args.name_out, result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
