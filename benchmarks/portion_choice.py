@@ -28,8 +28,8 @@ from benchmarks.results_io import write_results  # noqa: E402
 from ubt_ray.config import ModelConfig  # noqa: E402
 from ubt_ray.core.batches import decode_images, normalize  # noqa: E402
 from ubt_ray.core.models import load_clip  # noqa: E402
-from ubt_ray.core.scoring import (CaptionFeatures, image_features, prepare_model, remove_trigger,  # noqa: E402
-                                  similarity_and_saliency, tail_strength, token_grid, token_order)
+from ubt_ray.core.scoring import (CaptionFeatures, prepare_model, similarity_and_saliency,  # noqa: E402
+                                  similarity_drop, tail_strength, token_grid, token_order)
 from ubt_ray.core.zeroshot import auroc, precision_recall_at_k  # noqa: E402
 
 KS = [150, 300]
@@ -51,10 +51,8 @@ def drops_by_count(model_dir: str, shards: str, counts: list[int], batch: int) -
         text = captions(part.column("caption").to_pylist())
         cos, saliency = similarity_and_saliency(model, x, text, grid)
         order = token_order(saliency)
-        with torch.no_grad():
-            for c in counts:
-                masked = (image_features(model, remove_trigger(x, "token_mask", order, c, grid)) * text).sum(-1)
-                cols[f"drop_{c}"].append((cos - masked).float().numpy())
+        for c in counts:
+            cols[f"drop_{c}"].append(similarity_drop(model, x, text, cos, "token_mask", order, c, grid).float().numpy())
     print(f"scored {data.num_rows} rows with {len(counts) + 1} forwards each in {time.time() - start:.1f} s")
     return pa.table({"key": data.column("key"), "is_poison": data.column("is_poison").fill_null(False),
                      **{name: np.concatenate(v) for name, v in cols.items()}})
