@@ -21,7 +21,7 @@ from ubt_ray.core.neighbours import grey_vectors, pixel_space, ring_disagreement
 from ubt_ray.core.scoring import prepare_model, score_batch, text_features, token_grid
 from ubt_ray.errors import UserError
 from ubt_ray.phases.defend import defense_fingerprint
-from ubt_ray.phases.score import _combine, score, tail_strengths
+from ubt_ray.phases.score import _combine, robust_stats, score, tail_strengths
 from ubt_ray.shards import merge_top_k, top_k
 
 from helpers import caption_shards, fashion_mnist_shards, last_json, small_clip_config, write_random_clip
@@ -136,6 +136,16 @@ def test_pick_combination_takes_the_transform_whose_top_drops_stand_out(ray_loca
              for t in ("blur", "token_mask")}
     strengths = tail_strengths(ds, stats, 5)
     assert strengths["blur"] > 5 > strengths["token_mask"] > 1
+    # pick's units: the median and 1.4826 MAD, from every row, or from a seeded sample of max_rows of them.
+    robust = robust_stats(ds, ["blur", "token_mask"], seed=0)
+    for t in ("blur", "token_mask"):
+        d = table.column(f"drop_{t}").to_numpy().astype(np.float64)
+        assert robust[t] == pytest.approx((np.median(d), 1.4826 * np.median(np.abs(d - np.median(d)))), rel=1e-6)
+    sampled = robust_stats(ds, ["token_mask"], seed=0, max_rows=200)["token_mask"]
+    assert sampled != robust["token_mask"] and sampled == robust_stats(ds, ["token_mask"], seed=0, max_rows=200)["token_mask"]
+    assert abs(sampled[0] - robust["token_mask"][0]) < 0.1 * robust["token_mask"][1]
+    robust_tails = tail_strengths(ds, robust, 5)
+    assert robust_tails["blur"] > 20 > 4 > robust_tails["token_mask"] > 1
     out = _combine(table, stats, picked="blur")
     assert out.column("score").to_pylist() == table.column("drop_blur").to_pylist()
     assert set(out.column("transform").to_pylist()) == {"blur"}

@@ -172,8 +172,8 @@ class ScoreConfig:
                                                "downup); several are combined by score.combine.")
     combine: str = _f("max_z", "How several transforms' drops become one score: max_z = each row's largest "
                                "standardised drop; pick = the drop of the one transform whose top "
-                               "unlearn.num_samples drops stand furthest above its mean (in standard "
-                               "deviations): the transform that removes this dataset's trigger.",
+                               "unlearn.num_samples drops stand furthest above its median (in robust standard "
+                               "deviations, 1.4826 MAD): the transform that removes this dataset's trigger.",
                       choices=("max_z", "pick"))
     neighbour_ranks: list[int] = _f([100, 400], "caption_disagreement: the neighbours are the rows ranked first to "
                                                 "last - 1 by pixel-space similarity (a ring: a warp trigger packs "

@@ -23,8 +23,8 @@ from ..cluster import ensure_ray
 from ..config import Config, ModelConfig, ScoreConfig, StorageConfig
 from ..core.batches import decode_rows
 from ..core.models import load_clip
-from ..core.scoring import (TRANSFORMS, CaptionFeatures, combine_drops, prepare_model, score_batch, tail_strength,
-                            text_features, token_grid)
+from ..core.scoring import (TRANSFORMS, CaptionFeatures, combine_drops, prepare_model, robust_center_scale, score_batch,
+                            tail_strength, text_features, token_grid)
 from ..core.zeroshot import auroc, precision_recall_at_k
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
@@ -118,14 +118,32 @@ def _combine(table: pa.Table, stats: dict, picked: str | None = None) -> pa.Tabl
     return table.append_column("score", pa.array(best.numpy())).append_column("transform", pa.array(which, pa.string()))
 
 
+ROBUST_STATS_ROWS = 1_000_000
+
+
+def robust_stats(ds: ray.data.Dataset, names: list[str], seed: int,
+                 max_rows: int = ROBUST_STATS_ROWS) -> dict[str, tuple[float, float]]:
+    """Each transform's drop median and robust standard deviation (`robust_center_scale`) over the scored rows,
+    or over a seeded sample of `max_rows` of them where there are more (the driver holds the drops it reads:
+    4 bytes a row and transform; a median from a million rows is off by about a thousandth of a std)."""
+    columns = [f"drop_{name}" for name in names]
+    part = ds.select_columns(columns)
+    rows = ds.count()
+    if rows > max_rows:
+        part = part.random_sample(max_rows / rows, seed=seed)
+    batches = list(part.iter_batches(batch_format="numpy", batch_size=None))
+    return {name: robust_center_scale(np.concatenate([b[column] for b in batches]))
+            for name, column in zip(names, columns)}
+
+
 def tail_strengths(ds: ray.data.Dataset, stats: dict[str, tuple[float, float]], k: int) -> dict[str, float]:
-    """Each transform's `tail_strength` over the scored dataset: its k largest drops against its mean and
-    std (per-block top-k merged on the driver, so memory is bounded by k)."""
+    """Each transform's `tail_strength` over the scored dataset: its k largest drops against its (centre, scale)
+    in `stats` (per-block top-k merged on the driver, so memory is bounded by k)."""
     out = {}
-    for name, (mean, std) in stats.items():
+    for name, (center, scale) in stats.items():
         column = f"drop_{name}"
         top = top_k(ds.select_columns(["key", column]), k, column)
-        out[name] = tail_strength(torch.tensor(top.column(column).to_numpy()), mean, std)
+        out[name] = tail_strength(torch.tensor(top.column(column).to_numpy()), center, scale)
     return out
 
 
@@ -181,14 +199,12 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
     threads = s.threads_per_actor or max(1, (os.cpu_count() or 1) // actors)
     ledger = RowLedger.remote()
     model = dataclasses.replace(cfg.model, checkpoint=storage.absolute(model_uri))
-    stats = strengths = picked = None
-    extra: dict = {}
     if s.method == "caption_disagreement":
         ds, extra = caption_disagreement(cfg, model, data, columns, actors, threads, ledger)
         if ds is None:  # every image undecodable: the counts say so, the table is empty
             ds = ray.data.from_arrow(_empty_output(pa.table({c: [] for c in columns}), s))
     else:
-        ds, stats, strengths, picked = _drop_scores(cfg, model, data, columns, negatives, actors, threads, ledger)
+        ds, extra = _drop_scores(cfg, model, data, columns, negatives, actors, threads, ledger)
     table_uri = storage.join(output, TABLE)
     # In files of many rows, not one per scoring batch: select reads the table back (235 files of 256 rows took
     # it 35 s against 7 s for one file on the quickstart's 60,000 rows).
@@ -206,32 +222,34 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
                               started=started, extra={"table": table_uri, "method": s.method,
                                                       "transforms": s.transforms, "token_portions": s.token_portions,
                                                       "actors": actors, "threads_per_actor": threads,
-                                                      "rows_per_actor": rows_per_actor,
-                                                      "transform_stats": stats, "combine": s.combine,
-                                                      "tail_strengths": strengths, "picked_transform": picked,
+                                                      "rows_per_actor": rows_per_actor, "combine": s.combine,
                                                       **extra, "detection": detection})
     return ScoreResult(table_uri, rows, detection, time.time() - started, manifest)
 
 
 def _drop_scores(cfg: Config, model: ModelConfig, data: str, columns: list[str], negatives: list[str], actors: int,
-                 threads: int, ledger) -> tuple[ray.data.Dataset, dict | None, dict | None, str | None]:
-    """The token_drop / cosine / loss score dataset, and (several transforms) the drops' statistics, tail
-    strengths and the picked transform."""
+                 threads: int, ledger) -> tuple[ray.data.Dataset, dict]:
+    """The token_drop / cosine / loss score dataset, and for the manifest (several transforms) the drops'
+    statistics, and with `pick` their robust statistics, tail strengths and the picked transform."""
     s = cfg.score
     ds = map_on_actor_pool(data, cfg, columns, Scorer, s.batch_size, actors, s.cpus_per_actor, s.use_gpu,
                            {"model": model, "storage_cfg": cfg.storage, "settings": s, "seed": cfg.run.seed,
                             "negative_captions": negatives, "threads": threads, "use_gpu": s.use_gpu,
                             "ledger": ledger})
-    stats = strengths = picked = None
+    extra: dict = {}
     if s.method == "token_drop" and len(s.transforms) > 1:
         ds = ds.materialize()  # in the object store, not on the driver: the drops' statistics need every row
         if ds.count():  # with every row rejected there is nothing to combine: the empty table and the counts say so
             stats = {t: (float(ds.mean(f"drop_{t}")), float(ds.std(f"drop_{t}"))) for t in s.transforms}
+            extra["transform_stats"] = stats
+            picked = None
             if s.combine == "pick":
-                strengths = tail_strengths(ds, stats, cfg.unlearn.num_samples)
+                robust = robust_stats(ds, s.transforms, cfg.run.seed)
+                strengths = tail_strengths(ds, robust, cfg.unlearn.num_samples)
                 picked = max(strengths, key=strengths.get)
+                extra.update(transform_robust_stats=robust, tail_strengths=strengths, picked_transform=picked)
             ds = ds.map_batches(_combine, batch_format="pyarrow", fn_kwargs={"stats": stats, "picked": picked})
-    return ds, stats, strengths, picked
+    return ds, extra
 
 
 def detection_metrics(table_uri: str, cfg: Config, ks: list[int], output: str) -> dict:
