@@ -28,8 +28,8 @@ from benchmarks.results_io import write_results  # noqa: E402
 from ubt_ray.config import ModelConfig  # noqa: E402
 from ubt_ray.core.batches import decode_images, normalize  # noqa: E402
 from ubt_ray.core.models import load_clip  # noqa: E402
-from ubt_ray.core.scoring import (CaptionFeatures, prepare_model, similarity_and_saliency,  # noqa: E402
-                                  similarity_drop, tail_strength, token_grid, token_order)
+from ubt_ray.core.scoring import (CaptionFeatures, prepare_model, robust_center_scale,  # noqa: E402
+                                  similarity_and_saliency, similarity_drop, tail_strength, token_grid, token_order)
 from ubt_ray.core.zeroshot import auroc, precision_recall_at_k  # noqa: E402
 
 KS = [150, 300]
@@ -59,13 +59,14 @@ def drops_by_count(model_dir: str, shards: str, counts: list[int], batch: int) -
 
 
 def detection(score: np.ndarray, truth: np.ndarray, k: int) -> dict:
-    """AUROC, precision@150 / @300, and the tail strength of the top k (what `score.combine: pick` compares
-    across transforms: with any_trigger.yaml the token mask's drop must not out-tail blur's on a whole-image
-    trigger)."""
+    """AUROC, precision@150 / @300, and the tail strength of the top k: in robust standard deviations (what
+    `score.combine: pick` compares across transforms: with any_trigger.yaml the token mask's drop must not
+    out-tail blur's on a whole-image trigger) and in plain ones (the rule before)."""
     pr = precision_recall_at_k(score, truth, KS)
-    tail = tail_strength(torch.from_numpy(np.sort(score)[-k:]), float(score.mean()), float(score.std()))
+    top = torch.from_numpy(np.sort(score)[-k:])
     return {"auroc": round(auroc(score, truth), 4), **{f"precision@{k}": round(pr[f"precision@{k}"], 3) for k in KS},
-            "tail": round(tail, 2)}
+            "tail": round(tail_strength(top, *robust_center_scale(score)), 2),
+            "tail_z": round(tail_strength(top, float(score.mean()), float(score.std())), 2)}
 
 
 def main() -> None:
@@ -88,11 +89,11 @@ def main() -> None:
     rows = {f"{c}/64": detection(drop[c], truth, args.k) for c in args.counts}
     rows.update({f"mean({a}/64, {b}/64)": detection((drop[a] + drop[b]) / 2, truth, args.k)
                  for a, b in itertools.combinations(args.counts, 2)})
-    lines = [f"| token-drop portions | forwards per row | AUROC | precision@150 | precision@300 | tail of the top {args.k} |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| token-drop portions | forwards per row | AUROC | precision@150 | precision@300 | tail of the top "
+             f"{args.k}: robust z / z |", "|---|---|---|---|---|---|"]
     for name, d in rows.items():
         lines.append(f"| {name} | {3 if name.startswith('mean') else 2} | {d['auroc']:.3f} | "
-                     f"{d['precision@150']:.0%} | {d['precision@300']:.0%} | {d['tail']:.2f} |")
+                     f"{d['precision@150']:.0%} | {d['precision@300']:.0%} | {d['tail']:.2f} / {d['tail_z']:.2f} |")
     write_results(args.out, f"portion_choice_{args.name}", {"model": args.model, "shards": args.shards, "rows": table.num_rows,
                                                "poisons": int(truth.sum()), "detection": rows}, "\n".join(lines) + "\n")
 
