@@ -9,9 +9,11 @@ output resumes from the last checkpoint, and so does Ray after a worker failure 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -204,10 +206,20 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "amp_bf16" else torch.float16)
 
 
+def _progress(line: str) -> None:
+    """One progress line on this process's stdout. Not print(): in a Ray Train worker print is patched to log
+    through the root logger and is also echoed to a wrapped stdout, so each line reached the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _train_loop_per_worker(config: dict) -> None:
     cfg: Config = config["cfg"]
     spec: FitSpec = config["spec"]
     t = spec.train
+    # Ray Train sets a worker's root logger to INFO, which sent open_clip's model-loading messages (a dozen
+    # root-logger INFO lines per load) to the driver's console; warnings and errors still come through.
+    logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     # Ray pins one thread per reserved CPU; on a laptop the worker may use the cores the data tasks leave idle.
@@ -268,10 +280,10 @@ def _train_loop_per_worker(config: dict) -> None:
                 rate = (state["samples"] - tic_samples) / max(1e-9, time.time() - tic)
                 metrics.update(lr=lr, samples_per_s=rate)
                 if rank == 0:
-                    print(f"[{spec.phase}] epoch {state['step'] / steps_per_epoch:.2f}/"
-                          f"{total_steps / steps_per_epoch:.2f} "
-                          f"step {state['step']}/{total_steps} loss {metrics['loss']:.4f} "
-                          f"{rate:.0f} samples/s lr {lr:.2e}", flush=True)
+                    _progress(f"[{spec.phase}] epoch {state['step'] / steps_per_epoch:.2f}/"
+                              f"{total_steps / steps_per_epoch:.2f} "
+                              f"step {state['step']}/{total_steps} loss {metrics['loss']:.4f} "
+                              f"{rate:.0f} samples/s lr {lr:.2e}")
             checkpoint = state["step"] % ckpt_every == 0 or state["step"] == total_steps
             if checkpoint or (probe is not None and state["step"] % probe.every == 0):
                 if measure is not None:
