@@ -217,9 +217,10 @@ def _train_loop_per_worker(config: dict) -> None:
     cfg: Config = config["cfg"]
     spec: FitSpec = config["spec"]
     t = spec.train
-    # Ray Train sets a worker's root logger to INFO, which sent open_clip's model-loading messages (a dozen
-    # root-logger INFO lines per load) to the driver's console; warnings and errors still come through.
-    logging.getLogger().setLevel(logging.WARNING)
+    if t.num_workers:  # a Ray Train worker process (in process, this is the caller's, whose logging is its own)
+        # Ray Train sets a worker's root logger to INFO, which sent open_clip's model-loading messages (a dozen
+        # root-logger INFO lines per load) to the driver's console; warnings and errors still come through.
+        logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     # Ray pins one thread per reserved CPU; on a laptop the worker may use the cores the data tasks leave idle.
