@@ -25,11 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.results_io import write_results  # noqa: E402
+from benchmarks.transform_choice import tails  # noqa: E402
 from ubt_ray.config import ModelConfig  # noqa: E402
 from ubt_ray.core.batches import decode_images, normalize  # noqa: E402
 from ubt_ray.core.models import load_clip  # noqa: E402
-from ubt_ray.core.scoring import (CaptionFeatures, prepare_model, robust_center_scale,  # noqa: E402
-                                  similarity_and_saliency, similarity_drop, tail_strength, token_grid, token_order)
+from ubt_ray.core.scoring import (CaptionFeatures, prepare_model, similarity_and_saliency,  # noqa: E402
+                                  similarity_drop, token_grid, token_order)
 from ubt_ray.core.zeroshot import auroc, precision_recall_at_k  # noqa: E402
 
 KS = [150, 300]
@@ -63,10 +64,9 @@ def detection(score: np.ndarray, truth: np.ndarray, k: int) -> dict:
     `score.combine: pick` compares across transforms: with any_trigger.yaml the token mask's drop must not
     out-tail blur's on a whole-image trigger) and in plain ones (the rule before)."""
     pr = precision_recall_at_k(score, truth, KS)
-    top = torch.from_numpy(np.sort(score)[-k:])
+    tail = tails(score, k)
     return {"auroc": round(auroc(score, truth), 4), **{f"precision@{k}": round(pr[f"precision@{k}"], 3) for k in KS},
-            "tail": round(tail_strength(top, *robust_center_scale(score)), 2),
-            "tail_z": round(tail_strength(top, float(score.mean()), float(score.std())), 2)}
+            "tail": round(tail["robust"], 2), "tail_z": round(tail["z"], 2)}
 
 
 def main() -> None:
