@@ -45,3 +45,23 @@ def test_cleanclip_runs_on_ray_train_and_writes_an_open_clip_checkpoint(start, c
     manifest = json.loads((root / "baseline" / kind / "manifest.json").read_text())
     assert manifest["training"]["objective"] == "cleanclip"
     assert json.loads((root / "baseline" / kind / "eval" / "metrics.json").read_text())["test_rows"] == 200
+    assert out["reused"] is False
+
+
+def test_a_finished_baseline_is_reused_only_with_the_same_settings(start, capsys):
+    """Run first when the cleanclip test did not (e.g. run alone); then the same command reads the finished
+    baseline back (same model files, metrics and samples), and another learning rate trains again."""
+    root, model, overrides = start
+    capsys.readouterr()
+    assert main(["baseline", "cleanclip", *overrides]) == 0
+    first = last_json(capsys.readouterr().out)
+    weights = root / "baseline" / "cleanclip" / "model" / "open_clip_model.safetensors"
+    written = weights.stat().st_mtime_ns
+    assert main(["baseline", "cleanclip", *overrides]) == 0
+    printed = capsys.readouterr().out
+    again = last_json(printed)
+    assert again["reused"] is True and "reused the finished baseline" in printed
+    assert {k: v for k, v in again.items() if k != "reused"} == {k: v for k, v in first.items() if k != "reused"}
+    assert weights.stat().st_mtime_ns == written
+    assert main(["baseline", "cleanclip", *overrides, "baseline.lr=2e-4"]) == 0
+    assert last_json(capsys.readouterr().out)["reused"] is False and weights.stat().st_mtime_ns != written

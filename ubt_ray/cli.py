@@ -95,9 +95,13 @@ def _baseline(cfg: Config, args: argparse.Namespace) -> dict:
     from .phases.baseline import baseline
     r = baseline(cfg, args.kind, args.model)
     ev = r.evaluation
+    if r.reused:
+        print(f"reused the finished baseline in {cfg.baseline.output}/{r.kind} (same model, data and settings; "
+              f"pipeline.reuse=false runs it again)", flush=True)
     return {"baseline": r.kind, "model": r.model, "clean_rows": r.clean_rows, "clean_samples": r.clean_samples,
             "steps": r.fit.steps, "clean_accuracy": ev.clean_accuracy if ev else None,
-            "attack_success_rate": ev.attack_success_rate if ev else None, "wall_time_s": round(r.wall_time_s, 1)}
+            "attack_success_rate": ev.attack_success_rate if ev else None, "wall_time_s": round(r.wall_time_s, 1),
+            "reused": r.reused}
 
 
 def _compare(cfg: Config, args: argparse.Namespace) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,18 @@ def write_manifest(out_uri: str, phase: str, cfg: Config, *, inputs: dict, rows:
     }
     storage.write_json(storage.join(out_uri, "manifest.json"), manifest, cfg.storage)
     return manifest
+
+
+def fingerprint(cfg: Config, sections: tuple[str, ...], files: dict[str, tuple[str | None, tuple[str, ...]]],
+                **extra) -> dict:
+    """What makes two runs of a phase the same, for reusing a finished one: the config `sections`, the seed,
+    `extra`, and the signatures (path, size, mtime) of the files under each named uri with the given suffixes
+    (None for a uri the phase does not read). As it reads back from JSON, to compare with a stored one."""
+    c = cfg.to_dict()
+    out = {"config": {s: c[s] for s in sections}, "seed": cfg.run.seed, **extra,
+           **{name: storage.file_signatures(uri, suffixes, cfg.storage) if uri else None
+              for name, (uri, suffixes) in files.items()}}
+    return json.loads(json.dumps(out))
 
 
 def read_manifest(out_uri: str, cfg: Config) -> dict:

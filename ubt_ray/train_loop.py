@@ -31,7 +31,7 @@ from . import storage
 from .cluster import ensure_ray
 from .config import Config, ModelConfig, TrainConfig
 from .core.batches import decode_images
-from .core.models import WEIGHTS_FILE, Clip, load_checkpoint_dir, load_clip, save_clip, write_checkpoint_dir
+from .core.models import CHECKPOINT_SUFFIXES, WEIGHTS_FILE, Clip, load_checkpoint_dir, load_clip, save_clip, write_checkpoint_dir
 from .core.objectives import Batch, build_objective
 from .core.unlearning import set_trainable
 from .errors import UserError
@@ -165,7 +165,7 @@ def run_fingerprint(cfg: Config, spec: FitSpec) -> dict:
     schedule = {k: v for k, v in vars(spec.train).items()
                 if k not in ("resume", "max_failures", "threads_per_worker", "cpus_per_worker", "output")}
     return {"data": storage.file_signatures(spec.data, (".parquet",), cfg.storage), "init": vars(spec.init),
-            "init_files": (storage.file_signatures(spec.init.checkpoint, (".json", ".safetensors"), cfg.storage)
+            "init_files": (storage.file_signatures(spec.init.checkpoint, CHECKPOINT_SUFFIXES, cfg.storage)
                            if spec.init.checkpoint else None),
             "objective": _objective_name(spec), "objective_kwargs": spec.objective_kwargs,
             "trainable": spec.trainable, "schedule": schedule,

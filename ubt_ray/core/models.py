@@ -22,6 +22,7 @@ from .. import storage
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
+CHECKPOINT_SUFFIXES = (".json", ".safetensors")  # the files that make a checkpoint, for its signature
 PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 _registered = False
 

@@ -6,7 +6,8 @@
 
 Both fine-tune `baseline.model` on `baseline.data` (a seeded sample of `baseline.rows` of it when set) for
 `baseline.epochs` at `baseline.lr`, then evaluate CA and ASR like every other phase. The clean samples they
-consumed (optimiser steps x batch size) are reported next to the rows they had.
+consumed (optimiser steps x batch size) are reported next to the rows they had. With `pipeline.reuse`, a finished
+baseline in its output of the same model, data, test files and settings is read back instead of run again.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from .. import storage
 from ..cluster import ensure_ray
 from ..config import Config
 from ..errors import UserError
+from ..core.models import CHECKPOINT_SUFFIXES
+from ..manifest import fingerprint
 from ..shards import count_rows, write_hash_sample
 from ..train_loop import FitResult, FitSpec, fit
-from .evaluate import EvalResult, evaluate_to
+from .evaluate import EvalResult, evaluate_to, evaluation_files
 
 BASELINES = {"ft": "clip", "cleanclip": "cleanclip"}
+RESULT_JSON = "result.json"
 
 
 @dataclass
@@ -35,6 +39,7 @@ class BaselineResult:
     fit: FitResult
     evaluation: EvalResult | None
     wall_time_s: float
+    reused: bool = False
 
 
 def baseline(cfg: Config, kind: str, model_uri: str | None = None, evaluate_after: bool = True) -> BaselineResult:
@@ -49,6 +54,12 @@ def baseline(cfg: Config, kind: str, model_uri: str | None = None, evaluate_afte
         raise UserError(f"baseline.model={model_uri} does not exist: train the backdoored model first "
                         f"(`ubt train`) or point baseline.model at an open_clip local-dir checkpoint.")
     out = storage.join(b.output, kind)
+    signature = fingerprint(cfg, ("baseline", "train", "model", "evaluate", "data"),
+                            {"model_files": (model_uri, CHECKPOINT_SUFFIXES), "data_files": (b.data, (".parquet",)),
+                             **evaluation_files(cfg, evaluate_after)}, kind=kind)
+    earlier = _finished_baseline(cfg, out, signature) if cfg.pipeline.reuse and evaluate_after else None
+    if earlier is not None:
+        return earlier
     data = _clean_rows(cfg, out)
     rows = count_rows(data, cfg.storage)
     schedule = dataclasses.replace(cfg.train, epochs=b.epochs, steps=None, lr=b.lr, batch_size=b.batch_size,
@@ -60,7 +71,23 @@ def baseline(cfg: Config, kind: str, model_uri: str | None = None, evaluate_afte
     ev = None
     if evaluate_after:
         ev = evaluate_to(cfg, r.model, storage.join(out, "eval"))
-    return BaselineResult(kind, r.model, rows, r.samples, r, ev, time.time() - started)
+    result = BaselineResult(kind, r.model, rows, r.samples, r, ev, time.time() - started)
+    if ev is not None:
+        storage.write_json(storage.join(out, RESULT_JSON), {**dataclasses.asdict(result), "fingerprint": signature},
+                           cfg.storage)
+    return result
+
+
+def _finished_baseline(cfg: Config, out: str, signature: dict) -> BaselineResult | None:
+    """The finished, evaluated baseline in `out` with this fingerprint, if there is one (its model still there)."""
+    uri = storage.join(out, RESULT_JSON)
+    if not storage.exists(uri, cfg.storage):
+        return None
+    done = storage.read_json(uri, cfg.storage)
+    if done.get("fingerprint") != signature or not storage.exists(done["model"], cfg.storage):
+        return None
+    return BaselineResult(done["kind"], done["model"], done["clean_rows"], done["clean_samples"],
+                          FitResult(**done["fit"]), EvalResult(**done["evaluation"]), done["wall_time_s"], reused=True)
 
 
 def _clean_rows(cfg: Config, out: str) -> str:

@@ -3,7 +3,8 @@
 For every attack config in `compare.attacks` (each with `compare.layers` layered over it, then
 `compare.overrides` and the command line's overrides applied): the backdoored model is made if it is missing
 (prepare, poison, train: reused when done), then each defense of `compare.defenses` runs on it and is
-evaluated with the same evaluation. Written to `compare.output`: comparison.md and comparison.csv (one row per
+evaluated with the same evaluation (a finished one of the same model, data and settings is reused, with
+`pipeline.reuse`). Written to `compare.output`: comparison.md and comparison.csv (one row per
 attack and defense) and comparison.png (CA and ASR per defense, grouped by attack).
 
 Columns: CA, ASR, clean samples used (sample passes over trusted clean pairs: the baselines'), suspicious
@@ -77,6 +78,9 @@ def compare_attack(cfg: Config, defenses: list[str], output: str) -> list[dict]:
             r = baseline(cfg, d, cfg.defend.model)
             ca, asr = r.evaluation.clean_accuracy, r.evaluation.attack_success_rate
             clean, suspicious, wall = r.clean_samples, 0, r.fit.wall_time_s
+            if r.reused:
+                print(f"[compare] {name} {LABELS[d]}: reused the finished baseline in {cfg.baseline.output}/{d}",
+                      flush=True)
         out.append({"attack": name, "defense": d, "clean_accuracy": ca, "attack_success_rate": asr,
                     "clean_samples": clean, "suspicious_samples": suspicious, "wall_time_s": round(wall, 1),
                     "device_s": round(wall * workers, 1), "total_s": round(time.time() - started, 1)})

@@ -7,13 +7,14 @@ overfit -> score -> select -> unlearn, with CA and ASR of θ₀ and of the clean
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 
 from .. import storage
+from ..core.models import CHECKPOINT_SUFFIXES
+from ..manifest import fingerprint
 from ..config import Config
 from ..errors import UserError
-from .evaluate import evaluate_to, percent
+from .evaluate import evaluate_to, evaluation_files, percent
 from .overfit import overfit
 from .score import ScoreResult, check_settings, score
 from .select import select
@@ -41,8 +42,8 @@ def defend(cfg: Config) -> DefendResult:
     if not storage.exists(d.model, cfg.storage):
         raise UserError(f"defend.model={d.model} does not exist: train the backdoored model first "
                         f"(`ubt train`) or point defend.model at an open_clip local-dir checkpoint.")
-    fingerprint = defense_fingerprint(cfg)
-    earlier = _finished_defense(cfg, fingerprint) if cfg.pipeline.reuse else None
+    signature = defense_fingerprint(cfg)
+    earlier = _finished_defense(cfg, signature) if cfg.pipeline.reuse else None
     if earlier is not None:
         return DefendResult(earlier["cleaned_model"], {**earlier, "reused": True}, d.output)
     before = evaluate_to(cfg, d.model, storage.join(d.output, "eval_before")) if d.evaluate else None
@@ -64,7 +65,7 @@ def defend(cfg: Config) -> DefendResult:
         "settings": {"score": dataclasses.asdict(cfg.score), "unlearn": dataclasses.asdict(cfg.unlearn),
                      "overfit": dataclasses.asdict(cfg.overfit) if "overfit" in phases else None,
                      "select": dataclasses.asdict(cfg.select)},
-        "fingerprint": fingerprint,
+        "fingerprint": signature,
     }
     storage.write_json(storage.join(d.output, REPORT_JSON), report, cfg.storage)
     storage.write_bytes(storage.join(d.output, REPORT_MD), format_report(report).encode(), cfg.storage)
@@ -91,26 +92,19 @@ def find_suspicious(cfg: Config, output: str | None = None) -> tuple[ScoreResult
 def defense_fingerprint(cfg: Config) -> dict:
     """What makes two defenses the same: the config sections they read, the seed, and the signatures (path,
     size, mtime) of the model, data, test and trigger files."""
-    d, e, c = cfg.defend, cfg.evaluate, cfg.to_dict()
-    sign = storage.file_signatures
-    fingerprint = {
-        "config": {s: c[s] for s in ("defend", "overfit", "score", "select", "unlearn", "evaluate", "model", "data")},
-        "seed": cfg.run.seed,
-        "model_files": sign(d.model, (".json", ".safetensors"), cfg.storage),
-        "data_files": sign(d.data, (".parquet",), cfg.storage),
-        "test_files": sign(cfg.data.test, (".parquet",), cfg.storage) if d.evaluate else None,
-        "trigger_files": sign(e.trigger, (".json", ".npy"), cfg.storage) if d.evaluate and e.trigger else None,
-    }
-    return json.loads(json.dumps(fingerprint))  # as it reads back from report.json
+    d = cfg.defend
+    return fingerprint(cfg, ("defend", "overfit", "score", "select", "unlearn", "evaluate", "model", "data"), {
+        "model_files": (d.model, CHECKPOINT_SUFFIXES), "data_files": (d.data, (".parquet",)),
+        **evaluation_files(cfg, d.evaluate)})
 
 
-def _finished_defense(cfg: Config, fingerprint: dict) -> dict | None:
+def _finished_defense(cfg: Config, signature: dict) -> dict | None:
     """The report of the finished defense in `defend.output` with this fingerprint, if there is one."""
     uri = storage.join(cfg.defend.output, REPORT_JSON)
     if not storage.exists(uri, cfg.storage):
         return None
     report = storage.read_json(uri, cfg.storage)
-    if report.get("fingerprint") != fingerprint or not storage.exists(report["cleaned_model"], cfg.storage):
+    if report.get("fingerprint") != signature or not storage.exists(report["cleaned_model"], cfg.storage):
         return None
     return report
 

@@ -153,6 +153,15 @@ def evaluate_to(cfg: Config, model_uri: str, output: str) -> EvalResult:
     return evaluate(dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, output=output)), model_uri)
 
 
+def evaluation_files(cfg: Config, evaluated: bool) -> dict[str, tuple[str | None, tuple[str, ...]]]:
+    """The test and trigger files in the fingerprint of a phase that evaluates (`evaluated`), else none; no
+    trigger files when there is no trigger (then `evaluate` measures no ASR, as `load_attack` says)."""
+    trigger = cfg.evaluate.trigger
+    has_trigger = evaluated and bool(trigger) and storage.exists(trigger, cfg.storage)
+    return {"test_files": (cfg.data.test if evaluated else None, (".parquet",)),
+            "trigger_files": (trigger if has_trigger else None, (".json", ".npy"))}
+
+
 def percent(x: float | None) -> str:
     """A rate as a percentage with one decimal, or n/a."""
     return "n/a" if x is None else f"{100 * x:.1f}%"

@@ -17,7 +17,6 @@ and Tune's own state in tune/.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -34,10 +33,10 @@ from ray.tune.search import BasicVariantGenerator
 from .. import storage
 from ..cluster import ensure_ray
 from ..config import Config, SweepConfig, replace_keys, save_config
-from ..core.models import Clip
+from ..core.models import CHECKPOINT_SUFFIXES, Clip
 from ..core.search import Dimension, largest, objective_value, parse_space, rank_rows
 from ..errors import UserError
-from ..manifest import read_manifest, write_manifest
+from ..manifest import fingerprint, read_manifest, write_manifest
 from ..report_files import png_bytes, pyplot, write_report_files
 from ..train_loop import Probe
 from .defend import find_suspicious
@@ -215,15 +214,12 @@ def shared_scores(cfg: Config) -> str:
 
 def sweep_fingerprint(cfg: Config, k: int) -> dict:
     """What makes two sweeps the same sweep: the settings trials read, and the model, data, score and test files."""
-    c, sign = cfg.to_dict(), storage.file_signatures
-    settings = {s: c[s] for s in ("sweep", "unlearn", "train", "evaluate", "select", "model", "data")}
-    settings["sweep"] = {key: v for key, v in settings["sweep"].items() if key != "resume"}
-    fingerprint = {"config": settings, "seed": cfg.run.seed, "forget_rows": k,
-                   "model_files": sign(cfg.defend.model, (".json", ".safetensors"), cfg.storage),
-                   "data_files": sign(cfg.defend.data, (".parquet",), cfg.storage),
-                   "score_files": sign(storage.join(cfg.sweep.scores, TABLE), (".parquet",), cfg.storage),
-                   "test_files": sign(cfg.data.test, (".parquet",), cfg.storage)}
-    return json.loads(json.dumps(fingerprint))  # as it reads back from sweep.json
+    signature = fingerprint(cfg, ("sweep", "unlearn", "train", "evaluate", "select", "model", "data"), {
+        "model_files": (cfg.defend.model, CHECKPOINT_SUFFIXES), "data_files": (cfg.defend.data, (".parquet",)),
+        "score_files": (storage.join(cfg.sweep.scores, TABLE), (".parquet",)),
+        "test_files": (cfg.data.test, (".parquet",))}, forget_rows=k)
+    signature["config"]["sweep"].pop("resume", None)  # resuming a sweep is the same sweep
+    return signature
 
 
 def max_concurrent_trials(sw: SweepConfig) -> int:
