@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from .. import storage
 from ..cluster import ensure_ray
 from ..config import Config
-from ..errors import UserError
 from ..core.models import CHECKPOINT_SUFFIXES
+from ..errors import UserError
 from ..manifest import fingerprint
 from ..shards import count_rows, write_hash_sample
 from ..train_loop import FitResult, FitSpec, fit

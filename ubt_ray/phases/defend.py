@@ -10,10 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from .. import storage
-from ..core.models import CHECKPOINT_SUFFIXES
-from ..manifest import fingerprint
 from ..config import Config
+from ..core.models import CHECKPOINT_SUFFIXES
 from ..errors import UserError
+from ..manifest import fingerprint
 from .evaluate import evaluate_to, evaluation_files, percent
 from .overfit import overfit
 from .score import ScoreResult, check_settings, score
