@@ -13,7 +13,8 @@ import sys
 from typing import Callable
 
 from .config import Config, describe, load_config, save_config
-from .errors import UserError
+from . import storage
+from .errors import UserError, find_user_error
 
 
 def _prepare(cfg: Config, args: argparse.Namespace) -> dict:
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="YAML config (see configs/); defaults apply without one. Repeat it to layer files: "
                             "a later file's keys win, e.g. -c configs/attacks/sig.yaml -c configs/any_trigger.yaml.")
         p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace the contents of an output folder that ubt did not write (without it, such a "
+                            "folder stops the run)")
         p.set_defaults(run=run)
         return p
 
@@ -186,11 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = list(overrides)
     if getattr(args, "source", None):
         overrides.append(f"prepare.source={args.source}")
+    storage.allow_overwrite(bool(getattr(args, "overwrite", False)))
     try:
         cfg = load_config(args.config, overrides)
         result = args.run(cfg, args)
-    except UserError as e:
-        print(f"ubt {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"ubt {args.command}: interrupted; what it was writing is not marked finished (run the same "
+              f"command again to redo or resume it).", file=sys.stderr)
+        return 130
+    except Exception as e:
+        user = find_user_error(e)  # also one raised inside a Ray task, actor or Train worker
+        if user is None:
+            raise
+        print(f"ubt {args.command}: error: {user}", file=sys.stderr)
         return 2
     if result is not None:
         print(json.dumps(result, indent=2))

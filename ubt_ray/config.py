@@ -8,6 +8,7 @@ String values may refer to other keys as `${section.key}`; they are resolved aft
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -85,6 +86,8 @@ class PrepareConfig:
     caption_column: str = _f("caption", "CSV column holding the caption.")
     label_column: str | None = _f(None, "CSV column holding an integer label, if any.")
     csv_delimiter: str = _f(",", "CSV field delimiter.")
+    allow_absolute_paths: bool = _f(False, "Let CSV image paths be absolute (/... or s3://...) and lie outside the "
+                                           "CSV's folder; relative paths must stay inside it either way.")
 
 
 @dataclass
@@ -363,10 +366,19 @@ def load_config(path: str | Path | list[str | Path] | None = None,
 
 
 def _read_yaml(p: Path) -> dict:
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory: pass a YAML file (e.g. configs/quickstart.yaml).")
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist: pass an existing YAML file (see configs/).")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}): "
+                          f"save it as UTF-8.") from None
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read ({e.strerror or e}): check its permissions.") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax.") from None
     if not isinstance(raw, dict):
@@ -438,7 +450,12 @@ def _coerce(hint: Any, value: Any) -> tuple[bool, Any]:
             except ValueError:
                 return False, value
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
+        if not ok:
+            return False, value
+        try:
+            return True, float(value)
+        except OverflowError:  # an integer beyond float range: as infinite as .inf (refused by _check_value)
+            return True, math.inf if value > 0 else -math.inf
     if hint is str:
         # YAML reads 1 or 1.5 as numbers; a string field takes them as written.
         ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
@@ -452,6 +469,10 @@ def _check_value(key: str, hint: Any, value: Any, meta: typing.Mapping) -> Any:
         raise ConfigError(f"config key '{key}' must be {_type_name(hint)}, got {value!r}.")
     if value is None:
         return value
+    bad = _non_finite(value)
+    if bad is not None:
+        raise ConfigError(f"config key '{key}' must be a finite number, got {bad!r}: give an ordinary number "
+                          f"(.inf, .nan and their spellings are not allowed).")
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}.")
@@ -463,6 +484,14 @@ def _check_value(key: str, hint: Any, value: Any, meta: typing.Mapping) -> Any:
             allowed = " and ".join(f"{s} {meta[n]}" for n, s, _ in bounds if meta.get(n) is not None)
             raise ConfigError(f"config key '{key}' must be {allowed}; got {value!r}.")
     return value
+
+
+def _non_finite(value: Any) -> float | None:
+    """The first infinite or NaN float in `value` (a coerced float, or a list of them), else None."""
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, float) and not math.isfinite(v):
+            return v
+    return None
 
 
 def _resolve_refs(cfg: Config) -> None:

@@ -65,7 +65,8 @@ def versions() -> dict[str, str]:
 
 def write_manifest(out_uri: str, phase: str, cfg: Config, *, inputs: dict, rows: RowCounts | None,
                    started: float, extra: dict | None = None) -> dict:
-    """Write `<out_uri>/manifest.json` and return its content."""
+    """Write `<out_uri>/manifest.json`, which marks the output finished (storage.require_finished), and return
+    its content."""
     manifest = {
         "phase": phase,
         "output": out_uri,
@@ -77,7 +78,8 @@ def write_manifest(out_uri: str, phase: str, cfg: Config, *, inputs: dict, rows:
         "config": cfg.to_dict(),
         **(extra or {}),
     }
-    storage.write_json(storage.join(out_uri, "manifest.json"), manifest, cfg.storage)
+    storage.write_json(storage.join(out_uri, storage.MANIFEST), manifest, cfg.storage)
+    storage.release_output(out_uri)
     return manifest
 
 

@@ -28,10 +28,15 @@ BASE_SCHEMA = pa.schema([("key", pa.string()), ("image", pa.binary()), ("caption
 # The score table's folder under a score output: here, not in phases.score, so that select (whose Ray Data
 # tasks import it in fresh workers) does not import torch: 6 s per fresh worker on 2 cores.
 TABLE = "table"
+# A column a reader (prepare's) may add: the reason its row is rejected, null for a row to validate as usual.
+# validate_table counts it and drops the column.
+REJECT_COLUMN = "reject_reason"
 
 
 def shard_files(uri: str, storage_cfg: StorageConfig | None = None) -> list[str]:
-    """The Parquet files of a shard directory/prefix; an empty one is a user error."""
+    """The Parquet files of a shard directory/prefix; an empty one, or one inside an unfinished output, is a
+    user error."""
+    storage.require_finished(uri, storage_cfg)
     files = storage.list_files(uri, (".parquet",), storage_cfg)
     if not files:
         raise UserError(f"no Parquet shards under {uri}: run `ubt prepare` first or point the config at shards.")
@@ -40,29 +45,37 @@ def shard_files(uri: str, storage_cfg: StorageConfig | None = None) -> list[str]
 
 def shard_schema(uri: str, storage_cfg: StorageConfig | None = None,
                  required: tuple[str, ...] = REQUIRED_COLUMNS) -> pa.Schema:
-    """Schema of the shards under `uri`, after checking that every required column is there."""
-    first = shard_files(uri, storage_cfg)[0]
-    loc = storage.resolve(first, storage_cfg)
-    with storage.friendly_errors(first, storage_cfg, "read"):
-        try:
-            schema = pq.read_schema(loc.path, filesystem=loc.fs)
-        except pa.ArrowInvalid:
-            raise UserError(f"{first} is not a Parquet file: remove it or point the config at a shard directory.") from None
-    missing = [c for c in required if c not in schema.names]
-    if missing:
-        raise UserError(f"shards under {uri} lack column(s) {', '.join(missing)}: they must have "
-                        f"{', '.join(required)} (re-create them with `ubt prepare`).")
+    """Schema of the shards under `uri` (the first file's), after checking that every file has a readable Parquet
+    footer with every required column: from the footers only, so that a damaged file is named here, in one
+    sentence, rather than failing a Ray task later."""
+    schema = None
+    for f in shard_files(uri, storage_cfg):
+        file_schema = _read_footer(f, storage_cfg, pq.read_schema)
+        missing = [c for c in required if c not in file_schema.names]
+        if missing:
+            raise UserError(f"shards under {uri} lack column(s) {', '.join(missing)} ({f}): they must have "
+                            f"{', '.join(required)} (re-create them with `ubt prepare`).")
+        schema = schema or file_schema
     return schema
+
+
+def _read_footer(f: str, storage_cfg: StorageConfig | None, read):
+    """`read` (pq.read_schema or pq.read_metadata) of the Parquet file `f`; a damaged file is a user error."""
+    loc = storage.resolve(f, storage_cfg)
+    with storage.friendly_errors(f, storage_cfg, "read"):
+        try:
+            return read(loc.path, filesystem=loc.fs)
+        except pa.ArrowInvalid:
+            raise UserError(_not_parquet(f)) from None
+
+
+def _not_parquet(f: str) -> str:
+    return f"{f} is not a readable Parquet file: remove it, or re-create it with the phase that wrote it."
 
 
 def count_rows(uri: str, storage_cfg: StorageConfig | None = None) -> int:
     """Rows in the shards under `uri`, from the Parquet footers only (no data read)."""
-    total = 0
-    for f in shard_files(uri, storage_cfg):
-        loc = storage.resolve(f, storage_cfg)
-        with storage.friendly_errors(f, storage_cfg, "read"):
-            total += pq.read_metadata(loc.path, filesystem=loc.fs).num_rows
-    return total
+    return sum(_read_footer(f, storage_cfg, pq.read_metadata).num_rows for f in shard_files(uri, storage_cfg))
 
 
 def _file_tables(uri: str, storage_cfg: StorageConfig | None, columns: list[str]):
@@ -70,7 +83,11 @@ def _file_tables(uri: str, storage_cfg: StorageConfig | None, columns: list[str]
     for f in shard_files(uri, storage_cfg):
         loc = storage.resolve(f, storage_cfg)
         with storage.friendly_errors(f, storage_cfg, "read"):
-            yield pq.read_table(loc.path, filesystem=loc.fs, columns=columns)
+            try:
+                table = pq.read_table(loc.path, filesystem=loc.fs, columns=columns)
+            except pa.ArrowInvalid:  # no footer, or data pages that do not decode
+                raise UserError(_not_parquet(f)) from None
+        yield table
 
 
 def read_columns(uri: str, storage_cfg: StorageConfig | None, columns: list[str],
@@ -128,14 +145,15 @@ def _read_parquet(paths: list[str], fs, reader: str) -> ray.data.Dataset:
 
 
 def write_shards(ds: ray.data.Dataset, uri: str, cfg: Config, rows_per_file: int) -> None:
-    """Write `ds` as Parquet shards of at most `rows_per_file` rows to `uri`, replacing any previous shards there.
+    """Write `ds` as Parquet shards of at most `rows_per_file` rows to `uri`, replacing any previous shards there
+    only once all are written (storage.replacing_dir).
     The cap matters: Ray Data packs small input files into one read task, so without it a phase that reads many
     shards writes one big file, which later phases can read as one block only (one scoring actor at a time)."""
-    storage.remove_dir(uri, cfg.storage)
-    loc = storage.resolve(uri, cfg.storage)
-    with storage.friendly_errors(uri, cfg.storage, "write"):
-        ds.write_parquet(loc.path, filesystem=loc.fs, min_rows_per_file=rows_per_file,
-                         max_rows_per_file=rows_per_file)
+    with storage.replacing_dir(uri, cfg.storage) as into:
+        loc = storage.resolve(into, cfg.storage)
+        with storage.friendly_errors(uri, cfg.storage, "write"):
+            ds.write_parquet(loc.path, filesystem=loc.fs, min_rows_per_file=rows_per_file,
+                             max_rows_per_file=rows_per_file)
 
 
 def normalise_table(table: pa.Table) -> pa.Table:
@@ -156,21 +174,26 @@ def normalise_table(table: pa.Table) -> pa.Table:
 
 
 def validate_table(table: pa.Table, data_cfg: DataConfig) -> tuple[pa.Table, RowCounts]:
-    """Keep the rows whose image and caption are usable; count every other row with its reason."""
+    """Keep the rows whose image and caption are usable; count every other row with its reason (a reader's own,
+    in the REJECT_COLUMN column, first)."""
     counts = RowCounts(rows_in=table.num_rows)
     keys = table.column("key").to_pylist()
     images = table.column("image").to_pylist()
     captions = table.column("caption").to_pylist()
+    given = table.column(REJECT_COLUMN).to_pylist() if REJECT_COLUMN in table.column_names else [None] * len(keys)
     keep = np.zeros(table.num_rows, dtype=bool)
     for i, (key, img, cap) in enumerate(zip(keys, images, captions)):
-        reason = ("key missing" if not key else None) or caption_rejection(cap) or image_rejection(
+        reason = given[i] or ("key missing" if not key else None) or caption_rejection(cap) or image_rejection(
             img, data_cfg.image_modes, data_cfg.min_image_side, data_cfg.max_image_pixels)
         if reason:
             counts.reject(reason, str(key))
         else:
             keep[i] = True
     counts.rows_out = int(keep.sum())
-    return normalise_table(table.filter(pa.array(keep))), counts
+    kept = table.filter(pa.array(keep))
+    if REJECT_COLUMN in kept.column_names:
+        kept = kept.drop_columns([REJECT_COLUMN])
+    return normalise_table(kept), counts
 
 
 def _order(by: str, descending: bool) -> list[tuple[str, str]]:
@@ -200,38 +223,55 @@ def top_k(ds: ray.data.Dataset, k: int, by: str, descending: bool = True) -> pa.
     return merge_top_k(per_block.iter_batches(batch_format="pyarrow", batch_size=None), k, by, descending)
 
 
+def batch_identity(table: pa.Table) -> str:
+    """What a ledger report is filed under: the row count and a hash of the keys of the batch it counts (keys are
+    unique in shards, so two batches with the same keys in the same order are one batch reported twice)."""
+    h = hashlib.sha256()
+    for key in table.column("key").to_pylist():
+        data = b"\x00" if key is None else b"\x01" + str(key).encode()
+        h.update(len(data).to_bytes(4, "little") + data)
+    return f"{table.num_rows}:{h.hexdigest()[:32]}"
+
+
 @ray.remote(num_cpus=0)
 class RowLedger:
     """Collects the row accounting (and, where a phase needs them, the keys) of every Ray Data task of one phase,
-    so nothing is lost without a count."""
+    so nothing is lost without a count.
+
+    Each report is filed under its batch's `batch_identity`, and a batch reported again replaces its first report:
+    Ray retries a task whose worker died and restarts a killed actor, which then runs its batch again, and the
+    counts must not depend on that."""
 
     def __init__(self) -> None:
-        self.counts = RowCounts()
-        self.keys: list[str] = []
-        self.by_source: dict[str, int] = {}
+        self.batches: dict[str, tuple[RowCounts, list[str], str | None]] = {}
 
-    def add(self, counts: RowCounts, keys: list[str] | None = None, source: str | None = None) -> None:
-        """Merge one task's `counts` (and `keys`); `source` (e.g. an actor id) tallies the rows each one took."""
-        self.counts.merge(counts)
-        self.keys.extend(keys or [])
-        if source is not None:
-            self.by_source[source] = self.by_source.get(source, 0) + counts.rows_in
+    def add(self, batch: str, counts: RowCounts, keys: list[str] | None = None, source: str | None = None) -> None:
+        """File one batch's `counts` (and `keys`) under its identity `batch`; `source` (e.g. an actor id) tallies
+        the rows each one took."""
+        self.batches[batch] = (counts, list(keys or []), source)
 
     def rows_by_source(self) -> list[int]:
-        """Rows taken by each source, most first."""
-        return sorted(self.by_source.values(), reverse=True)
+        """Rows taken by each source, most first (a retried batch counts for the source that reported it last)."""
+        by_source: dict[str, int] = {}
+        for counts, _, source in self.batches.values():
+            if source is not None:
+                by_source[source] = by_source.get(source, 0) + counts.rows_in
+        return sorted(by_source.values(), reverse=True)
 
     def get(self) -> RowCounts:
-        return self.counts
+        total = RowCounts()
+        for counts, _, _ in self.batches.values():
+            total.merge(counts)
+        return total
 
     def get_with_keys(self) -> tuple[RowCounts, list[str]]:
-        return self.counts, self.keys
+        return self.get(), [key for _, keys, _ in self.batches.values() for key in keys]
 
 
 def validate_batch(table: pa.Table, data_cfg: DataConfig, ledger) -> pa.Table:
     """Ray Data UDF around `validate_table` that reports its counts to the ledger actor."""
     kept, counts = validate_table(table, data_cfg)
-    ray.get(ledger.add.remote(counts))
+    ray.get(ledger.add.remote(batch_identity(table), counts))
     return kept
 
 
@@ -277,7 +317,10 @@ def map_on_actor_pool(data: str, cfg: Config, columns: list[str], actor: type, b
                       cpus_per_actor: int, use_gpu: bool, constructor_kwargs: dict) -> ray.data.Dataset:
     """`read_parquet -> map_batches(actor class, ActorPoolStrategy)` over the shards under `data` (pyarrow
     batches). Blocks of at most one batch, so that every actor gets work: Ray Data packs few small files into one
-    read task, which one actor would otherwise take alone while the others wait (streaming, no shuffle)."""
+    read task, which one actor would otherwise take alone while the others wait (streaming, no shuffle).
+    An actor that dies (out of memory, a lost node) is restarted and its batches run again, without limit: Ray
+    Data's defaults, set here because the phases count on them (tests/test_faults.py kills a scoring actor)."""
     return read_shards(data, cfg, columns=columns).repartition(target_num_rows_per_block=batch_size).map_batches(
         actor, batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0, fn_constructor_kwargs=constructor_kwargs)
+        num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0, fn_constructor_kwargs=constructor_kwargs,
+        max_restarts=-1, max_task_retries=-1)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Iterator
 from urllib.parse import urlparse
 
@@ -93,6 +94,11 @@ def describe_io_error(uri: str, e: BaseException, storage: StorageConfig | None,
         if "access denied" in low or "forbidden" in low or "invalidaccesskeyid" in low or "signature" in low:
             return (f"access to {uri} was denied by {endpoint}: set credentials through the standard AWS chain "
                     f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws/credentials).")
+    # Before "not found": a damaged Parquet file says "Parquet magic bytes not found in footer".
+    if (uri.endswith(".parquet") or "parquet" in low) and any(s in low for s in (
+            "magic bytes", "file size is 0", "deserialize thrift", "page header", "corrupt", "not a parquet file",
+            "unexpected end of stream")):
+        return f"{uri} is not a readable Parquet file: remove it, or re-create it with the phase that wrote it."
     if "no such file" in low or "not found" in low or "does not exist" in low or isinstance(e, FileNotFoundError):
         return f"{uri} does not exist: check the path ({action})."
     first = text.splitlines()[0] if text else type(e).__name__
@@ -178,11 +184,11 @@ def copy_dir(src: str, dst: str, storage: StorageConfig | None = None) -> None:
         missing = source.fs.get_file_info(source.path).type == pafs.FileType.NotFound
     if missing:
         raise UserError(f"{src} does not exist: check the path.")
-    remove_dir(dst, storage)
-    dest = resolve(dst, storage)
-    with friendly_errors(dst, storage, "write"):
-        dest.fs.create_dir(dest.path, recursive=True)
-        pafs.copy_files(source.path, dest.path, source_filesystem=source.fs, destination_filesystem=dest.fs)
+    with replacing_dir(dst, storage) as into:
+        dest = resolve(into, storage)
+        with friendly_errors(dst, storage, "write"):
+            dest.fs.create_dir(dest.path, recursive=True)
+            pafs.copy_files(source.path, dest.path, source_filesystem=source.fs, destination_filesystem=dest.fs)
 
 
 def upload_dir(local_dir: str | Path, uri: str, storage: StorageConfig | None = None) -> None:
@@ -205,13 +211,12 @@ def download_dir(uri: str, local_dir: str | Path, storage: StorageConfig | None 
 
 @contextmanager
 def local_staging(uri: str, storage: StorageConfig | None = None) -> Iterator[Path]:
-    """A local directory to write into; uploaded to `uri` on success when `uri` is on S3."""
+    """A local directory to write into, which becomes `uri` whole on success (replacing_dir locally; uploaded
+    when `uri` is on S3)."""
     if not is_s3(uri):
-        path = Path(uri)
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        yield path
+        with replacing_dir(uri, storage) as into:
+            Path(into).mkdir(parents=True)
+            yield Path(into)
         return
     with tempfile.TemporaryDirectory(prefix="ubt-stage-") as tmp:
         yield Path(tmp)
@@ -230,3 +235,131 @@ def local_copy(uri: str, storage: StorageConfig | None = None) -> Iterator[Path]
     with tempfile.TemporaryDirectory(prefix="ubt-fetch-") as tmp:
         yield download_dir(uri, tmp, storage)
 
+
+# --- outputs: claimed before a phase writes, committed whole, finished by their manifest ---------------------
+
+MARKER = ".ubt-output"      # in every folder a phase writes: says "ubt wrote this", and which phase
+MANIFEST = "manifest.json"  # written last: an output without it is unfinished
+_claimed: set[str] = set()  # outputs this process is writing now (its own reads of them are allowed)
+_overwrite = False          # `--overwrite`: a non-empty folder that ubt did not write may be emptied
+
+
+def allow_overwrite(allowed: bool) -> None:
+    """Let the phases of this process empty an output folder that ubt did not write (the CLI's --overwrite)."""
+    global _overwrite
+    _overwrite = allowed
+
+
+def _key(uri: str) -> str:
+    return absolute(str(uri)).rstrip("/")
+
+
+def _marker_phase(loc: Location, names: set[str]) -> str | None:
+    """The phase that wrote the folder at `loc` (its marker, or the manifest of an output written before markers
+    existed), or None when ubt did not write it."""
+    for name in (MARKER, MANIFEST):
+        if name in names:
+            try:
+                with loc.fs.open_input_stream(f"{loc.path}/{name}") as f:
+                    data = json.loads(f.read())
+            except (OSError, ValueError, pa.ArrowException):
+                continue
+            if isinstance(data, dict) and (name == MARKER or "versions" in data) and isinstance(data.get("phase"), str):
+                return data["phase"]
+    return None
+
+
+def claim_output(uri: str, phase: str, storage_cfg: StorageConfig | None = None) -> None:
+    """Make `uri` this phase's output folder before anything is written there. A missing or empty folder, or
+    one this phase wrote before, is taken (its manifest removed: until the phase writes a new one the folder
+    reads as unfinished); a folder with other files is refused with one sentence, unless --overwrite was
+    given, which empties it. Nothing is deleted here but the old manifest."""
+    key = _key(uri)
+    if key in _claimed:
+        return
+    loc = resolve(uri, storage_cfg)
+    with friendly_errors(uri, storage_cfg, "check"):
+        info = loc.fs.get_file_info(loc.path)
+        if info.type == pafs.FileType.File:
+            raise UserError(f"{uri} is a file, not a folder: give the {phase} output a folder path.")
+        names: set[str] = set()
+        if info.type == pafs.FileType.Directory:
+            names = {PurePath(i.path).name for i in loc.fs.get_file_info(pafs.FileSelector(loc.path))}
+        if names:
+            owner = _marker_phase(loc, names)
+            if owner != phase and not _overwrite:
+                what = (f"holds the output of `ubt {owner}`" if owner else
+                        f"already holds files that ubt did not write ({', '.join(sorted(names)[:3])}"
+                        f"{', ...' if len(names) > 3 else ''})")
+                raise UserError(f"{uri} {what}: give the {phase} output an empty or new folder, or pass "
+                                f"--overwrite to replace what is there.")
+            if owner != phase:  # --overwrite
+                loc.fs.delete_dir_contents(loc.path)
+            elif MANIFEST in names:
+                loc.fs.delete_file(f"{loc.path}/{MANIFEST}")
+        loc.fs.create_dir(loc.path, recursive=True)
+        with loc.fs.open_output_stream(f"{loc.path}/{MARKER}") as f:
+            f.write(json.dumps({"phase": phase, "written_by": "ubt-ray"}).encode())
+    _claimed.add(key)
+
+
+def release_output(uri: str) -> None:
+    """The phase writing `uri` has finished it (its manifest is written)."""
+    _claimed.discard(_key(uri))
+
+
+def require_finished(uri: str, storage_cfg: StorageConfig | None = None) -> None:
+    """Refuse to read `uri` when it lies inside an output that a phase started and did not finish (the nearest
+    folder at or above it with a ubt marker has no manifest), unless this process is writing that output now.
+    Folders that ubt did not write (a user's own shards or checkpoint) pass as they are."""
+    loc = resolve(uri, storage_cfg)
+    path = loc.path.rstrip("/")
+    parts = path.split("/")
+    with friendly_errors(uri, storage_cfg, "check"):
+        for depth in range(min(len(parts) - 1, 6)):  # the folder itself and a few above it
+            folder = "/".join(parts[:len(parts) - depth])
+            if not folder or (is_s3(uri) and "/" not in folder):  # the root, or a bucket
+                break
+            if loc.fs.get_file_info(f"{folder}/{MARKER}").type != pafs.FileType.File:
+                continue
+            shown = ("s3://" + folder) if is_s3(uri) else folder
+            if _key(shown) in _claimed or loc.fs.get_file_info(f"{folder}/{MANIFEST}").type == pafs.FileType.File:
+                return
+            phase = _marker_phase(Location(loc.fs, folder, shown), {MARKER}) or "the phase that writes it"
+            raise UserError(f"{uri} is part of an unfinished output of `ubt {phase}` ({shown} has no "
+                            f"{MANIFEST}: that run was interrupted or failed): run it again to finish it.")
+
+
+@contextmanager
+def replacing_dir(uri: str, storage_cfg: StorageConfig | None = None) -> Iterator[str]:
+    """Where to write the folder `uri` whole, replacing what was there. Local: a hidden sibling folder, renamed
+    over `uri` only when the block succeeds, so an interrupted write leaves no half-written `uri` (the sibling
+    is removed; one left by a killed process is removed by the next write). S3 has no rename: `uri` is emptied
+    and written in place, and the phase's manifest, written last, says when it is complete."""
+    if is_s3(uri):
+        marker = join(uri, MARKER)
+        kept = read_bytes(marker, storage_cfg) if exists(marker, storage_cfg) else None
+        remove_dir(uri, storage_cfg)
+        if kept is not None:
+            write_bytes(marker, kept, storage_cfg)
+        yield uri
+        return
+    final = Path(uri).expanduser().absolute()
+    with friendly_errors(uri, storage_cfg, "write"):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".{final.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:12]}"
+    try:
+        yield str(tmp)
+        with friendly_errors(uri, storage_cfg, "write"):
+            tmp.mkdir(exist_ok=True)
+            if (final / MARKER).is_file() and not (tmp / MARKER).exists():
+                shutil.copy2(final / MARKER, tmp / MARKER)
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:12]}"
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

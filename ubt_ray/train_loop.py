@@ -98,6 +98,7 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
                         f"lower train.batch_size or give more data.")
     # Before the first Ray call (the GPU check, the shards' read): Ray Data would otherwise start a default local
     # Ray and ignore ray.address and ray.num_cpus.
+    storage.claim_output(spec.output, spec.phase, cfg.storage)
     ensure_ray(cfg.ray)
     if t.use_gpu and not _cluster_has_gpus(cfg):
         raise UserError("train.use_gpu is true but the Ray cluster has no GPU: set train.use_gpu=false or add GPU workers.")
@@ -173,6 +174,17 @@ def run_fingerprint(cfg: Config, spec: FitSpec) -> dict:
             "seed": cfg.run.seed}
 
 
+def load_train_state(path: Path) -> dict:
+    """A checkpoint's optimiser state, loaded with torch's restricted unpickler (tensors, numbers, strings and
+    containers only): a checkpoint folder is user input, and a full unpickle would run whatever code it holds."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for a planted object, others for a damaged file
+        raise UserError(f"the training state {path} of the checkpoint to resume from is not plain tensors and "
+                        f"numbers ({type(e).__name__}): delete the run's ray/ folder (or set train.resume=false) "
+                        f"to start the run again.") from None
+
+
 def _objective_name(spec: FitSpec) -> str:
     obj = spec.objective
     return obj if isinstance(obj, str) else f"{obj.__module__}.{obj.__qualname__}"
@@ -238,7 +250,7 @@ def _train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             clip.model.load_state_dict(load_file(str(Path(d) / WEIGHTS_FILE)))
-            train_state = torch.load(Path(d) / TRAIN_STATE_FILE, weights_only=False)
+            train_state = load_train_state(Path(d) / TRAIN_STATE_FILE)
         state = dict(train_state["state"], resumed_from_step=train_state["state"]["step"])
     model = ray.train.torch.prepare_model(clip.model, move_to_device=device) if world > 1 else clip.model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -256,12 +268,20 @@ def _train_loop_per_worker(config: dict) -> None:
     probe = spec.probe
     measure = probe.factory(clip=clip, **probe.kwargs) if probe is not None and rank == 0 else None
     tic, tic_samples = time.time(), state["samples"]
-    epoch = state["step"] // steps_per_epoch
+    # An epoch hands each worker its batches in the same order in every run (seeded block order, ordered ingest, a
+    # local shuffle seeded per epoch and rank): Train splits the rows equally, the last partial batch is dropped.
+    # A resumed run goes on where its checkpoint was taken, in that epoch, after the batches trained before it,
+    # passed over undecoded (it used to start the epoch's data again: rows trained twice, as many never seen).
+    batches_per_epoch = max(1, (config["rows"] // world) // per_worker)
+    epoch, skip = divmod(state["step"], batches_per_epoch)
     metrics: dict = {}
     while state["step"] < total_steps:
         for raw in shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
                                       local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
                                       local_shuffle_seed=cfg.run.seed * 1000 + epoch * world + rank):
+            if skip:
+                skip -= 1
+                continue
             captions = [str(c) for c in raw["caption"]]
             batch = Batch(decode_images(list(raw["image"]), clip.image_size).to(device),
                           clip.tokenizer(captions).to(device), list(raw["key"]), captions)

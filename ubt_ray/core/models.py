@@ -14,6 +14,7 @@ from typing import Callable
 
 import open_clip
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig, StorageConfig
@@ -75,6 +76,7 @@ def load_clip(cfg: ModelConfig, storage_cfg: StorageConfig | None = None, device
               seed: int | None = None) -> Clip:
     """Build the configured model: from `cfg.checkpoint` when set, else `cfg.name` randomly initialised."""
     if cfg.checkpoint:
+        storage.require_finished(cfg.checkpoint, storage_cfg)
         with storage.local_copy(cfg.checkpoint, storage_cfg) as local:
             return load_checkpoint_dir(local, device, source=cfg.checkpoint)
     register_packaged_configs()
@@ -90,15 +92,63 @@ def load_clip(cfg: ModelConfig, storage_cfg: StorageConfig | None = None, device
 
 
 def load_checkpoint_dir(path: str | Path, device: str | torch.device = "cpu", source: str | None = None) -> Clip:
-    """Load a local-dir checkpoint exactly as plain open_clip would."""
+    """Load a local-dir checkpoint exactly as plain open_clip would, once `check_checkpoint_dir` has passed it."""
     path = Path(path)
-    if not (path / CONFIG_FILE).is_file():
-        raise UserError(f"checkpoint {source or path} has no {CONFIG_FILE}: point model.checkpoint at a directory "
-                        f"written by ubt_ray or in open_clip's local-dir layout.")
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device)
-    meta = json.loads((path / CONFIG_FILE).read_text())
+    name = source or str(path)
+    meta = check_checkpoint_dir(path, name)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device)
+    except RuntimeError as e:  # strict load_state_dict: tensors missing, unexpected or of other shapes
+        if "state_dict" not in str(e):
+            raise
+        detail = ([line.strip().rstrip(".") for line in str(e).splitlines()[1:] if line.strip()] or [""])[0][:200]
+        raise UserError(f"checkpoint {name}: the tensors of {WEIGHTS_FILE} do not fit the model that {CONFIG_FILE} "
+                        f"describes ({detail or 'load_state_dict failed'}): re-save the checkpoint so that the two "
+                        f"match.") from None
     return Clip(model, meta["model_cfg"], dict(open_clip.get_model_preprocess_cfg(model)), preprocess,
                 open_clip.get_tokenizer(f"local-dir:{path}"))
+
+
+def check_checkpoint_dir(path: Path, name: str) -> dict:
+    """The parsed config of the local-dir checkpoint at `path`, after checking what open_clip would trip on with a
+    traceback: the config must be JSON with a model_cfg, the weights a complete `open_clip_model.safetensors`.
+    Weights in any other form are refused, not loaded: open_clip falls back to torch.load for .bin/.pth files, and
+    unpickling a user's file can run any code it holds."""
+    config = path / CONFIG_FILE
+    if not config.is_file():
+        raise UserError(f"checkpoint {name} has no {CONFIG_FILE}: point model.checkpoint at a directory "
+                        f"written by ubt_ray or in open_clip's local-dir layout.")
+    try:
+        meta = json.loads(config.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"checkpoint {name}: {CONFIG_FILE} is not valid JSON ({str(e).splitlines()[0]}): "
+                        f"re-copy it from where the checkpoint was written, or re-save the checkpoint.") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_cfg"), dict):
+        raise UserError(f"checkpoint {name}: {CONFIG_FILE} has no model_cfg mapping: re-save the checkpoint in "
+                        f"open_clip's local-dir layout.")
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pth", ".pt", ".ckpt", ".pkl"))
+        other = sorted(p.name for p in path.glob("*.safetensors"))
+        if pickled:
+            raise UserError(f"checkpoint {name} has pickled weights ({', '.join(pickled)}), which ubt_ray never loads "
+                            f"since unpickling can run code, and no {WEIGHTS_FILE}: convert the weights to "
+                            f"safetensors in a trusted environment (safetensors.torch.save_file(state_dict, "
+                            f"'{WEIGHTS_FILE}')).")
+        raise UserError(f"checkpoint {name} has no {WEIGHTS_FILE}" + (f" (only {', '.join(other)})" if other else "")
+                        + f": save or rename its weights as {WEIGHTS_FILE} (safetensors) beside {CONFIG_FILE}.")
+    find = getattr(open_clip.factory, "_find_checkpoint_in_dir", None)
+    if find is not None and Path(find(path) or "").name != WEIGHTS_FILE:  # a later open_clip preferring others
+        raise UserError(f"checkpoint {name}: open_clip would load {Path(find(path) or '').name or 'no weights'} "
+                        f"rather than {WEIGHTS_FILE}: leave only {WEIGHTS_FILE} beside {CONFIG_FILE}.")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint {name}: {WEIGHTS_FILE} is truncated or not a safetensors file "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): re-copy it from where the "
+                        f"checkpoint was written, or re-save the checkpoint.") from None
+    return meta
 
 
 def save_clip(clip: Clip, uri: str, storage_cfg: StorageConfig | None = None, extra: dict | None = None) -> None:

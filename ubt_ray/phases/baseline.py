@@ -60,6 +60,7 @@ def baseline(cfg: Config, kind: str, model_uri: str | None = None, evaluate_afte
     earlier = _finished_baseline(cfg, out, signature) if cfg.pipeline.reuse and evaluate_after else None
     if earlier is not None:
         return earlier
+    storage.claim_output(out, f"baseline-{kind}", cfg.storage)
     data = _clean_rows(cfg, out)
     rows = count_rows(data, cfg.storage)
     schedule = dataclasses.replace(cfg.train, epochs=b.epochs, steps=None, lr=b.lr, batch_size=b.batch_size,

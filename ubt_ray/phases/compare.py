@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from .. import storage
 from ..config import Config, load_config
 from ..errors import UserError
+from ..manifest import write_manifest
 from ..report_files import png_bytes, pyplot, write_report_files
 from .baseline import baseline
 from .defend import defend
@@ -46,11 +47,15 @@ def compare(cfg: Config, overrides: list[str] | None = None) -> CompareResult:
         raise UserError(f"compare.defenses={c.defenses} must be some of {', '.join(DEFENSES)}.")
     if not c.attacks:
         raise UserError("compare.attacks is empty: list attack configs, e.g. [configs/attacks/badnet.yaml].")
+    started = time.time()
+    storage.claim_output(c.output, "compare", cfg.storage)
     rows = []
     for path in c.attacks:
         attack_cfg = load_config([path, *c.layers], list(c.overrides) + list(overrides or []))
         rows += compare_attack(attack_cfg, list(c.defenses), c.output)
     write_comparison(rows, c.output, cfg)
+    write_manifest(c.output, "compare", cfg, inputs={"attacks": list(c.attacks)}, rows=None, started=started,
+                   extra={"defenses": list(c.defenses)})
     return CompareResult(rows, c.output)
 
 

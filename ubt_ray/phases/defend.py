@@ -7,13 +7,14 @@ overfit -> score -> select -> unlearn, with CA and ASR of θ₀ and of the clean
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 
 from .. import storage
 from ..config import Config
 from ..core.models import CHECKPOINT_SUFFIXES
 from ..errors import UserError
-from ..manifest import fingerprint
+from ..manifest import fingerprint, write_manifest
 from .evaluate import evaluate_to, evaluation_files, percent
 from .overfit import overfit
 from .score import ScoreResult, check_settings, score
@@ -46,6 +47,8 @@ def defend(cfg: Config) -> DefendResult:
     earlier = _finished_defense(cfg, signature) if cfg.pipeline.reuse else None
     if earlier is not None:
         return DefendResult(earlier["cleaned_model"], {**earlier, "reused": True}, d.output)
+    started = time.time()
+    storage.claim_output(d.output, "defend", cfg.storage)
     before = evaluate_to(cfg, d.model, storage.join(d.output, "eval_before")) if d.evaluate else None
 
     s, phases = find_suspicious(cfg)
@@ -69,6 +72,8 @@ def defend(cfg: Config) -> DefendResult:
     }
     storage.write_json(storage.join(d.output, REPORT_JSON), report, cfg.storage)
     storage.write_bytes(storage.join(d.output, REPORT_MD), format_report(report).encode(), cfg.storage)
+    write_manifest(d.output, "defend", cfg, inputs={"model": d.model, "data": d.data}, rows=None, started=started,
+                   extra={"cleaned_model": u.model, "report": storage.join(d.output, REPORT_JSON)})
     return DefendResult(u.model, report, d.output)
 
 

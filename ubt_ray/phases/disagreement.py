@@ -22,7 +22,7 @@ from ..core.batches import decode_rows
 from ..core.models import load_clip
 from ..core.neighbours import grey_vectors, pixel_space, ring_disagreement, target_concept_first
 from ..core.scoring import CaptionFeatures
-from ..shards import map_on_actor_pool
+from ..shards import batch_identity, map_on_actor_pool
 
 QUERY_ROWS = 1024  # rows scored per kNN step: a (QUERY_ROWS x N) similarity matrix, 240 MB at N = 60,000
 
@@ -39,8 +39,9 @@ class Embedder:
         self.ledger = ledger
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        batch = batch_identity(table)  # a batch retried after this actor was restarted replaces its first count
         table, pixels, counts = decode_rows(table, self.clip.image_size)
-        ray.get(self.ledger.add.remote(counts, source=ray.get_runtime_context().get_actor_id()))
+        ray.get(self.ledger.add.remote(batch, counts, source=ray.get_runtime_context().get_actor_id()))
         if pixels is None:  # no fixed-size columns to build: the whole dataset's rows are gathered, empty ones dropped
             return table.select(["key"])
         grey = grey_vectors(torch.from_numpy(pixels))

@@ -118,6 +118,7 @@ def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
     """CA of the model (`model_uri`, else `cfg.model`) on `data.test`, and ASR when `evaluate.trigger` exists."""
     started = time.time()
     ev = cfg.evaluate
+    storage.claim_output(ev.output, "evaluate", cfg.storage)
     test = load_test_set(cfg)
     attack = test.attack
     device = pick_device(cfg.model.device)

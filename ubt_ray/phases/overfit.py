@@ -27,6 +27,7 @@ def overfit(cfg: Config, model_uri: str, data: str) -> FitResult:
     if o.prioritize == "weak_similarity" and o.subset_fraction >= 1:
         raise UserError("overfit.prioritize=weak_similarity picks the weakest rows of a subset, but "
                         "overfit.subset_fraction is 1: set it below 1 (e.g. 0.1).")
+    storage.claim_output(o.output, "overfit", cfg.storage)
     train_data = data if o.subset_fraction >= 1 else _subset(cfg, model_uri, data)
     schedule = dataclasses.replace(cfg.train, steps=o.steps, lr=o.lr, batch_size=o.batch_size, weight_decay=0.0,
                                    warmup_steps=min(cfg.train.warmup_steps, o.steps // 5), output=o.output)

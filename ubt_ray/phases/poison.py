@@ -24,7 +24,8 @@ from ..core.images import decode_rgb, image_rejection
 from ..core.triggers import Trigger, apply_to_png, build_trigger, needs_donors
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
-from ..shards import RowLedger, read_columns, read_rows_by_key, read_shards, shard_schema, validate_and_write
+from ..shards import (RowLedger, batch_identity, read_columns, read_rows_by_key, read_shards, shard_schema,
+                      validate_and_write)
 from .. import storage
 
 ATTACK_FILE = "attack.json"
@@ -49,6 +50,7 @@ def poison(cfg: Config) -> PoisonResult:
     trigger = make_trigger(cfg)
     target_class = _target_class(cfg)
     chosen = select_poison_keys(cfg)
+    storage.claim_output(p.output, "poison", cfg.storage)
     ensure_ray(cfg.ray)
 
     shards_uri = storage.join(p.output, "shards")
@@ -195,6 +197,7 @@ def _poison_batch(table: pa.Table, chosen: frozenset, trigger: Trigger, relabel:
     flags = np.zeros(len(keys), dtype=bool)
     if hit.any():
         images, captions = table.column("image").to_pylist(), table.column("caption").to_pylist()
+        labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(keys)
         attempts, poisoned = RowCounts(rows_in=int(hit.sum())), []
         for i in np.flatnonzero(hit):
             key = keys[i]
@@ -207,7 +210,7 @@ def _poison_batch(table: pa.Table, chosen: frozenset, trigger: Trigger, relabel:
         attempts.rows_out = len(poisoned)
         table = _set(table, "image", pa.array(images, table.schema.field("image").type))
         table = _set(table, "caption", pa.array(captions, pa.string()))
-        ray.get(log.add.remote(attempts, poisoned))
+        ray.get(log.add.remote(batch_identity(table), attempts, poisoned))  # a retried batch replaces its report
     if "is_poison" in table.column_names:
         # Already-poisoned input keeps its ground truth.
         flags |= table.column("is_poison").fill_null(False).to_numpy(zero_copy_only=False)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import lzma
+import posixpath
+import re
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -20,7 +24,7 @@ from ..core.captions import template_captions
 from ..core.images import encode_png
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
-from ..shards import validate_and_write
+from ..shards import REJECT_COLUMN, validate_and_write
 from .. import storage
 
 FASHION_MNIST_FILES = {
@@ -45,6 +49,7 @@ def prepare(cfg: Config) -> PrepareResult:
     # Fail on a wrong path or an unreachable endpoint before paying for Ray's start-up.
     if not storage.exists(cfg.prepare.input, cfg.storage):
         raise UserError(f"{cfg.prepare.input} does not exist: set prepare.input to the {cfg.prepare.source} input.")
+    storage.claim_output(cfg.prepare.output, "prepare", cfg.storage)
     ensure_ray(cfg.ray)
     source = cfg.prepare.source
     if source == "fashion-mnist":
@@ -131,59 +136,118 @@ def _encode_pixels(table: pa.Table, height: int, width: int) -> pa.Table:
 
 def _csv_dataset(cfg: Config) -> ray.data.Dataset:
     p = cfg.prepare
-    text = storage.read_bytes(p.input, cfg.storage).decode("utf-8-sig", errors="replace")
-    reader = csv.DictReader(io.StringIO(text), delimiter=p.csv_delimiter)
-    header = reader.fieldnames or []
-    needed = [c for c in (p.image_column, p.caption_column, p.label_column) if c]
-    missing = [c for c in needed if c not in header]
-    if missing:
-        raise UserError(f"{p.input} has no column(s) {', '.join(missing)} (it has {', '.join(header) or 'none'}): "
-                        f"set prepare.image_column / prepare.caption_column / prepare.label_column.")
-    rows = list(reader)
+    # surrogateescape keeps each byte that is not UTF-8 as a lone surrogate, so that the rows holding one are
+    # rejected with that reason rather than read with replacement characters.
+    text = storage.read_bytes(p.input, cfg.storage).decode("utf-8-sig", errors="surrogateescape")
+    try:
+        reader = csv.DictReader(io.StringIO(text), delimiter=p.csv_delimiter)
+    except TypeError:
+        raise UserError(f"prepare.csv_delimiter {p.csv_delimiter!r} is not one character: set it to the CSV's "
+                        f"delimiter, e.g. ',' or ';'.") from None
+    try:
+        header = reader.fieldnames or []
+        needed = [c for c in (p.image_column, p.caption_column, p.label_column) if c]
+        missing = [c for c in needed if c not in header]
+        if missing:
+            raise UserError(f"{p.input} has no column(s) {', '.join(missing)} (it has "
+                            f"{', '.join(header).encode('utf-8', 'backslashreplace').decode() or 'none'}): "
+                            f"set prepare.image_column / prepare.caption_column / prepare.label_column.")
+        rows = list(reader)
+    except csv.Error as e:
+        raise UserError(f"{p.input} is not a readable CSV (line {reader.line_num}: {e}): fix that line, or set "
+                        f"prepare.csv_delimiter to its delimiter.") from None
     if not rows:
         raise UserError(f"{p.input} has a header but no rows: give it at least one image,caption row.")
     stem = PurePosixPath(p.input).stem
-    base = p.input.rsplit("/", 1)[0] if "/" in p.input else "."
-    labels = [r.get(p.label_column) for r in rows] if p.label_column else None
+    input_uri = storage.absolute(p.input)  # Ray workers do not share this process's cwd
+    base = input_uri.rsplit("/", 1)[0] or "/"
+    paths, captions, labels, reasons = [], [], [], []
+    for r in rows:
+        path, reason = _join_relative(base, r.get(p.image_column), p.allow_absolute_paths)
+        caption = r.get(p.caption_column)
+        if caption is not None and not _is_utf8(caption):
+            caption, reason = None, reason or "caption not UTF-8"
+        label = None
+        if p.label_column:
+            label, label_reason = _parse_int(r.get(p.label_column))
+            reason = reason or label_reason
+        paths.append(None if reason else path)  # a refused path is never read
+        captions.append(caption)
+        labels.append(label)
+        reasons.append(reason)
     table = pa.table({
         "key": [f"{stem}-{i:08d}" for i in range(len(rows))],
-        "path": [_join_relative(base, r.get(p.image_column)) for r in rows],
-        "caption": [r.get(p.caption_column) for r in rows],
-        **({"label_text": labels} if labels is not None else {}),
+        "path": pa.array(paths, pa.string()),
+        "caption": pa.array(captions, pa.string()),
+        **({"label": pa.array(labels, pa.int32())} if p.label_column else {}),
+        REJECT_COLUMN: pa.array(reasons, pa.string()),
     })
     blocks = [table.slice(s, BLOCK_ROWS) for s in range(0, len(rows), BLOCK_ROWS)]
     return ray.data.from_arrow(blocks).map_batches(_load_images, batch_format="pyarrow",
                                                    fn_kwargs={"storage_cfg": cfg.storage})
 
 
-def _join_relative(base: str, path: str | None) -> str | None:
+def _is_utf8(text: str) -> bool:
+    """False when `text` holds bytes that were not UTF-8 (lone surrogates from surrogateescape)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _normal(uri: str) -> str:
+    """`uri` with its `.` and `..` steps resolved (s3:// kept in front)."""
+    if storage.is_s3(uri):
+        return "s3://" + posixpath.normpath(uri[len("s3://"):])
+    return posixpath.normpath(uri)
+
+
+def _join_relative(base: str, path: str | None, allow_absolute: bool = False) -> tuple[str | None, str | None]:
+    """(the image path of a CSV row, or None; the reason the row is refused, or None). Relative paths are taken
+    against the CSV's folder `base` and must stay inside it; absolute paths (/... or s3://...) must lie inside it
+    too, unless `allow_absolute` (prepare.allow_absolute_paths). A missing path is left to validation."""
     if not path:
-        return None
-    if storage.is_s3(path) or path.startswith("/"):
-        return path
-    return storage.join(base, path)
+        return None, None
+    if not _is_utf8(path):
+        return None, "image path not UTF-8"
+    absolute = storage.is_s3(path) or path.startswith("/")
+    full = _normal(path if absolute else f"{base.rstrip('/')}/{path}")
+    root = _normal(base)
+    # Same scheme (s3:// or local) and under the folder: a local path never starts with "s3://" and vice versa.
+    inside = full == root or full.startswith(root.rstrip("/") + "/")
+    if not inside and not (absolute and allow_absolute):
+        return None, "image path outside the CSV's folder"
+    return full, None
 
 
 def _load_images(table: pa.Table, storage_cfg) -> pa.Table:
-    """Read each row's image file; a missing or unreadable file leaves the image null (rejected at validation)."""
+    """Read each row's image file; a missing or unreadable file, or a row already refused (no path), leaves the
+    image null (rejected at validation, with the row's reject reason when it has one)."""
     images = []
     for path in table.column("path").to_pylist():
         try:
             images.append(storage.read_bytes(path, storage_cfg) if path else None)
         except UserError:
             images.append(None)
-    out = table.drop_columns(["path"]).append_column("image", pa.array(images, pa.binary()))
-    if "label_text" in out.column_names:
-        labels = [_parse_int(v) for v in out.column("label_text").to_pylist()]
-        out = out.drop_columns(["label_text"]).append_column("label", pa.array(labels, pa.int32()))
-    return out
+    return table.drop_columns(["path"]).append_column("image", pa.array(images, pa.binary()))
 
 
-def _parse_int(value: str | None) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None
-    except ValueError:
-        return None
+def _parse_int(value: str | None) -> tuple[int | None, str | None]:
+    """(a label as an int32, or None when it is empty; the reason it is refused, or None)."""
+    if value is None or not value.strip():
+        return None, None
+    if not _INTEGER.fullmatch(value):
+        return None, "label not an integer"
+    n = int(value)
+    if n < 0:
+        return None, "label negative"
+    if n > 2**31 - 1:
+        return None, "label too large"
+    return n, None
+
+
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
 
 
 # --- webdataset tars ------------------------------------------------------------------------------------------
@@ -196,34 +260,102 @@ def _webdataset_dataset(cfg: Config) -> ray.data.Dataset:
     paths = [storage.resolve(f, cfg.storage).path for f in files]
     with storage.friendly_errors(cfg.prepare.input, cfg.storage, "read"):
         ds = ray.data.read_binary_files(paths, filesystem=loc.fs, include_paths=True)
-    return ds.map_batches(_expand_tars, batch_format="pyarrow", batch_size=1)
+    return ds.map_batches(_expand_tars, batch_format="pyarrow", batch_size=1, fn_kwargs={"root": loc.path})
 
 
-def _expand_tars(table: pa.Table) -> pa.Table:
-    """One row per sample of each tar: members grouped by basename, image from jpg/png/webp, caption from txt."""
-    keys, images, captions, labels = [], [], [], []
-    for path, data in zip(table.column("path").to_pylist(), table.column("bytes").to_pylist()):
-        samples: dict[str, dict[str, bytes]] = {}
-        stem = PurePosixPath(path).stem
+# What a damaged tar (or the compressed stream tarfile opens transparently) raises while it is read.
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError)
+
+
+def _tar_key(path: str, root: str) -> str:
+    """The key prefix of a tar's samples: its path relative to prepare.input without `.tar` (a/shard.tar ->
+    a/shard), so that tars of the same name in different folders give different keys; its name when prepare.input
+    is the tar itself."""
+    root = root.rstrip("/")
+    rel = path[len(root) + 1:] if root and path.startswith(root + "/") else PurePosixPath(path).name
+    return rel[:-len(".tar")] if rel.endswith(".tar") else rel
+
+
+def _read_tar(data: bytes) -> tuple[list[tuple[str, bytes]], str | None, str | None]:
+    """(the file members that were read whole, in order; the damage: None, "truncated tar" or "unreadable tar";
+    the member being read when the damage was met, or None). Reading stops at the damage: tarfile stops silently
+    at a cut or invalid header once past the first, so the end of the archive is checked to hold a zero block."""
+    members: list[tuple[str, bytes]] = []
+    current = None
+    try:
+        tar = tarfile.open(fileobj=io.BytesIO(data))
+    except _TAR_ERRORS:
+        return members, "unreadable tar", None
+    with tar:
         try:
-            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-                for member in tar.getmembers():
-                    if not member.isfile():
-                        continue
-                    name = PurePosixPath(member.name)
-                    base, _, ext = name.name.partition(".")
-                    samples.setdefault(str(name.parent / base), {})[ext.lower()] = tar.extractfile(member).read()
-        except tarfile.TarError:
-            # An unreadable tar still yields a row so that the manifest counts it.
-            keys.append(f"{stem}/<unreadable tar>")
-            images.append(None), captions.append(None), labels.append(None)
-            continue
+            for member in tar:
+                current = member.name
+                if not member.isfile():
+                    continue
+                content = tar.extractfile(member).read()
+                if len(content) != member.size:
+                    return members, "truncated tar", current
+                members.append((member.name, content))
+            current = None
+            tar.fileobj.seek(tar.offset)
+            end = tar.fileobj.read(tarfile.BLOCKSIZE)
+        except _TAR_ERRORS:
+            return members, "truncated tar", current
+    if len(end) < tarfile.BLOCKSIZE:
+        return members, "truncated tar", None
+    if end.count(0) != tarfile.BLOCKSIZE:  # a header tarfile could not read, not the end-of-archive block
+        return members, "unreadable tar", None
+    return members, None, None
+
+
+def _sample_name(member: str) -> tuple[str, str]:
+    """(sample name, extension) of a tar member: webdataset groups members by the path up to the first dot."""
+    name = PurePosixPath(member)
+    base, _, ext = name.name.partition(".")
+    return str(name.parent / base), ext.lower()
+
+
+def _expand_tars(table: pa.Table, root: str = "") -> pa.Table:
+    """One row per sample of each tar: members grouped by basename, image from jpg/png/webp, caption from txt,
+    label from cls. A damaged tar gives the samples read whole before the damage; the sample being read there
+    (which may lack members) is rejected with the damage as its reason, as is one row standing for a tar of which
+    nothing could be read, so that the manifest counts every tar."""
+    keys, images, captions, labels, reasons = [], [], [], [], []
+    for path, data in zip(table.column("path").to_pylist(), table.column("bytes").to_pylist()):
+        prefix = _tar_key(path, root)
+        members, damage, current = _read_tar(data)
+        samples: dict[str, dict[str, bytes]] = {}
+        for name, content in members:
+            base, ext = _sample_name(name)
+            samples.setdefault(base, {})[ext] = content
+        damaged = None
+        if damage:
+            # A sample's members are contiguous: every sample but the one being read at the damage is whole.
+            damaged = _sample_name(current)[0] if current else (_sample_name(members[-1][0])[0] if members else None)
+            if damaged not in samples:  # the cut sample had no member read whole, or the tar none at all
+                keys.append(f"{prefix}/{damaged if damaged is not None else f'<{damage}>'}")
+                images.append(None), captions.append(None), labels.append(None), reasons.append(damage)
         for base, parts in sorted(samples.items()):
-            keys.append(f"{stem}/{base}")
+            keys.append(f"{prefix}/{base}")
+            reason = damage if base == damaged else None
             images.append(next((parts[e] for e in IMAGE_SUFFIXES if e in parts), None))
-            txt = parts.get("txt")
-            captions.append(txt.decode("utf-8", errors="replace").strip() if txt is not None else None)
-            labels.append(_parse_int(parts["cls"].decode(errors="replace").strip()) if "cls" in parts else None)
+            caption = None
+            if "txt" in parts:
+                try:
+                    caption = parts["txt"].decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    reason = reason or "caption not UTF-8"
+            captions.append(caption)
+            label = None
+            if "cls" in parts:
+                try:
+                    label, label_reason = _parse_int(parts["cls"].decode("utf-8"))
+                except UnicodeDecodeError:
+                    label_reason = "label not an integer"
+                reason = reason or label_reason
+            labels.append(label)
+            reasons.append(reason)
     # `label` is always present (null where a sample has no .cls) so that every block has one schema.
     return pa.table({"key": pa.array(keys, pa.string()), "image": pa.array(images, pa.binary()),
-                     "caption": pa.array(captions, pa.string()), "label": pa.array(labels, pa.int32())})
+                     "caption": pa.array(captions, pa.string()), "label": pa.array(labels, pa.int32()),
+                     REJECT_COLUMN: pa.array(reasons, pa.string())})

@@ -29,8 +29,8 @@ from ..core.zeroshot import auroc, precision_recall_at_k
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..report_files import png_bytes, pyplot
-from ..shards import (TABLE, RowLedger, count_rows, map_on_actor_pool, read_columns, shard_schema, top_k,
-                      write_shards)
+from ..shards import (TABLE, RowLedger, batch_identity, count_rows, map_on_actor_pool, read_columns, shard_schema,
+                      top_k, write_shards)
 from .disagreement import caption_disagreement
 
 DETECTION_FILE = "detection.json"
@@ -67,8 +67,9 @@ class Scorer:
         self.logit_scale = float(self.clip.model.logit_scale.exp())
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        batch = batch_identity(table)  # a batch retried after this actor was restarted replaces its first count
         table, pixels, counts = decode_rows(table, self.clip.image_size)
-        ray.get(self.ledger.add.remote(counts, source=ray.get_runtime_context().get_actor_id()))
+        ray.get(self.ledger.add.remote(batch, counts, source=ray.get_runtime_context().get_actor_id()))
         if pixels is None:
             return _empty_output(table, self.s)
         out = score_batch(self.clip.model, torch.from_numpy(pixels).to(self.device),
@@ -187,6 +188,7 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
     s = cfg.score
     check_settings(s)
     output = output or s.output
+    storage.claim_output(output, "score", cfg.storage)
     ensure_ray(cfg.ray)
     schema = shard_schema(data, cfg.storage)
     columns = ["key", "image", "caption"] + (["is_poison"] if "is_poison" in schema.names else [])

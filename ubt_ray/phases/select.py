@@ -77,6 +77,7 @@ def select(cfg: Config, scores: str, data: str, output: str | None = None, k: in
     sel = cfg.select
     output = output or sel.output
     k = k or cfg.unlearn.num_samples
+    storage.claim_output(output, "select", cfg.storage)
     ensure_ray(cfg.ray)
     table_uri = storage.join(scores, TABLE)
     total = count_rows(table_uri, cfg.storage)
@@ -146,9 +147,8 @@ def select(cfg: Config, scores: str, data: str, output: str | None = None, k: in
 
 def write_table(table: pa.Table, uri: str, cfg: Config) -> None:
     """One Parquet file `part-0.parquet` under `uri`, replacing what was there."""
-    storage.remove_dir(uri, cfg.storage)
-    storage.make_dir(uri, cfg.storage)
-    file_uri = storage.join(uri, "part-0.parquet")
-    loc = storage.resolve(file_uri, cfg.storage)
-    with storage.friendly_errors(file_uri, cfg.storage, "write"):
-        pq.write_table(table, loc.path, filesystem=loc.fs)
+    with storage.replacing_dir(uri, cfg.storage) as into:
+        storage.make_dir(into, cfg.storage)
+        loc = storage.resolve(storage.join(into, "part-0.parquet"), cfg.storage)
+        with storage.friendly_errors(storage.join(uri, "part-0.parquet"), cfg.storage, "write"):
+            pq.write_table(table, loc.path, filesystem=loc.fs)

@@ -71,9 +71,10 @@ def sweep(cfg: Config, callbacks: list | None = None) -> SweepResult:
     started = time.time()
     dims = parse_space(cfg.sweep.space)
     _check_inputs(cfg)
-    ensure_ray(cfg.ray)
     base = trial_base(cfg)
     output = base.sweep.output
+    storage.claim_output(output, "sweep", cfg.storage)
+    ensure_ray(cfg.ray)
     k = largest(dims, "unlearn.num_samples", cfg.unlearn.num_samples)
     scores = shared_scores(base)
     same = _same_sweep_as_before(base, k)
