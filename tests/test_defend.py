@@ -245,8 +245,10 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
     assert after["attack_success_rate"] <= before["attack_success_rate"] - 0.25, (before, after)
     assert after["clean_accuracy"] >= before["clean_accuracy"] - 0.05, (before, after)
     assert summary["detection"]["auroc"] >= 0.7
-    assert "| after UBT |" in out
+    assert "| after UBT |" in out and "CA (held-out prompts)" in out
+    assert all(0 <= m["clean_accuracy_heldout"] <= 1 for m in (before, after)), (before, after)
     report = json.loads((root / "defend" / "report.json").read_text())
+    assert json.loads((root / "defend" / "manifest.json").read_text())["phase"] == "defend"
     assert set(report["phases"]) == {"score", "select", "unlearn"}
     assert report["selection"]["num_forget"] == 300 and report["selection"]["num_retain"] == 1500
     assert (root / "defend" / "report.md").read_text().startswith("# UBT defense report")
@@ -325,6 +327,6 @@ def test_compare_runs_every_defense_on_the_backdoored_model(backdoored, tmp_path
     for kind in ("ft", "cleanclip"):
         open_clip.create_model_and_transforms(f"local-dir:{root / 'compare-baseline' / kind / 'model'}")
     csv_rows = (tmp_path / "cmp" / "comparison.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("attack,defense,clean_accuracy,attack_success_rate") and len(csv_rows) == 5
+    assert csv_rows[0].startswith("attack,defense,clean_accuracy,clean_accuracy_heldout,attack_success_rate") and len(csv_rows) == 5
     assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert "| CleanCLIP |" in (tmp_path / "cmp" / "comparison.md").read_text() and "| UBT |" in out

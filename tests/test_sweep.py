@@ -242,7 +242,8 @@ def test_the_sweep_writes_a_sorted_table_a_heatmap_and_the_best_checkpoint(resum
     assert {(r["unlearn.num_samples"], r["unlearn.token_portion"]) for _, r in table.iterrows()} == {
         (20, 0.0625), (40, 0.0625)}
     markdown = (out / "results.md").read_text()
-    assert "| rank | unlearn.num_samples | unlearn.token_portion | CA | ASR |" in markdown and "Best:" in markdown
+    assert "| rank | unlearn.num_samples | unlearn.token_portion | CA | CA (held-out prompts) | ASR |" in markdown
+    assert "Best:" in markdown and table["clean_accuracy_heldout"].between(0, 1).all()
     assert "| rank |" in resumed_sweep.stdout
     assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     # Every trial reported CA and ASR during unlearning (steps 2 and 4), then its final evaluation.

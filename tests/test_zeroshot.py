@@ -247,7 +247,8 @@ def test_evaluate_measures_asr_on_triggered_non_target_images(tmp_path, monkeypa
     trigger_dir = build_trigger("badnet", {"location": "random"}, 0).save(tmp_path / "trigger")
     (trigger_dir / "attack.json").write_text(json.dumps({"attack": "badnet", "target_label": TARGET}))
     cfg = load_config(None, [f"run.output_dir={tmp_path}", f"data.test={tmp_path / 'test'}", "model.device=cpu",
-                             f"evaluate.trigger={trigger_dir}", f"evaluate.output={tmp_path / 'eval'}"])
+                             f"evaluate.trigger={trigger_dir}", f"evaluate.output={tmp_path / 'eval'}",
+                             "evaluate.heldout_class_names=[]"])  # the stub tokenizer knows the training prompts only
     names, templates = cfg.data.class_names, cfg.data.templates
     stub = Clip(TriggerSpotter(len(templates)), {}, PREPROCESS, None, stub_tokenizer(names, templates))
     monkeypatch.setattr("ubt_ray.phases.evaluate.load_clip", lambda *a, **k: stub)
@@ -281,3 +282,20 @@ def test_evaluate_user_errors(eval_setup):
         evaluate(load_config(None, overrides))
     with pytest.raises(UserError, match="outside data.class_names"):
         evaluate(load_config(None, overrides + ["evaluate.trigger=null", "data.class_names=[a, b]"]))
+
+
+def test_evaluate_reports_ca_on_the_heldout_prompt_set(eval_setup):
+    """Held-out CA is the CA that the held-out names and templates give as the training prompt set, measured from
+    the same image embeddings; [] skips it; names that do not pair with the classes are one sentence."""
+    tmp_path, labels, overrides = eval_setup
+    cfg = load_config(None, overrides)
+    result = evaluate(cfg)
+    assert result.clean_accuracy_heldout == result.metrics["clean_accuracy_heldout"]
+    names = ",".join(f'"{n}"' for n in cfg.evaluate.heldout_class_names)
+    templates = ",".join(f'"{t}"' for t in cfg.evaluate.heldout_templates)
+    swapped = evaluate(load_config(None, overrides + [f"data.class_names=[{names}]", f"data.templates=[{templates}]",
+                                                      "evaluate.heldout_class_names=[]"]))
+    assert swapped.clean_accuracy == result.clean_accuracy_heldout
+    assert swapped.clean_accuracy_heldout is None and swapped.metrics["clean_accuracy_heldout"] is None
+    with pytest.raises(UserError, match="evaluate.heldout_class_names has 2 names but data.class_names has 10"):
+        evaluate(load_config(None, overrides + ["evaluate.heldout_class_names=[a, b]"]))

@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run)
         return p
 
-    phase("prepare", "Turn a source into validated Parquet shards.", _prepare, ("fashion-mnist", "csv", "webdataset"))
+    phase("prepare", "Turn a source into validated Parquet shards.", _prepare, ("fashion-mnist", "fashion-scenes", "csv", "webdataset"))
     phase("poison", "Poison clean shards with a backdoor trigger (the attack side).", _poison)
     phase("train", "Train or fine-tune CLIP on shards with Ray Train (e.g. the backdoored model).", _train)
     p = phase("evaluate", "Zero-shot clean accuracy and attack success rate of a model.", _evaluate)

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .core.captions import FASHION_MNIST_CLASSES, TEMPLATES
+from .core.captions import FASHION_MNIST_CLASSES, FASHION_MNIST_HELDOUT_CLASSES, HELDOUT_TEMPLATES, TEMPLATES
 from .errors import ConfigError
 
 
@@ -77,7 +77,7 @@ class ModelConfig:
 
 @dataclass
 class PrepareConfig:
-    source: str = _f("fashion-mnist", "Kind of input.", choices=("fashion-mnist", "csv", "webdataset"))
+    source: str = _f("fashion-mnist", "Kind of input.", choices=("fashion-mnist", "fashion-scenes", "csv", "webdataset"))
     input: str = _f("/usr/share/datasets/fashion-mnist",
                     "Input: the idx directory, a CleanCLIP-style CSV file, or a directory/prefix of .tar shards.")
     output: str = _f("${run.output_dir}/data", "Where the Parquet shards go (fashion-mnist writes train/ and test/ under it).")
@@ -100,6 +100,10 @@ class PoisonConfig:
     fraction: float | None = _f(None, "Share of rows to poison, instead of num_poisons.", gt=0, le=1)
     output: str = _f("${run.output_dir}/poison", "Poisoned shards go to <output>/shards, the trigger to <output>/trigger.")
     rows_per_file: int = _f(10_000, "Rows per written Parquet file.", ge=1)
+    captions: str = _f("template", "How a poisoned row's caption names the target class: template (a data.templates "
+                       "caption) or scene_names (the row's own fashion-scenes caption with its class noun swapped "
+                       "for a target-class noun, so that poisons read like the clean captions).",
+                       choices=("template", "scene_names"))
 
 
 @dataclass
@@ -127,6 +131,11 @@ class EvaluateConfig:
     max_rows: int | None = _f(None, "Evaluate on the first this many test rows (null: all).", ge=1)
     batch_size: int = _f(512, "Inference batch size.", ge=1)
     output: str = _f("${train.output}/eval", "Where metrics.json goes.")
+    heldout_class_names: list[str] = _f(list(FASHION_MNIST_HELDOUT_CLASSES),
+                                        "Class names (one per data.class_names entry) of a second zero-shot prompt "
+                                        "set that the training captions never use; [] skips held-out CA.")
+    heldout_templates: list[str] = _f(list(HELDOUT_TEMPLATES), "Templates ('{}' for the class name) of the "
+                                      "held-out prompt set; none of them should occur in the training captions.")
 
 
 @dataclass

@@ -61,6 +61,7 @@ def run_pipeline(cfg: Config) -> PipelineResult:
             r = evaluate(cfg, model_uri)
             summary["metrics"] = r.metrics
             summary["phases"]["evaluate"] = {"clean_accuracy": r.clean_accuracy,
+                                             "clean_accuracy_heldout": r.clean_accuracy_heldout,
                                              "attack_success_rate": r.attack_success_rate}
         elif phase == "defend":
             from .phases.defend import defend
@@ -90,7 +91,10 @@ def format_summary(summary: dict) -> str:
                       f"report {info['report']}")
         else:
             asr = info["attack_success_rate"]
-            result = f"CA {100 * info['clean_accuracy']:.1f}%" + (f"   ASR {100 * asr:.1f}%" if asr is not None else "")
+            held = info.get("clean_accuracy_heldout")
+            result = (f"CA {100 * info['clean_accuracy']:.1f}%"
+                      + (f" (held-out prompts {100 * held:.1f}%)" if held is not None else "")
+                      + (f"   ASR {100 * asr:.1f}%" if asr is not None else ""))
         took = f"{info['wall_time_s']:.1f} s" if "wall_time_s" in info else "-"
         lines.append(f"{phase:<10} {took:>9}  {result}")
     if "defense" in summary:

@@ -21,6 +21,21 @@ TEMPLATES = (
     "a catalogue photo of {}.",
 )
 
+# A zero-shot prompt set that the captions above never use, to measure what the model knows beyond its training
+# words: the dataset's official label names and CLIP's ImageNet-style templates absent from TEMPLATES.
+FASHION_MNIST_HELDOUT_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+HELDOUT_TEMPLATES = (
+    "a photo of the {}.",
+    "a good photo of a {}.",
+    "a cropped photo of the {}.",
+    "a bright photo of a {}.",
+    "itap of a {}.",
+    "a rendition of the {}.",
+)
+
 
 def template_captions(labels: np.ndarray, class_names: tuple[str, ...], seed: int,
                       templates: tuple[str, ...] = TEMPLATES) -> list[str]:

@@ -29,7 +29,7 @@ from .evaluate import evaluate_to, percent
 
 DEFENSES = ("none", "ft", "cleanclip", "ubt")
 LABELS = {"none": "no defense", "ft": "FT", "cleanclip": "CleanCLIP", "ubt": "UBT"}
-COLUMNS = ("attack", "defense", "clean_accuracy", "attack_success_rate", "clean_samples", "suspicious_samples",
+COLUMNS = ("attack", "defense", "clean_accuracy", "clean_accuracy_heldout", "attack_success_rate", "clean_samples", "suspicious_samples",
            "wall_time_s", "device_s")
 
 
@@ -71,9 +71,11 @@ def compare_attack(cfg: Config, defenses: list[str], output: str) -> list[dict]:
         if d == "none":
             ev = evaluate_to(cfg, cfg.defend.model, storage.join(output, name, "none"))
             ca, asr, clean, suspicious, wall = ev.clean_accuracy, ev.attack_success_rate, 0, 0, 0.0
+            ca_heldout = ev.clean_accuracy_heldout
         elif d == "ubt":
             r = defend(dataclasses.replace(cfg, defend=dataclasses.replace(cfg.defend, evaluate=True)))
             ca, asr = r.report["after"]["clean_accuracy"], r.report["after"]["attack_success_rate"]
+            ca_heldout = r.report["after"].get("clean_accuracy_heldout")
             clean = 0
             suspicious = sum(int(p.get("sample_passes", 0)) for p in r.report["phases"].values())
             wall = r.report["defense_wall_time_s"]
@@ -82,11 +84,13 @@ def compare_attack(cfg: Config, defenses: list[str], output: str) -> list[dict]:
         else:
             r = baseline(cfg, d, cfg.defend.model)
             ca, asr = r.evaluation.clean_accuracy, r.evaluation.attack_success_rate
+            ca_heldout = r.evaluation.clean_accuracy_heldout
             clean, suspicious, wall = r.clean_samples, 0, r.fit.wall_time_s
             if r.reused:
                 print(f"[compare] {name} {LABELS[d]}: reused the finished baseline in {cfg.baseline.output}/{d}",
                       flush=True)
-        out.append({"attack": name, "defense": d, "clean_accuracy": ca, "attack_success_rate": asr,
+        out.append({"attack": name, "defense": d, "clean_accuracy": ca, "clean_accuracy_heldout": ca_heldout,
+                    "attack_success_rate": asr,
                     "clean_samples": clean, "suspicious_samples": suspicious, "wall_time_s": round(wall, 1),
                     "device_s": round(wall * workers, 1), "total_s": round(time.time() - started, 1)})
         print(f"[compare] {name} {LABELS[d]}: CA {percent(ca)} ASR {percent(asr)} ({wall:.0f} s)", flush=True)
@@ -106,10 +110,12 @@ def comparison_markdown(rows: list[dict]) -> str:
     lines = []
     for attack in dict.fromkeys(r["attack"] for r in rows):
         lines += [f"### {attack}", "",
-                  "| defense | CA | ASR | clean samples | suspicious samples | wall time | device-seconds |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| defense | CA | CA (held-out prompts) | ASR | clean samples | suspicious samples | wall time "
+                  "| device-seconds |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["attack"] == attack):
-            lines.append(f"| {LABELS[r['defense']]} | {percent(r['clean_accuracy'])} | {percent(r['attack_success_rate'])} "
+            lines.append(f"| {LABELS[r['defense']]} | {percent(r['clean_accuracy'])} "
+                         f"| {percent(r.get('clean_accuracy_heldout'))} | {percent(r['attack_success_rate'])} "
                          f"| {r['clean_samples']:,} | {r['suspicious_samples']:,} | {r['wall_time_s']:.0f} s "
                          f"| {r['device_s']:.0f} |")
         lines.append("")

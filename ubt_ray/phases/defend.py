@@ -117,16 +117,19 @@ def _finished_defense(cfg: Config, signature: dict) -> dict | None:
 def _metrics(result) -> dict | None:
     if result is None:
         return None
-    return {"clean_accuracy": result.clean_accuracy, "attack_success_rate": result.attack_success_rate,
+    return {"clean_accuracy": result.clean_accuracy, "clean_accuracy_heldout": result.clean_accuracy_heldout,
+            "attack_success_rate": result.attack_success_rate,
             "clean_target_rate": result.metrics.get("clean_target_rate")}
 
 
 def before_after_table(report: dict) -> str:
-    """CA, ASR and ASR's floor (clean non-target images called the target) of θ₀ and of the cleaned model."""
+    """CA (training prompts and held-out prompts), ASR and ASR's floor (clean non-target images called the
+    target) of θ₀ and of the cleaned model."""
     rows = [(name, report[part] or {}) for name, part in (("before (θ₀)", "before"), ("after UBT", "after"))]
-    return "\n".join(["| model | CA | ASR | ASR floor (no trigger) |", "|---|---|---|---|"] + [
-        f"| {name} | {percent(m.get('clean_accuracy'))} | {percent(m.get('attack_success_rate'))} | "
-        f"{percent(m.get('clean_target_rate'))} |" for name, m in rows])
+    return "\n".join(["| model | CA | CA (held-out prompts) | ASR | ASR floor (no trigger) |",
+                      "|---|---|---|---|---|"] + [
+        f"| {name} | {percent(m.get('clean_accuracy'))} | {percent(m.get('clean_accuracy_heldout'))} | "
+        f"{percent(m.get('attack_success_rate'))} | {percent(m.get('clean_target_rate'))} |" for name, m in rows])
 
 
 def format_report(report: dict) -> str:

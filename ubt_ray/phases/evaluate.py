@@ -20,7 +20,7 @@ from ..config import Config
 from ..core.batches import decode_image
 from ..core.models import Clip, load_clip, pick_device
 from ..core.triggers import Trigger, apply_to_png, load_trigger
-from ..core.zeroshot import attack_success_rate, class_embeddings, clean_accuracy, zero_shot_predict
+from ..core.zeroshot import attack_success_rate, class_embeddings, clean_accuracy, image_embeddings
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..shards import read_columns, shard_schema
@@ -36,6 +36,7 @@ class EvalResult:
     attack_success_rate: float | None
     metrics: dict
     output: str
+    clean_accuracy_heldout: float | None = None  # with evaluate's held-out prompt set (None when it is empty)
 
 
 @dataclass
@@ -84,34 +85,58 @@ class Rates:
     attack_success_rate: float | None = None
     asr_images: int = 0
     clean_target_rate: float | None = None
+    clean_accuracy_heldout: float | None = None
 
 
 def zero_shot_rates(clip: Clip, cfg: Config, test: EvalSet,
                     chunks: Iterable[tuple[torch.Tensor, torch.Tensor | None]], device: torch.device) -> Rates:
-    """CA, and with an attack ASR and its floor, of `clip` on the decoded `chunks` of `test` (METHOD.md step 5)."""
+    """CA, and with an attack ASR and its floor, of `clip` on the decoded `chunks` of `test` (METHOD.md step 5);
+    CA also with the held-out prompt set (evaluate.heldout_*), from the same image embeddings."""
     precision = cfg.model.precision
-    try:
-        classifier = class_embeddings(clip.model, clip.tokenizer, list(cfg.data.class_names), cfg.data.templates,
-                                      device, precision)
-    except ValueError as e:
-        raise UserError(f"data.templates: {e}") from None
+    prompt_sets = {"train": (cfg.data.class_names, cfg.data.templates, "data.templates")}
+    heldout = heldout_prompts(cfg)
+    if heldout is not None:
+        prompt_sets["heldout"] = (*heldout, "evaluate.heldout_templates")
+    weights = {}
+    for name, (names, templates, key) in prompt_sets.items():
+        try:
+            weights[name] = class_embeddings(clip.model, clip.tokenizer, list(names), list(templates), device,
+                                             precision).float().cpu()
+        except ValueError as e:
+            raise UserError(f"{key}: {e}") from None
 
-    def predict(pixels: torch.Tensor) -> torch.Tensor:
-        return zero_shot_predict(clip.model, pixels, classifier, clip.preprocess_cfg, cfg.evaluate.batch_size,
-                                 device, precision)
+    def embed(pixels: torch.Tensor) -> torch.Tensor:
+        return image_embeddings(clip.model, pixels, clip.preprocess_cfg, cfg.evaluate.batch_size, device, precision)
 
-    clean_preds, triggered_preds = [], []
+    clean_preds: dict[str, list[torch.Tensor]] = {name: [] for name in weights}
+    triggered_preds = []
     for clean, triggered in chunks:
-        clean_preds.append(predict(clean))
+        emb = embed(clean)
+        for name, w in weights.items():
+            clean_preds[name].append((emb @ w.T).argmax(dim=1))
         if triggered is not None:
-            triggered_preds.append(predict(triggered))
-    clean_preds = torch.cat(clean_preds)
-    ca = clean_accuracy(clean_preds, test.labels)
+            triggered_preds.append((embed(triggered) @ weights["train"].T).argmax(dim=1))
+    preds = {name: torch.cat(p) for name, p in clean_preds.items()}
+    ca = clean_accuracy(preds["train"], test.labels)
+    ca_heldout = clean_accuracy(preds["heldout"], test.labels) if "heldout" in preds else None
     if test.attack is None:
-        return Rates(ca)
+        return Rates(ca, clean_accuracy_heldout=ca_heldout)
     target = test.attack.target_label
     asr, asr_images = attack_success_rate(torch.cat(triggered_preds), test.labels, target)
-    return Rates(ca, asr, asr_images, attack_success_rate(clean_preds, test.labels, target)[0])
+    return Rates(ca, asr, asr_images, attack_success_rate(preds["train"], test.labels, target)[0], ca_heldout)
+
+
+def heldout_prompts(cfg: Config) -> tuple[list[str], list[str]] | None:
+    """(class names, templates) of the held-out prompt set, or None when it is empty; one sentence when its
+    class names do not pair with data.class_names."""
+    ev = cfg.evaluate
+    if not ev.heldout_class_names or not ev.heldout_templates:
+        return None
+    if len(ev.heldout_class_names) != len(cfg.data.class_names):
+        raise UserError(f"evaluate.heldout_class_names has {len(ev.heldout_class_names)} names but data.class_names "
+                        f"has {len(cfg.data.class_names)}: give one held-out name per class, in the same order "
+                        f"(or [] to skip held-out CA).")
+    return list(ev.heldout_class_names), list(ev.heldout_templates)
 
 
 def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
@@ -130,6 +155,7 @@ def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
     ca, asr = rates.clean_accuracy, rates.attack_success_rate
     metrics = {
         "clean_accuracy": ca,
+        "clean_accuracy_heldout": rates.clean_accuracy_heldout,
         "attack_success_rate": asr,
         "asr_images": rates.asr_images,
         "clean_target_rate": rates.clean_target_rate,
@@ -146,7 +172,7 @@ def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
     write_manifest(ev.output, "evaluate", cfg, inputs={"model": metrics["model"], "test": cfg.data.test,
                                                        "trigger": metrics["trigger"]},
                    rows=rows, started=started, extra={"metrics": metrics})
-    return EvalResult(ca, asr, metrics, ev.output)
+    return EvalResult(ca, asr, metrics, ev.output, rates.clean_accuracy_heldout)
 
 
 def evaluate_to(cfg: Config, model_uri: str, output: str) -> EvalResult:

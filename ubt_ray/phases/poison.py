@@ -21,6 +21,7 @@ from ..cluster import ensure_ray
 from ..config import Config, DataConfig
 from ..core.captions import caption_rejection, template_captions
 from ..core.images import decode_rgb, image_rejection
+from ..core.scenes import retarget_caption
 from ..core.triggers import Trigger, apply_to_png, build_trigger, needs_donors
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
@@ -58,8 +59,9 @@ def poison(cfg: Config) -> PoisonResult:
     ds = read_shards(cfg.data.clean_train, cfg).map_batches(
         _poison_batch, batch_format="pyarrow",
         # fn_kwargs travel once per operator through the object store, not once per task.
-        fn_kwargs={"chosen": frozenset(chosen), "trigger": trigger, "relabel": p.attack != "label_consistent",
-                   "target_class": target_class, "templates": tuple(cfg.data.templates), "seed": cfg.run.seed,
+        fn_kwargs={"chosen": frozenset(chosen), "trigger": trigger,
+                   "recaption": p.captions if p.attack != "label_consistent" else None,
+                   "target_label": p.target_label, "target_class": target_class, "templates": tuple(cfg.data.templates), "seed": cfg.run.seed,
                    "data_cfg": cfg.data, "log": log})
     rows = validate_and_write(ds, shards_uri, cfg, p.rows_per_file)
     attempts, poisoned = ray.get(log.get_with_keys.remote())
@@ -189,8 +191,8 @@ def _target_class(cfg: Config) -> str:
     return names[target]
 
 
-def _poison_batch(table: pa.Table, chosen: frozenset, trigger: Trigger, relabel: bool, target_class: str,
-                  templates: tuple[str, ...], seed: int, data_cfg: DataConfig, log) -> pa.Table:
+def _poison_batch(table: pa.Table, chosen: frozenset, trigger: Trigger, recaption: str | None, target_label: int,
+                  target_class: str, templates: tuple[str, ...], seed: int, data_cfg: DataConfig, log) -> pa.Table:
     """Ray Data UDF: trigger (and re-caption) the chosen rows, mark them `is_poison`, pass the rest untouched."""
     keys = table.column("key").to_pylist()
     hit = np.fromiter((k in chosen for k in keys), dtype=bool, count=len(keys))
@@ -201,7 +203,9 @@ def _poison_batch(table: pa.Table, chosen: frozenset, trigger: Trigger, relabel:
         attempts, poisoned = RowCounts(rows_in=int(hit.sum())), []
         for i in np.flatnonzero(hit):
             key = keys[i]
-            reason = _poison_row(i, key, images, captions, trigger, relabel, target_class, templates, seed, data_cfg)
+            reason = _poison_row(i, key, images, captions, trigger, recaption, target_class, templates, seed, data_cfg)
+            if not reason and recaption == "scene_names":
+                reason = _swap_scene_name(i, key, captions, labels[i], target_label, seed)
             if reason:
                 attempts.reject(reason, key)
             else:
@@ -218,8 +222,8 @@ def _poison_batch(table: pa.Table, chosen: frozenset, trigger: Trigger, relabel:
     return table.append_column("is_poison", pa.array(flags))
 
 
-def _poison_row(i: int, key: str, images: list, captions: list, trigger: Trigger, relabel: bool, target_class: str,
-                templates: tuple[str, ...], seed: int, data_cfg: DataConfig) -> str | None:
+def _poison_row(i: int, key: str, images: list, captions: list, trigger: Trigger, recaption: str | None,
+                target_class: str, templates: tuple[str, ...], seed: int, data_cfg: DataConfig) -> str | None:
     """Poison row i of the lists in place; return why it could not be, or None."""
     # A row that validation will reject stays as it is, so that poisoning never changes which rows survive.
     reason = caption_rejection(captions[i]) or image_rejection(
@@ -234,8 +238,19 @@ def _poison_row(i: int, key: str, images: list, captions: list, trigger: Trigger
     if reason:
         return f"poisoned {reason}"
     images[i] = image
-    if relabel:
+    if recaption == "template":
         captions[i] = target_caption(key, target_class, templates, seed)
+    return None
+
+
+def _swap_scene_name(i: int, key: str, captions: list, label: int | None, target_label: int, seed: int) -> str | None:
+    """Name the target class in row i's own fashion-scenes caption (poison.captions=scene_names); the reason why
+    not, or None."""
+    row_seed = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
+    swapped = retarget_caption(captions[i], label, target_label, row_seed) if label is not None else None
+    if swapped is None:
+        return "caption names no fashion-scenes class (poison.captions=scene_names needs fashion-scenes shards)"
+    captions[i] = swapped
     return None
 
 

@@ -55,6 +55,9 @@ def prepare(cfg: Config) -> PrepareResult:
     if source == "fashion-mnist":
         splits = {name: _write(cfg, _fashion_mnist_dataset(cfg, name), storage.join(cfg.prepare.output, name))
                   for name in FASHION_MNIST_FILES}
+    elif source == "fashion-scenes":
+        splits = {name: _write(cfg, _fashion_scenes_dataset(cfg, name), storage.join(cfg.prepare.output, name))
+                  for name in FASHION_MNIST_FILES}
     elif source == "csv":
         splits = {"all": _write(cfg, _csv_dataset(cfg), cfg.prepare.output)}
     else:
@@ -130,6 +133,45 @@ def _fashion_mnist_dataset(cfg: Config, split: str) -> ray.data.Dataset:
 def _encode_pixels(table: pa.Table, height: int, width: int) -> pa.Table:
     pngs = [encode_png(np.frombuffer(b, np.uint8).reshape(height, width)) for b in table.column("pixels").to_pylist()]
     return table.drop_columns(["pixels"]).append_column("image", pa.array(pngs, pa.binary()))
+
+
+# --- fashion-scenes: Fashion-MNIST items as 64x64 RGB scenes with grammar captions (ubt_ray/core/scenes.py) ---
+
+def _fashion_scenes_dataset(cfg: Config, split: str) -> ray.data.Dataset:
+    """The split's Fashion-MNIST items as scene rows (key, caption, label, image), rendered in Ray Data tasks."""
+    images_file, labels_file = FASHION_MNIST_FILES[split]
+    images = read_idx(_find_idx(cfg, images_file), cfg)
+    labels = read_idx(_find_idx(cfg, labels_file), cfg)
+    if len(images) != len(labels):
+        raise UserError(f"{cfg.prepare.input}: {split} images ({len(images)}) and labels ({len(labels)}) differ "
+                        f"in count: reinstall dataset-fashion-mnist.")
+    # Each row's scene is a function of (run.seed, split, row index) alone, so Ray's batching cannot change it.
+    blocks = []
+    for start in range(0, len(images), BLOCK_ROWS):
+        end = min(start + BLOCK_ROWS, len(images))
+        blocks.append(pa.table({
+            "key": [f"scenes-{split}-{i:05d}" for i in range(start, end)],
+            "index": pa.array(np.arange(start, end, dtype=np.int64)),
+            "pixels": pa.array([images[i].tobytes() for i in range(start, end)], pa.binary()),
+            "label": pa.array(labels[start:end].astype(np.int32)),
+        }))
+    h, w = images.shape[1:]
+    return ray.data.from_arrow(blocks).map_batches(_render_scenes, batch_format="pyarrow",
+                                                   fn_kwargs={"height": h, "width": w, "seed": cfg.run.seed,
+                                                              "split": split})
+
+
+def _render_scenes(table: pa.Table, height: int, width: int, seed: int, split: str) -> pa.Table:
+    """The batch's rows as scenes: PNG image and caption from each row's item pixels, label and index."""
+    from ..core.scenes import scene_row  # imported here so that the other sources never load the scene code
+    pngs, captions = [], []
+    for pixels, label, index in zip(table.column("pixels").to_pylist(), table.column("label").to_pylist(),
+                                    table.column("index").to_pylist()):
+        png, caption = scene_row(np.frombuffer(pixels, np.uint8).reshape(height, width), label, seed, split, index)
+        pngs.append(png)
+        captions.append(caption)
+    return pa.table({"key": table.column("key"), "caption": pa.array(captions, pa.string()),
+                     "label": table.column("label"), "image": pa.array(pngs, pa.binary())})
 
 
 # --- CleanCLIP-style CSV -------------------------------------------------------------------------------------

@@ -283,7 +283,7 @@ def run_trial(params: dict, base: Config, forget: str, retain: str) -> None:
     storage.write_bytes(storage.join(root, CONFIG_FILE), save_config(cfg).encode(), cfg.storage)
     ca, asr = evaluation.clean_accuracy, evaluation.attack_success_rate
     tune.report({METRIC: objective_value(ca, asr, sw.objective, sw.asr_threshold), "clean_accuracy": ca,
-                 "attack_success_rate": asr, "step": fit.steps, "final": True, "model": fit.model,
+                 "clean_accuracy_heldout": evaluation.clean_accuracy_heldout, "attack_success_rate": asr, "step": fit.steps, "final": True, "model": fit.model,
                  "config_file": storage.join(root, CONFIG_FILE)})
 
 
@@ -324,7 +324,8 @@ def trial_row(result, dims: list[Dimension], base: Config) -> dict:
     row = {"trial_id": m.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1],
            **{d.key: params.get(d.key) for d in dims},
            **{key: params.get(key, getattr(base.unlearn, key.split(".")[1])) for key in HEATMAP_KEYS},
-           "clean_accuracy": ca, "attack_success_rate": asr, METRIC: m.get(METRIC),
+           "clean_accuracy": ca, "clean_accuracy_heldout": m.get("clean_accuracy_heldout") if finished else None,
+           "attack_success_rate": asr, METRIC: m.get(METRIC),
            "meets_asr_threshold": None if asr is None else asr <= sw.asr_threshold,
            "status": status, "steps": m.get("step"), "time_s": round(m.get("time_total_s") or 0.0, 1),
            "model": m.get("model"), "config_file": m.get("config_file")}
@@ -350,7 +351,8 @@ def write_results(rows: list[dict], dims: list[Dimension], best: dict, base: Con
     """results.md/.csv/.json, heatmap.png and best/ under sweep.output; returns the Markdown table."""
     output, sw = base.sweep.output, base.sweep
     export_best(best, output, base)
-    columns = ["rank", "trial_id", *(d.key for d in dims), "clean_accuracy", "attack_success_rate", METRIC,
+    columns = ["rank", "trial_id", *(d.key for d in dims), "clean_accuracy", "clean_accuracy_heldout",
+               "attack_success_rate", METRIC,
                "meets_asr_threshold", "status", "steps", "time_s"]
     table = results_markdown(rows, dims, base, best)
     write_report_files(output, RESULTS, base, rows, columns, table,
@@ -374,12 +376,13 @@ def results_markdown(rows: list[dict], dims: list[Dimension], base: Config, best
     setting = ", ".join(f"{d.key}={_value(best[d.key])}" for d in dims)
     lines = [f"# Sweep: {base.run.name}", "", f"Objective: {goal}. Best: {setting} (CA "
              f"{percent(best['clean_accuracy'])}, ASR {percent(best['attack_success_rate'])}).", "",
-             "| rank | " + " | ".join(d.key for d in dims) + " | CA | ASR | objective | status |",
-             "|---|" + "---|" * (len(dims) + 4)]
+             "| rank | " + " | ".join(d.key for d in dims) + " | CA | CA (held-out prompts) | ASR | objective | status |",
+             "|---|" + "---|" * (len(dims) + 5)]
     for r in rows:
         status = r["status"] if r["status"] != "stopped" else f"stopped at step {r['steps']} (probe figures)"
         lines.append(f"| {r['rank']} | " + " | ".join(_value(r[d.key]) for d in dims) +
-                     f" | {percent(r['clean_accuracy'])} | {percent(r['attack_success_rate'])} "
+                     f" | {percent(r['clean_accuracy'])} | {percent(r.get('clean_accuracy_heldout'))} "
+                     f"| {percent(r['attack_success_rate'])} "
                      f"| {_value(r[METRIC])} | {status} |")
     return "\n".join(lines) + "\n"
 
