@@ -1,15 +1,83 @@
-"""What every benchmark script does last: write its result as JSON and Markdown, and print the Markdown."""
+"""What every benchmark script does last: write its result as JSON and Markdown, with the provenance that makes
+it a published figure (command, commit, machine, resolved configs), and print the Markdown."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
 
-def write_results(out: str | Path, name: str, result, markdown: str) -> None:
-    """`<out>/<name>.json` and `<out>/<name>.md`, then the Markdown on stdout."""
+
+def commit() -> str:
+    """HEAD's commit, with `-dirty` when tracked files differ from it (the figure then comes from uncommitted code)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def machine() -> dict:
+    """The machine in a few facts: CPU model and count, memory, GPU (when torch sees one), OS and Python."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        mem_gib = None
+    gpu = None
+    try:
+        import torch
+        if torch.cuda.is_available():
+            gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "memory_gib": mem_gib, "gpu": gpu,
+            "os": platform.platform(), "python": platform.python_version()}
+
+
+def provenance(configs: dict | None = None) -> dict:
+    """Command, commit, machine and time of this run, and the resolved configs it ran (name -> dict)."""
+    return {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "commit": commit(),
+            "machine": machine(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "configs": configs or {}}
+
+
+def resolved_config(*args: str) -> dict:
+    """The resolved config of `ubt ... -c FILE key=value` arguments, as a dict (what the run used)."""
+    sys.path.insert(0, str(REPO))
+    from ubt_ray.config import load_config
+    files = [a for i, a in enumerate(args) if i and args[i - 1] in ("-c", "--config")]
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    return load_config(files or None, overrides).to_dict()
+
+
+def write_results(out: str | Path, name: str, result, markdown: str, configs: dict | None = None) -> None:
+    """`<out>/<name>.json` ({"provenance": ..., "result": ...}) and `<out>/<name>.md` (the Markdown with its
+    command, commit and machine under it), then the Markdown on stdout."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown)
+    prov = provenance(configs)
+    (out / f"{name}.json").write_text(json.dumps({"provenance": prov, "result": result}, indent=2) + "\n")
+    m = prov["machine"]
+    footer = (f"\nCommand: `{prov['command']}`  \nCommit: `{prov['commit']}`  \n"
+              f"Machine: {m['cpus']} x {m['cpu']}, {m['memory_gib']} GiB" + (f", {m['gpu']}" if m["gpu"] else "")
+              + f"  \nFinished: {prov['finished_at']}\n")
+    (out / f"{name}.md").write_text(markdown.rstrip("\n") + "\n" + footer)
     print(markdown)
+
+
+def read_result(path: str | Path):
+    """The result part of a results JSON (older files hold the result alone)."""
+    data = json.loads(Path(path).read_text())
+    return data["result"] if isinstance(data, dict) and "provenance" in data else data
