@@ -156,23 +156,35 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_without_running(tmp_path):
     assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], real["optimizer"]["state"][0]["exp_avg"])
 
 
-def test_resuming_from_a_planted_checkpoint_stops_with_one_sentence(ray_local, tmp_path, capsys):
-    """The resume path itself, in a Ray Train worker: a finished run's checkpoints get a planted train_state.pt;
-    rerunning the same command resumes from them and stops with one sentence, and the planted code never runs."""
+def test_resuming_from_a_planted_checkpoint_stops_with_one_sentence(ray_local, tmp_path, capsys, monkeypatch):
+    """The resume path itself: a run's checkpoint gets a planted train_state.pt; the run that resumes from it
+    stops with one sentence, and the planted code never runs. In process for speed: Ray Train's in-process mode
+    does not hand a rerun its checkpoint, so it is handed over through ray.train.get_checkpoint, which the loop
+    reads as it does under Ray Train (tests/test_faults.py resumes the same way; tests/test_train.py kills and
+    resumes a two-worker run)."""
+    import shutil
+
+    import ray.train
+
+    from ubt_ray import train_loop
     data = caption_shards(tmp_path / "shards", rows=64, files=1)
-    out = tmp_path / "run"
-    args = ["train", f"data.train={data}", f"train.output={out}", "train.batch_size=32", "train.steps=2",
-            "train.checkpoints_per_epoch=1", "train.warmup_steps=1", "train.num_workers=1",
-            "train.threads_per_worker=1", "train.max_failures=0"]
-    assert main(args) == 0
-    states = sorted((out / "ray").rglob(TRAIN_STATE_FILE))
-    assert states, "the training reported no checkpoint"
+    args = ["train", f"data.train={data}", "train.batch_size=32", "train.steps=2", "train.checkpoints_per_epoch=1",
+            "train.warmup_steps=1", "train.num_workers=0", "train.threads_per_worker=1"]
+    saved, real_report = tmp_path / "checkpoint", train_loop._report
+
+    def keep_last(*a, **k):
+        real_report(*a, **k)
+        if train_loop._IN_PROCESS_CHECKPOINTS:
+            shutil.rmtree(saved, ignore_errors=True)
+            shutil.copytree(train_loop._IN_PROCESS_CHECKPOINTS[-1], saved)
+    monkeypatch.setattr(train_loop, "_report", keep_last)
+    assert main(args + [f"train.output={tmp_path / 'first'}"]) == 0
     marker = tmp_path / "pwned"
-    for s in states:
-        with open(s, "wb") as f:
-            pickle.dump({"optimizer": _Planted(str(marker)), "state": {"step": 1}}, f)
+    with open(saved / TRAIN_STATE_FILE, "wb") as f:
+        pickle.dump({"optimizer": _Planted(str(marker)), "state": {"step": 1}}, f)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(saved)))
     capsys.readouterr()
-    assert main(args) == 2
+    assert main(args + [f"train.output={tmp_path / 'resumed'}"]) == 2
     _one_line_error(capsys, "ubt train: error:", TRAIN_STATE_FILE, "not plain tensors and numbers", ray_lines=True)
     assert not marker.exists()
 
