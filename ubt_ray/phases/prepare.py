@@ -103,13 +103,19 @@ def _find_idx(cfg: Config, stem: str) -> str:
                     f"dataset-fashion-mnist or set prepare.input to the directory holding the idx files.")
 
 
-def _fashion_mnist_dataset(cfg: Config, split: str) -> ray.data.Dataset:
+def _fashion_mnist_split(cfg: Config, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(items (N, 28, 28) uint8, labels (N,)) of a Fashion-MNIST split, from the idx files under prepare.input."""
     images_file, labels_file = FASHION_MNIST_FILES[split]
     images = read_idx(_find_idx(cfg, images_file), cfg)
     labels = read_idx(_find_idx(cfg, labels_file), cfg)
     if len(images) != len(labels):
         raise UserError(f"{cfg.prepare.input}: {split} images ({len(images)}) and labels ({len(labels)}) differ "
                         f"in count: reinstall dataset-fashion-mnist.")
+    return images, labels
+
+
+def _fashion_mnist_dataset(cfg: Config, split: str) -> ray.data.Dataset:
+    images, labels = _fashion_mnist_split(cfg, split)
     # The test split draws its templates from a different stream than train, both fixed by run.seed.
     if len(cfg.data.class_names) < 10:
         raise UserError(f"data.class_names has {len(cfg.data.class_names)} names but Fashion-MNIST has 10 classes: "
@@ -139,12 +145,7 @@ def _encode_pixels(table: pa.Table, height: int, width: int) -> pa.Table:
 
 def _fashion_scenes_dataset(cfg: Config, split: str) -> ray.data.Dataset:
     """The split's Fashion-MNIST items as scene rows (key, caption, label, image), rendered in Ray Data tasks."""
-    images_file, labels_file = FASHION_MNIST_FILES[split]
-    images = read_idx(_find_idx(cfg, images_file), cfg)
-    labels = read_idx(_find_idx(cfg, labels_file), cfg)
-    if len(images) != len(labels):
-        raise UserError(f"{cfg.prepare.input}: {split} images ({len(images)}) and labels ({len(labels)}) differ "
-                        f"in count: reinstall dataset-fashion-mnist.")
+    images, labels = _fashion_mnist_split(cfg, split)
     # Each row's scene is a function of (run.seed, split, row index) alone, so Ray's batching cannot change it.
     blocks = []
     for start in range(0, len(images), BLOCK_ROWS):
