@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run)
         return p
 
-    phase("prepare", "Turn a source into validated Parquet shards.", _prepare, ("fashion-mnist", "fashion-scenes", "csv", "webdataset"))
+    phase("prepare", "Turn a source into validated Parquet shards.", _prepare,
+          ("fashion-mnist", "fashion-scenes", "csv", "webdataset"))
     phase("poison", "Poison clean shards with a backdoor trigger (the attack side).", _poison)
     phase("train", "Train or fine-tune CLIP on shards with Ray Train (e.g. the backdoored model).", _train)
     p = phase("evaluate", "Zero-shot clean accuracy and attack success rate of a model.", _evaluate)
@@ -175,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     phase("pipeline", "Run the configured phases in order (pipeline.phases).", _pipeline)
     p = phase("config", "Print the resolved config, or every key with its help (--keys).", _config)
     p.add_argument("--keys", action="store_true", help="list every config key with its default and help")
+    # A local Ray cluster of the project's own, for `ray job submit` (README, "Run on a cluster"); takes no config.
+    from . import local_cluster
+    p = sub.add_parser("cluster", help="Start or stop a local Ray cluster of its own (stop leaves any other Ray "
+                       "alone).", description=local_cluster.__doc__.split("\n\n")[0])
+    local_cluster.add_arguments(p)
+    p.set_defaults(run=lambda cfg, args: local_cluster.run(args, cfg), config=None)
     return parser
 
 
