@@ -27,10 +27,10 @@ from benchmarks.results_io import write_results  # noqa: E402
 from benchmarks.transform_choice import detection  # noqa: E402
 from ubt_ray.config import ModelConfig, ScoreConfig  # noqa: E402
 from ubt_ray.core.batches import decode_images  # noqa: E402
-from ubt_ray.core.models import load_clip  # noqa: E402
 from ubt_ray.core.neighbours import (grey_vectors, pixel_space, ring_disagreement,  # noqa: E402
                                      target_concept_first)
 from ubt_ray.core.scoring import CaptionFeatures  # noqa: E402
+from ubt_ray.models import load_clip  # noqa: E402
 
 # (label, first rank, last rank, target concept first)
 VARIANTS = [("nearest 20", 0, 20, False), ("nearest 300", 0, 300, False), ("ranks 100-400", 100, 400, False),

@@ -28,10 +28,10 @@ from benchmarks.results_io import write_results  # noqa: E402
 from benchmarks.transform_choice import tails  # noqa: E402
 from ubt_ray.config import ModelConfig  # noqa: E402
 from ubt_ray.core.batches import decode_images, normalize  # noqa: E402
-from ubt_ray.core.models import load_clip  # noqa: E402
 from ubt_ray.core.scoring import (CaptionFeatures, prepare_model, similarity_and_saliency,  # noqa: E402
                                   similarity_drop, token_grid, token_order)
 from ubt_ray.core.zeroshot import auroc, precision_recall_at_k  # noqa: E402
+from ubt_ray.models import load_clip  # noqa: E402
 
 KS = [150, 300]
 

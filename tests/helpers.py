@@ -98,7 +98,8 @@ def write_random_clip(out, model_cfg: dict, seed: int = 0) -> str:
     import torch
 
     from ubt_ray.config import ModelConfig
-    from ubt_ray.core.models import load_clip, write_checkpoint_dir
+    from ubt_ray.core.models import write_checkpoint_dir
+    from ubt_ray.models import load_clip
 
     torch.manual_seed(seed)
     out = pathlib.Path(out)

@@ -102,7 +102,8 @@ def test_bad_checkpoints_are_one_sentence(capsys, tmp_path, no_torch_load):
     from safetensors.torch import save_file
     import torch
     from ubt_ray.config import ModelConfig
-    from ubt_ray.core.models import CONFIG_FILE, WEIGHTS_FILE, load_clip
+    from ubt_ray.core.models import CONFIG_FILE, WEIGHTS_FILE
+    from ubt_ray.models import load_clip
 
     def load(path):
         with pytest.raises(UserError) as e:
@@ -151,7 +152,8 @@ def test_bad_checkpoints_are_one_sentence(capsys, tmp_path, no_torch_load):
 
 def test_good_checkpoint_still_loads_and_ignores_a_pickle_beside_it(tmp_path, no_torch_load):
     from ubt_ray.config import ModelConfig
-    from ubt_ray.core.models import load_checkpoint_dir, load_clip, save_clip
+    from ubt_ray.core.models import load_checkpoint_dir
+    from ubt_ray.models import load_clip, save_clip
     clip = load_clip(ModelConfig(name="ubt-tiny-vit"), seed=0)
     save_clip(clip, str(tmp_path / "ckpt"))
     marker = tmp_path / "PWNED"

@@ -11,7 +11,7 @@ import torch
 
 from ubt_ray.cli import main
 from ubt_ray.config import ModelConfig
-from ubt_ray.core.models import load_clip, save_clip
+from ubt_ray.models import load_clip, save_clip
 
 from helpers import fashion_mnist_shards, last_json
 

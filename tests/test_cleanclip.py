@@ -8,8 +8,8 @@ import torch
 
 from ubt_ray.config import ModelConfig
 from ubt_ray.core.cleanclip import CleanClipObjective, augment_caption, augment_images
-from ubt_ray.core.models import load_clip
 from ubt_ray.core.objectives import Batch, ClipObjective, build_objective
+from ubt_ray.models import load_clip
 
 CAPTIONS = ["a photo of a coat.", "a bag", "a photo of a coat.", "a small dark dress on a plain background"]
 

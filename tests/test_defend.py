@@ -16,10 +16,10 @@ import yaml
 from ubt_ray.cli import main
 from ubt_ray.config import ModelConfig, load_config, save_config
 from ubt_ray.core.batches import decode_images
-from ubt_ray.core.models import load_clip, save_clip
 from ubt_ray.core.neighbours import grey_vectors, pixel_space, ring_disagreement, target_concept_first
 from ubt_ray.core.scoring import prepare_model, score_batch, text_features, token_grid
 from ubt_ray.errors import UserError
+from ubt_ray.models import load_clip, save_clip
 from ubt_ray.phases.defend import defense_fingerprint
 from ubt_ray.phases.score import _combine, robust_stats, score, tail_strengths
 from ubt_ray.shards import merge_top_k, top_k

@@ -21,8 +21,9 @@ import ubt_ray.phases.score as score_phase
 from ubt_ray import train_loop
 from ubt_ray.cli import main
 from ubt_ray.config import ModelConfig, load_config
-from ubt_ray.core.models import WEIGHTS_FILE, load_clip, save_clip
+from ubt_ray.core.models import WEIGHTS_FILE
 from ubt_ray.manifest import RowCounts
+from ubt_ray.models import load_clip, save_clip
 from ubt_ray.phases.train import train
 from ubt_ray.shards import RowLedger, batch_identity
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ubt_ray.config import ModelConfig
-from ubt_ray.core.models import CONFIG_FILE, WEIGHTS_FILE, load_clip, save_clip
+from ubt_ray.core.models import CONFIG_FILE, WEIGHTS_FILE
 from ubt_ray.errors import UserError
+from ubt_ray.models import load_clip, save_clip
 
 PLAIN_OPEN_CLIP = """
 import json, sys, torch, open_clip

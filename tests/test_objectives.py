@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from ubt_ray.config import ModelConfig
 from ubt_ray.core.batches import normalize
-from ubt_ray.core.models import load_clip
 from ubt_ray.core.objectives import Batch, ClipObjective, clip_loss
 
+from ubt_ray.models import load_clip
 
 def test_clip_loss_matches_hand_computation():
     torch.manual_seed(0)

@@ -8,8 +8,8 @@ import torch
 
 from ubt_ray import storage
 from ubt_ray.config import ModelConfig, load_config
-from ubt_ray.core.models import load_clip, save_clip
 from ubt_ray.errors import UserError
+from ubt_ray.models import load_clip, save_clip
 from ubt_ray.phases.prepare import prepare
 from ubt_ray.shards import read_columns
 

@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from ubt_ray.config import ModelConfig
-from ubt_ray.core.models import load_clip
-from ubt_ray.core.objectives import Batch
 from ubt_ray.core.batches import normalize
 from ubt_ray.core.neighbours import concept_first, concept_medoid, ring_disagreement
+from ubt_ray.core.objectives import Batch
 from ubt_ray.core.scoring import (CaptionFeatures, TokenGrid, apply_mask, blur, class_attention, combine_drops, downup, image_features,
                                   prepare_model, score_batch, similarity_and_saliency, text_features, token_grid,
                                   token_mask, tokens_to_take)
 from ubt_ray.core.unlearning import FORGET_LOSSES, ForgetSet, UnlearnObjective, prepare_forget_inputs, set_trainable
+from ubt_ray.models import load_clip
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,14 @@ from ray.tune.schedulers import ASHAScheduler
 from ubt_ray.cli import main
 from ubt_ray.config import load_config, replace_keys
 from ubt_ray.core.batches import decode_images
-from ubt_ray.core.models import load_checkpoint_dir, save_clip
+from ubt_ray.core.models import load_checkpoint_dir
 from ubt_ray.core.objectives import Batch, ClipObjective
-from ubt_ray.core.search import Dimension, largest, objective_value, parse_space, rank_rows
+from ubt_ray.core.search import Dimension, largest, objective_value, rank_rows
 from ubt_ray.errors import ConfigError, UserError
+from ubt_ray.models import save_clip
 from ubt_ray.phases import sweep as sweep_phase
 from ubt_ray.phases.sweep import build_scheduler, max_concurrent_trials, sweep, to_tune, trial_config
+from ubt_ray.sweep_space import parse_space
 
 from helpers import fashion_mnist_shards, last_json, small_clip_config, write_random_clip
 

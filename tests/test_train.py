@@ -16,9 +16,9 @@ import torch
 from ubt_ray import storage
 from ubt_ray.cli import main
 from ubt_ray.config import ModelConfig, load_config
+from ubt_ray.models import load_clip
 from ubt_ray.shards import read_columns
 from ubt_ray.train_loop import FitSpec, run_fingerprint
-from ubt_ray.core.models import load_clip
 
 from helpers import caption_shards, fashion_mnist_shards, last_json
 

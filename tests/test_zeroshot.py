@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ubt_ray.config import load_config
 from ubt_ray.core.images import encode_png
-from ubt_ray.core.models import Clip, load_clip, save_clip
+from ubt_ray.core.models import Clip
 from ubt_ray.core.triggers import build_trigger
 from ubt_ray.core.zeroshot import (
     attack_success_rate,
@@ -26,6 +26,7 @@ from ubt_ray.core.zeroshot import (
     zero_shot_predict,
 )
 from ubt_ray.errors import UserError
+from ubt_ray.models import load_clip, save_clip
 from ubt_ray.phases.evaluate import Attack, cli_evaluate, decode_rows, evaluate
 
 PREPROCESS = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}

@@ -1,8 +1,7 @@
-"""The one error type a user can cause; the CLI prints it as one sentence, never a traceback."""
+"""The one error type a user can cause; the CLI prints it as one sentence, never a traceback. UserError is the
+core's (ubt_ray.core.errors), so that the library raises the same type the program catches."""
 
-
-class UserError(Exception):
-    """A mistake in the user's input (config, path, data) with a message naming the thing and the fix."""
+from .core.errors import UserError
 
 
 class ConfigError(UserError):

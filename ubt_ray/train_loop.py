@@ -31,12 +31,12 @@ from . import storage
 from .cluster import ensure_ray
 from .config import Config, ModelConfig, TrainConfig
 from .core.batches import decode_images
-from .core.models import (CHECKPOINT_SUFFIXES, WEIGHTS_FILE, Clip, load_checkpoint_dir, load_clip, save_clip,
-                          write_checkpoint_dir)
+from .core.models import CHECKPOINT_SUFFIXES, WEIGHTS_FILE, Clip, load_checkpoint_dir, write_checkpoint_dir
 from .core.objectives import Batch, build_objective
 from .core.unlearning import set_trainable
 from .errors import UserError
 from .manifest import write_manifest
+from .models import load_clip, save_clip
 from .shards import count_rows, read_shards
 
 TRAIN_STATE_FILE = "train_state.pt"

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
-from ..manifest import RowCounts
+from .rows import RowCounts
 
 _RESIZERS: dict[int, Callable] = {}
 

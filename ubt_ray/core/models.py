@@ -1,4 +1,4 @@
-"""open_clip models: from a standard name, a config shipped with ubt_ray, or a local-dir checkpoint (local or S3).
+"""open_clip models: from a standard name, a config shipped with ubt_ray, or a local-dir checkpoint directory.
 
 Checkpoints are written in open_clip's own `local-dir` layout (`open_clip_config.json` with `model_cfg` and
 `preprocess_cfg`, weights in `open_clip_model.safetensors`), so plain
@@ -17,9 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..config import ModelConfig, StorageConfig
-from ..errors import UserError
-from .. import storage
+from .errors import UserError
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -72,23 +70,18 @@ def scoring_dtype(device: torch.device, bf16: bool = True) -> torch.dtype:
     return torch.float32
 
 
-def load_clip(cfg: ModelConfig, storage_cfg: StorageConfig | None = None, device: str | torch.device = "cpu",
-              seed: int | None = None) -> Clip:
-    """Build the configured model: from `cfg.checkpoint` when set, else `cfg.name` randomly initialised."""
-    if cfg.checkpoint:
-        storage.require_finished(cfg.checkpoint, storage_cfg)
-        with storage.local_copy(cfg.checkpoint, storage_cfg) as local:
-            return load_checkpoint_dir(local, device, source=cfg.checkpoint)
+def create_clip(name: str, device: str | torch.device = "cpu", seed: int | None = None) -> Clip:
+    """A randomly initialised model of open_clip name or packaged config `name` (seeded when `seed` is given)."""
     register_packaged_configs()
-    model_cfg = open_clip.get_model_config(cfg.name)
+    model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
-        raise UserError(f"model.name {cfg.name!r} is not an open_clip model or a ubt_ray config: use one of "
+        raise UserError(f"model.name {name!r} is not an open_clip model or a ubt_ray config: use one of "
                         f"ubt-tiny-vit, ViT-B-32, RN50 ... (open_clip.list_models()), or set model.checkpoint.")
     if seed is not None:
         torch.manual_seed(seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(cfg.name, pretrained=None, device=device)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
     return Clip(model, json.loads(json.dumps(model_cfg)), dict(open_clip.get_model_preprocess_cfg(model)),
-                preprocess, open_clip.get_tokenizer(cfg.name))
+                preprocess, open_clip.get_tokenizer(name))
 
 
 def load_checkpoint_dir(path: str | Path, device: str | torch.device = "cpu", source: str | None = None) -> Clip:
@@ -149,13 +142,6 @@ def check_checkpoint_dir(path: Path, name: str) -> dict:
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): re-copy it from where the "
                         f"checkpoint was written, or re-save the checkpoint.") from None
     return meta
-
-
-def save_clip(clip: Clip, uri: str, storage_cfg: StorageConfig | None = None, extra: dict | None = None) -> None:
-    """Write `clip` to `uri` (local or s3://) in open_clip's local-dir layout."""
-    model = clip.model.module if hasattr(clip.model, "module") else clip.model
-    with storage.local_staging(uri, storage_cfg) as out:
-        write_checkpoint_dir(model, clip.model_cfg, clip.preprocess_cfg, out, extra)
 
 
 def write_checkpoint_dir(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict, out: Path,

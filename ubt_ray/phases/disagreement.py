@@ -19,9 +19,9 @@ import torch
 
 from ..config import Config, ModelConfig, StorageConfig
 from ..core.batches import decode_rows
-from ..core.models import load_clip
 from ..core.neighbours import grey_vectors, pixel_space, ring_disagreement, target_concept_first
 from ..core.scoring import CaptionFeatures
+from ..models import load_clip
 from ..shards import batch_identity, map_on_actor_pool
 
 QUERY_ROWS = 1024  # rows scored per kNN step: a (QUERY_ROWS x N) similarity matrix, 240 MB at N = 60,000

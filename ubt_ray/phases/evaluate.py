@@ -18,11 +18,12 @@ import torch
 
 from ..config import Config
 from ..core.batches import decode_image
-from ..core.models import Clip, load_clip, pick_device
+from ..core.models import Clip, pick_device
 from ..core.triggers import Trigger, apply_to_png, load_trigger
 from ..core.zeroshot import attack_success_rate, class_embeddings, clean_accuracy, image_embeddings
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
+from ..models import load_clip
 from ..shards import read_columns, shard_schema
 from .. import storage
 from .poison import ATTACK_FILE

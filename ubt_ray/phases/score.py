@@ -22,12 +22,12 @@ from .. import storage
 from ..cluster import ensure_ray
 from ..config import Config, ModelConfig, ScoreConfig, StorageConfig
 from ..core.batches import decode_rows
-from ..core.models import load_clip
 from ..core.scoring import (TRANSFORMS, CaptionFeatures, combine_drops, prepare_model, robust_center_scale, score_batch,
                             tail_strength, text_features, token_grid)
 from ..core.zeroshot import auroc, precision_recall_at_k
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
+from ..models import load_clip
 from ..report_files import png_bytes, pyplot
 from ..shards import (TABLE, RowLedger, batch_identity, count_rows, map_on_actor_pool, read_columns, shard_schema,
                       top_k, write_shards)

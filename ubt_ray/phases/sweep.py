@@ -34,10 +34,11 @@ from .. import storage
 from ..cluster import ensure_ray
 from ..config import Config, SweepConfig, replace_keys, save_config
 from ..core.models import CHECKPOINT_SUFFIXES, Clip
-from ..core.search import Dimension, largest, objective_value, parse_space, rank_rows
+from ..core.search import Dimension, largest, objective_value, rank_rows
 from ..errors import UserError
 from ..manifest import fingerprint, read_manifest, write_manifest
 from ..report_files import png_bytes, pyplot, write_report_files
+from ..sweep_space import parse_space
 from ..train_loop import Probe
 from .defend import find_suspicious
 from .evaluate import EvalResult, evaluate_to, load_test_set, percent, zero_shot_rates

@@ -16,9 +16,9 @@ import torch
 from .. import storage
 from ..config import Config, ModelConfig, StorageConfig
 from ..core.batches import decode_image
-from ..core.models import load_clip
 from ..core.scoring import token_grid
 from ..core.unlearning import ForgetSet, UnlearnObjective, prepare_forget_inputs
+from ..models import load_clip
 from ..shards import read_columns, shard_schema
 from ..train_loop import FitResult, FitSpec, Probe, fit
 

@@ -1,0 +1,56 @@
+"""ubt_ray.core is the plain-PyTorch library: it imports nothing from the rest of the package (config, storage,
+manifest, phases ...). The program layer adapts its config objects to the core's paths, tensors and values."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+CORE = Path(__file__).resolve().parent.parent / "ubt_ray" / "core"
+
+
+def outside_imports(path: Path) -> list[str]:
+    """The imports in `path` (a module of ubt_ray.core, at any depth of its code) that reach outside the core."""
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level >= 2 or (node.level == 0 and (node.module or "").split(".")[0] == "ubt_ray"
+                                   and not (node.module or "").startswith("ubt_ray.core")):
+                bad.append(f"{path.name}:{node.lineno}: from {'.' * node.level}{node.module or ''} import "
+                           f"{', '.join(a.name for a in node.names)}")
+        elif isinstance(node, ast.Import):
+            bad += [f"{path.name}:{node.lineno}: import {a.name}" for a in node.names
+                    if a.name.split(".")[0] == "ubt_ray" and not a.name.startswith("ubt_ray.core")]
+    return bad
+
+
+def test_core_modules_import_only_the_core():
+    modules = sorted(CORE.glob("*.py"))
+    assert len(modules) > 5
+    bad = [line for path in modules for line in outside_imports(path)]
+    assert not bad, "ubt_ray.core imports from the program layer:\n" + "\n".join(bad)
+
+
+def test_the_scan_catches_outside_imports(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text("from ..config import Config\nfrom .. import storage\nimport ubt_ray.manifest\n"
+                    "from ubt_ray.errors import UserError\nfrom .rows import RowCounts\nimport ubt_ray.core.rows\n"
+                    "def f():\n    from ..phases import score\n")
+    assert [line.split(": ", 1)[1] for line in outside_imports(path)] == [
+        "from ..config import Config", "from .. import storage", "import ubt_ray.manifest",
+        "from ubt_ray.errors import UserError", "from ..phases import score"]
+
+
+def test_importing_the_core_loads_no_program_module():
+    names = [f"ubt_ray.core.{p.stem}" for p in sorted(CORE.glob("*.py")) if p.stem != "__init__"]
+    code = ("import importlib, sys\n"
+            f"for name in {names!r}:\n    importlib.import_module(name)\n"
+            "print('\\n'.join(sorted(m for m in sys.modules if m.startswith('ubt_ray'))))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=CORE.parent.parent)
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = run.stdout.split()
+    assert set(names) <= set(loaded)
+    assert [m for m in loaded if m != "ubt_ray" and not m.startswith("ubt_ray.core")] == []
