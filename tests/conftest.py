@@ -1,4 +1,9 @@
-"""Shared fixtures: one local Ray per test module, a real S3 server (moto standalone) on loopback."""
+"""Shared fixtures: one local Ray per test module, a real S3 server (moto standalone) on loopback.
+
+Tests that start Ray carry the `ray` mark: those that use the `ray_local` fixture (directly or through another
+fixture) are marked here, the others where they are defined; tests of plain code that run for more than a few
+seconds carry `slow`. The fast tier is `pytest -m "not ray and not slow"`. A test without the `ray` mark that
+starts Ray in this process fails, so that the tier stays free of Ray."""
 
 from __future__ import annotations
 
@@ -25,6 +30,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+RAY_FIXTURES = ("ray_local",)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `ray` every test that uses a fixture which starts Ray."""
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in RAY_FIXTURES):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _unmarked_tests_start_no_ray(request):
+    """A test without the `ray` mark that leaves a Ray running which it did not find running fails."""
+    if request.node.get_closest_marker("ray") is not None:
+        yield
+        return
+    was_up = _ray_is_up()
+    yield
+    if not was_up and _ray_is_up():
+        sys.modules["ray"].shutdown()
+        pytest.fail(f"{request.node.nodeid} started Ray but is not marked ray: add @pytest.mark.ray, so that the "
+                    f"fast tier (pytest -m 'not ray and not slow') leaves it out.", pytrace=False)
+
+
+def _ray_is_up() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and hasattr(ray, "is_initialized") and ray.is_initialized()
 
 
 @pytest.fixture(scope="module")

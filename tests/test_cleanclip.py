@@ -44,6 +44,7 @@ def test_caption_views_delete_or_swap_words_only():
     assert len({augment_caption(caption, random.Random(s)) for s in range(50)}) > 5
 
 
+@pytest.mark.slow
 def test_without_in_modal_terms_cleanclip_is_the_clip_loss(clip):
     tokens = clip.tokenizer(CAPTIONS)
     batch = Batch(pixels(), tokens, [], list(CAPTIONS))

@@ -27,6 +27,7 @@ print(json.dumps({"img": img.tolist(), "txt": txt.tolist(), "modules": sorted(m 
 """
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_in_fresh_process_with_only_open_clip(tmp_path):
     clip = load_clip(ModelConfig(), seed=3)
     save_clip(clip, str(tmp_path / "ckpt"))

@@ -2,14 +2,15 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from ubt_ray.config import ModelConfig
 from ubt_ray.core.batches import normalize
 from ubt_ray.core.objectives import Batch, ClipObjective, clip_loss
-
 from ubt_ray.models import load_clip
+
 
 def test_clip_loss_matches_hand_computation():
     torch.manual_seed(0)
@@ -23,6 +24,7 @@ def test_clip_loss_matches_hand_computation():
     assert clip_loss(eye, eye, torch.tensor(100.0)) < 1e-6
 
 
+@pytest.mark.slow
 def test_deduplicated_captions_give_same_loss_and_gradients():
     clip = load_clip(ModelConfig(), seed=0)
     tokens = clip.tokenizer(["a photo of a coat.", "a bag", "a photo of a coat.", "a bag", "a dress"])

@@ -189,6 +189,7 @@ def test_resuming_from_a_planted_checkpoint_stops_with_one_sentence(ray_local, t
     assert not marker.exists()
 
 
+@pytest.mark.ray  # `ubt prepare` in a subprocess starts its own Ray
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="dataset-fashion-mnist missing")
 def test_ctrl_c_ends_with_one_line_and_nothing_finished(tmp_path):
     """SIGINT in the middle of `ubt prepare` (its own local Ray): exit 130, our one line last, no traceback, and

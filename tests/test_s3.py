@@ -44,6 +44,7 @@ def test_csv_with_images_on_s3(ray_local, s3_bucket):
     assert read_columns(f"s3://{bucket}/out", cfg.storage, ["caption"]).column("caption").to_pylist() == ["a coat"]
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_through_s3(s3_bucket, tmp_path):
     endpoint, bucket = s3_bucket
     cfg = load_config(None, [f"storage.endpoint_url={endpoint}"])

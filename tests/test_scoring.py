@@ -62,6 +62,7 @@ def test_blur_and_downup_remove_fine_patterns_and_keep_flat_images():
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("method,transforms", [("token_drop", ("token_mask",)), ("token_drop", ("blur", "downup")),
                                                ("cosine", ()), ("loss", ())])
+@pytest.mark.slow
 def test_scores_do_not_depend_on_the_batch(clip, method, transforms, bf16):
     """Also with the bf16 weights scoring uses on a CPU that has native bf16 (elsewhere bf16=True is fp32 again)."""
     model = prepare_model(copy.deepcopy(clip.model), bf16)
@@ -94,6 +95,7 @@ def test_caption_features_are_each_captions_own_and_the_cache_stays_bounded(clip
     assert list(features.known) == [f"a photo of a {w}" for w in ["bag", "shirt", "boot"]]
 
 
+@pytest.mark.slow
 def test_several_token_portions_average_the_drops_of_each(clip):
     """token_portion (1/64, 4/64) gives the mean of the drops at 1/64 and at 4/64, and each masks more than the
     one before (the drops differ), so the mean is not one of them."""
@@ -106,6 +108,7 @@ def test_several_token_portions_average_the_drops_of_each(clip):
     assert torch.allclose(drop[(1 / 64, 4 / 64)], (drop[1 / 64] + drop[4 / 64]) / 2, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["attention", "token", "gradient", "gradient_x_input"])
 def test_every_saliency_finds_the_token_that_holds_the_content(clip, kind):
     """On an image whose only content is one bright token, every saliency ranks that token first, and the
@@ -138,6 +141,7 @@ def test_combine_drops_standardises_then_takes_the_max():
     assert torch.allclose(best, torch.tensor([0.0, 1.0, 2.0])) and which == ["blur", "token_mask", "blur"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", FORGET_LOSSES)
 def test_forget_loss_falls_with_training(kind):
     clip = load_clip(ModelConfig(), seed=0)
