@@ -20,7 +20,7 @@ from .core.captions import caption_rejection
 from .core.images import image_rejection
 from .errors import UserError
 from .manifest import RowCounts
-from . import storage
+from . import console, storage
 
 REQUIRED_COLUMNS = ("key", "image", "caption")
 OPTIONAL_COLUMNS = {"label": pa.int32(), "is_poison": pa.bool_()}
@@ -258,6 +258,10 @@ class RowLedger:
                 by_source[source] = by_source.get(source, 0) + counts.rows_in
         return sorted(by_source.values(), reverse=True)
 
+    def rows_done(self) -> int:
+        """Rows counted so far (a phase's progress)."""
+        return sum(counts.rows_in for counts, _, _ in self.batches.values())
+
     def get(self) -> RowCounts:
         total = RowCounts()
         for counts, _, _ in self.batches.values():
@@ -276,12 +280,14 @@ def validate_batch(table: pa.Table, data_cfg: DataConfig, ledger) -> pa.Table:
 
 
 def validate_and_write(ds: ray.data.Dataset, uri: str, cfg: Config, rows_per_file: int,
-                       batch_size: int = 1024) -> RowCounts:
-    """Validate every row of `ds`, write the good ones to `uri`, and return the checked row accounting."""
+                       batch_size: int = 1024, progress: str = "write", total: int | None = None) -> RowCounts:
+    """Validate every row of `ds`, write the good ones to `uri`, and return the checked row accounting; the rows
+    validated so far (of `total`, when known) are shown as the `progress` phase's."""
     ledger = RowLedger.remote()
     checked = ds.map_batches(validate_batch, batch_format="pyarrow", batch_size=batch_size,
                              fn_kwargs={"data_cfg": cfg.data, "ledger": ledger})
-    write_shards(checked, uri, cfg, rows_per_file)
+    with console.watch(progress, total, lambda: ray.get(ledger.rows_done.remote())):
+        write_shards(checked, uri, cfg, rows_per_file)
     counts = ray.get(ledger.get.remote())
     ray.kill(ledger)
     written = count_rows(uri, cfg.storage) if counts.rows_out else 0

@@ -27,7 +27,7 @@ import torch
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file
 
-from . import storage
+from . import console, storage
 from .cluster import ensure_ray
 from .config import Config, ModelConfig, TrainConfig
 from .core.batches import decode_images
@@ -88,7 +88,7 @@ class FitResult:
 
 def fit(cfg: Config, spec: FitSpec) -> FitResult:
     """Train `spec.init` on `spec.data` with `spec.objective`; the final model goes to `<output>/model`."""
-    started = time.time()
+    started = console.phase_started(spec.phase, f"{spec.data} -> {spec.output}")
     t = spec.train
     spec = dataclasses.replace(spec, data=storage.absolute(spec.data), output=storage.absolute(spec.output),
                                init=dataclasses.replace(spec.init, checkpoint=storage.absolute(spec.init.checkpoint)))
@@ -122,7 +122,8 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
         run_config=ray.train.RunConfig(
             name=spec.phase, storage_path=loc.path, storage_filesystem=loc.fs,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=list(spec.callbacks)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=list(spec.callbacks),
+            logging_config=ray.train.LoggingConfig(log_level=logging.getLevelName(console.ray_level()))),
         datasets={"train": ds},
         dataset_config=_ordered_ingest(),
     )
@@ -147,6 +148,8 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
                                                   "resumed_from_step": m.get("resumed_from_step"),
                                                   "final_loss": m.get("loss"), "model": model_uri,
                                                   "objective": _objective_name(spec)}})
+    console.phase_done(spec.phase, started, f"{int(m['step'])} steps, final loss {m.get('loss', float('nan')):.4f} "
+                                            f"-> {model_uri}")
     return FitResult(model_uri, rows, int(m["step"]), int(m["samples"]), int(m["resumed_from_step"]),
                      time.time() - started, dict(m), manifest)
 
@@ -219,9 +222,13 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "amp_bf16" else torch.float16)
 
 
-def _progress(line: str) -> None:
-    """One progress line on this process's stdout. Not print(): in a Ray Train worker print is patched to log
-    through the root logger and is also echoed to a wrapped stdout, so each line reached the driver twice."""
+def _progress(line: str, in_process: bool) -> None:
+    """One progress line: in process (train.num_workers=0) on ubt's log; in a Ray Train worker on its stdout,
+    which Ray forwards to the driver. Not print(): in a worker print is patched to log through the root logger
+    and is also echoed to a wrapped stdout, so each line reached the driver twice."""
+    if in_process:
+        console.log.info(line)
+        return
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
@@ -302,10 +309,14 @@ def _train_loop_per_worker(config: dict) -> None:
                 rate = (state["samples"] - tic_samples) / max(1e-9, time.time() - tic)
                 metrics.update(lr=lr, samples_per_s=rate)
                 if rank == 0:
-                    _progress(f"[{spec.phase}] epoch {state['step'] / steps_per_epoch:.2f}/"
-                              f"{total_steps / steps_per_epoch:.2f} "
-                              f"step {state['step']}/{total_steps} loss {metrics['loss']:.4f} "
-                              f"{rate:.0f} samples/s lr {lr:.2e}")
+                    steps_per_s = (state["samples"] - tic_samples) / (per_worker * world) / max(
+                        1e-9, time.time() - tic)
+                    left = (total_steps - state["step"]) / steps_per_s if steps_per_s > 0 else 0.0
+                    _progress(f"[{spec.phase}] step {state['step']}/{total_steps} (epoch "
+                              f"{state['step'] / steps_per_epoch:.2f}/{total_steps / steps_per_epoch:.2f}) "
+                              f"loss {metrics['loss']:.4f} {rate:.0f} samples/s lr {lr:.2e}"
+                              + (f", about {console.duration(left)} left" if state["step"] < total_steps else ""),
+                              in_process=t.num_workers == 0)
             checkpoint = state["step"] % ckpt_every == 0 or state["step"] == total_steps
             if checkpoint or (probe is not None and state["step"] % probe.every == 0):
                 if measure is not None:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .. import storage
+from .. import console, storage
 from ..cluster import ensure_ray
 from ..config import Config
 from ..errors import UserError
@@ -70,6 +70,9 @@ def _candidates(table: pa.Table, k: int, sample_size: int, seed: int) -> pa.Tabl
     return pa.concat_tables([top, hashed], promote_options="permissive")
 
 
+@console.phase("select", lambda cfg, scores, data, output=None, k=None: f"the {k or cfg.unlearn.num_samples} "
+               f"most suspicious rows under {scores} and a retain set",
+               lambda r: f"{r.num_forget} forget rows, {r.num_retain} retain rows")
 def select(cfg: Config, scores: str, data: str, output: str | None = None, k: int | None = None) -> SelectResult:
     """Write the top-k rows of the score table under `scores` (with their images) to `<output>/forget`,
     and a retain set to `<output>/retain`."""
@@ -92,6 +95,7 @@ def select(cfg: Config, scores: str, data: str, output: str | None = None, k: in
     sample_size = min(total, math.ceil(wanted / sel.retain_pool * 1.25) + k + 1000)
     # One pass over the score table yields both candidate sets; the driver merges them block by block.
     merged = {FORGET: None, RETAIN: None}
+    console.log.info(f"[select] 1/2: top {k} and a retain sample of the {total} scored rows")
     candidates = score_ds.select_columns(keep).map_batches(
         _candidates, batch_format="pyarrow", batch_size=None,
         fn_kwargs={"k": k, "sample_size": sample_size, "seed": cfg.run.seed})
@@ -115,6 +119,7 @@ def select(cfg: Config, scores: str, data: str, output: str | None = None, k: in
         raise UserError(f"only {len(retain)} rows qualify for the retain set: raise select.retain_pool.")
 
     # The chosen rows, k + retain_samples of them, come to the driver and are written from here.
+    console.log.info(f"[select] 2/2: the {len(forget) + len(retain)} chosen rows from {data}")
     picked = read_shards(data, cfg).map_batches(_pick, batch_format="pyarrow",
                                                 fn_kwargs={"forget": forget, "retain": retain})
     tables = [t for t in picked.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
