@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from results_io import read_result, resolved_config, write_results
+from results_io import cli_summary, read_result, resolved_config, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 ATTACKS = ("badnet", "blended", "sig", "wanet", "label_consistent")
@@ -32,8 +32,7 @@ def run_attack(attack: str, overrides: list[str], configs: Path) -> dict:
                           cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"attack": attack, "error": proc.stderr.strip().splitlines()[-1:]}
-    lines = proc.stdout.splitlines()
-    summary = json.loads("\n".join(lines[max(i for i, l in enumerate(lines) if l == "{"):]))
+    summary = cli_summary(proc.stdout)
     phases = summary["phases"]
     return {"attack": attack,
             "poisons": phases.get("poison", {}).get("num_poisoned"),

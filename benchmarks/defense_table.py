@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from attack_table import ATTACKS
-from results_io import read_result, resolved_config, write_results
+from results_io import cli_summary, read_result, resolved_config, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 DEFENSES = ("default", "any_trigger", "caption_disagreement")
@@ -40,8 +40,7 @@ def run_defense(configs: Path, attack: str, defense: str, overrides: list[str]) 
     row = {"attack": attack, "defense": defense}
     if proc.returncode != 0:
         return {**row, "error": proc.stderr.strip().splitlines()[-1:]}
-    lines = proc.stdout.splitlines()
-    out = json.loads("\n".join(lines[max(i for i, line in enumerate(lines) if line == "{"):]))
+    out = cli_summary(proc.stdout)
     report = json.loads(Path(REPO, out["report"], "report.json").read_text())
     det, sel = report.get("detection") or {}, report.get("selection") or {}
     k = sel.get("num_forget")

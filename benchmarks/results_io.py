@@ -15,6 +15,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def cli_summary(stdout: str) -> dict:
+    """The full summary a `ubt` command saved: the file named on its stdout's `summary: PATH` line (relative paths
+    are from the repository, where the benchmarks run ubt)."""
+    path = next(line[len("summary: "):] for line in reversed(stdout.splitlines()) if line.startswith("summary: "))
+    return json.loads((REPO / path).read_text())
+
+
 def commit() -> str:
     """HEAD's commit, with `-dirty` when tracked files differ from it (the figure then comes from uncommitted code)."""
     def git(*args: str) -> str:

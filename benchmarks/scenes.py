@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from attack_table import ATTACKS, run_attack
-from results_io import read_result, resolved_config, write_results
+from results_io import cli_summary, read_result, resolved_config, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs" / "scenes"
@@ -38,8 +38,7 @@ def run_clean(overrides: list[str]) -> dict:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         return {"attack": "clean", "error": proc.stderr.strip().splitlines()[-1:]}
-    lines = proc.stdout.splitlines()
-    summary = json.loads("\n".join(lines[max(i for i, line in enumerate(lines) if line == "{"):]))
+    summary = cli_summary(proc.stdout)
     return {"attack": "clean", "poisons": 0, "train_rows": summary.get("train_rows"),
             "clean_accuracy": summary["metrics"]["clean_accuracy"],
             "clean_accuracy_heldout": summary["metrics"].get("clean_accuracy_heldout"),

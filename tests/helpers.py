@@ -42,11 +42,12 @@ def caption_shards(directory, rows: int = 512, files: int = 2, seed: int = 0, po
 
 
 def last_json(text: str) -> dict:
-    """The JSON object the CLI printed last (Ray may interleave worker log lines before it)."""
-    import json
-    lines = text.splitlines()
-    start = max(i for i, line in enumerate(lines) if line == "{")
-    return json.loads("\n".join(lines[start:]))
+    """The full summary of the `ubt` command whose stdout is `text`: the JSON file named on its last
+    `summary: PATH` line (the command saves it under its output)."""
+    from ubt_ray import storage
+    from ubt_ray.cli import SUMMARY_LINE
+    path = next(line[len(SUMMARY_LINE):] for line in reversed(text.splitlines()) if line.startswith(SUMMARY_LINE))
+    return storage.read_json(path)
 
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"

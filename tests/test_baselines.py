@@ -59,9 +59,9 @@ def test_a_finished_baseline_is_reused_only_with_the_same_settings(start, capsys
     weights = root / "baseline" / "cleanclip" / "model" / "open_clip_model.safetensors"
     written = weights.stat().st_mtime_ns
     assert main(["baseline", "cleanclip", *overrides]) == 0
-    printed = capsys.readouterr().out
-    again = last_json(printed)
-    assert again["reused"] is True and "reused the finished baseline" in printed
+    printed = capsys.readouterr()
+    again = last_json(printed.out)
+    assert again["reused"] is True and "reused the finished baseline" in printed.err
     assert {k: v for k, v in again.items() if k != "reused"} == {k: v for k, v in first.items() if k != "reused"}
     assert weights.stat().st_mtime_ns == written
     assert main(["baseline", "cleanclip", *overrides, "baseline.lr=2e-4", "train.num_workers=0"]) == 0

@@ -311,10 +311,10 @@ def test_compare_runs_every_defense_on_the_backdoored_model(backdoored, tmp_path
                                                         "overrides": UBT, "output": str(tmp_path / "cmp")}}))
     code = main(["compare", "--config", str(compare_yaml)])
     assert code == 0
-    out = capsys.readouterr().out
-    rows = {r["defense"]: r for r in last_json(out)["rows"]}
+    printed = capsys.readouterr()
+    rows = {r["defense"]: r for r in last_json(printed.out)["rows"]}
     assert list(rows) == ["none", "ft", "cleanclip", "ubt"]
-    assert ("UBT: reused the finished defense" in out) == defended
+    assert ("UBT: reused the finished defense" in printed.err) == defended
     report = json.loads((root / "defend" / "report.json").read_text())
     assert (rows["ubt"]["clean_accuracy"], rows["ubt"]["attack_success_rate"]) == (
         report["after"]["clean_accuracy"], report["after"]["attack_success_rate"])

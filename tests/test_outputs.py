@@ -4,6 +4,7 @@ checkpoint's state is never unpickled as code; Ctrl-C ends with one line."""
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -39,7 +40,9 @@ def _files(folder: Path) -> dict[str, bytes]:
 def _one_line_error(capsys, *needles: str, ray_lines: bool = False) -> str:
     """The CLI's error: one line and no traceback (with `ray_lines`, the last line, after what Ray's workers
     logged to the driver's stderr)."""
-    err = capsys.readouterr().err.strip()
+    # ubt's own log lines ("HH:MM:SS [phase] started ...") may come before the error.
+    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines()
+                    if not re.match(r"\d\d:\d\d:\d\d ", line))
     if ray_lines:
         err = err.splitlines()[-1]
     assert "Traceback" not in err and len(err.splitlines()) == 1, err

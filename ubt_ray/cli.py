@@ -3,6 +3,10 @@
     ubt prepare fashion-mnist --config configs/quickstart.yaml run.output_dir=/tmp/x
     ubt config --config configs/quickstart.yaml unlearn.token_portion=0.1   # print the resolved config
     ubt config --keys                                                       # every key with its help
+
+What a command shows: on stderr, a line as each phase starts and ends and progress for the long ones (Ray's own
+logs only with -v); on stdout, last, the path of the full summary (JSON, saved under the command's output) and a
+table of the result.
 """
 
 from __future__ import annotations
@@ -10,31 +14,49 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 from .config import Config, describe, load_config, save_config
-from . import storage
+from . import console, storage
 from .errors import UserError, find_user_error
 
+SUMMARY_FILE = "summary.json"
+SUMMARY_LINE = "summary: "  # the stdout line that names the summary file (tests and benchmarks read it)
 
-def _prepare(cfg: Config, args: argparse.Namespace) -> dict:
+
+@dataclass
+class Outcome:
+    """What a command hands back: its full summary, the folder the summary is saved in (the command's output),
+    and the table a person reads (None: the summary's plain values, one a line)."""
+    summary: dict
+    folder: str
+    table: str | None = None
+
+
+def _parent(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[0]
+
+
+def _prepare(cfg: Config, args: argparse.Namespace) -> Outcome:
     from .phases.prepare import prepare
     result = prepare(cfg)
-    return {"output": result.output, **{f"{k}_rows": v.rows_out for k, v in result.splits.items()},
-            "rows_out": result.rows.rows_out, "rows_rejected": result.rows.rows_rejected}
+    return Outcome({"output": result.output, **{f"{k}_rows": v.rows_out for k, v in result.splits.items()},
+                    "rows_out": result.rows.rows_out, "rows_rejected": result.rows.rows_rejected}, result.output)
 
 
-def _poison(cfg: Config, args: argparse.Namespace) -> dict:
+def _poison(cfg: Config, args: argparse.Namespace) -> Outcome:
     from .phases.poison import cli_poison
-    return cli_poison(cfg, args)
+    summary = cli_poison(cfg, args)
+    return Outcome(summary, summary["output"])
 
 
-def _train(cfg: Config, args: argparse.Namespace) -> dict:
+def _train(cfg: Config, args: argparse.Namespace) -> Outcome:
     from .phases.train import train
-    return _fit_summary(train(cfg))
+    return _fit_outcome(train(cfg))
 
 
-def _evaluate(cfg: Config, args: argparse.Namespace) -> dict:
+def _evaluate(cfg: Config, args: argparse.Namespace) -> Outcome:
     from . import storage
     from .phases.evaluate import cli_evaluate
     trained = storage.join(cfg.train.output, "model")
@@ -43,7 +65,7 @@ def _evaluate(cfg: Config, args: argparse.Namespace) -> dict:
             raise UserError(f"nothing to evaluate: pass --model PATH, set model.checkpoint, or run `ubt train` "
                             f"first (it writes {trained}).")
         args.model = trained
-    return cli_evaluate(cfg, args)
+    return Outcome(cli_evaluate(cfg, args), cfg.evaluate.output)
 
 
 def _fit_summary(r) -> dict:
@@ -51,84 +73,105 @@ def _fit_summary(r) -> dict:
             "final_loss": r.metrics.get("loss"), "wall_time_s": round(r.wall_time_s, 1)}
 
 
-def _overfit(cfg: Config, args: argparse.Namespace) -> dict:
+def _fit_outcome(r) -> Outcome:
+    return Outcome(_fit_summary(r), _parent(r.model))
+
+
+def _overfit(cfg: Config, args: argparse.Namespace) -> Outcome:
     from .phases.overfit import overfit
-    return _fit_summary(overfit(cfg, cfg.defend.model, cfg.defend.data))
+    return _fit_outcome(overfit(cfg, cfg.defend.model, cfg.defend.data))
 
 
-def _score(cfg: Config, args: argparse.Namespace) -> dict:
+def _score(cfg: Config, args: argparse.Namespace) -> Outcome:
     from . import storage
     from .phases.score import score
     model = args.model or (storage.join(cfg.overfit.output, "model") if cfg.score.model == "overfit"
                            else cfg.defend.model)
     r = score(cfg, model, cfg.defend.data)
-    return {"table": r.table, "model": model, "rows_in": r.rows.rows_in, "rows_out": r.rows.rows_out,
-            "rows_rejected": r.rows.rows_rejected, "detection": r.detection, "wall_time_s": round(r.wall_time_s, 1)}
+    return Outcome({"table": r.table, "model": model, "rows_in": r.rows.rows_in, "rows_out": r.rows.rows_out,
+                    "rows_rejected": r.rows.rows_rejected, "detection": r.detection,
+                    "wall_time_s": round(r.wall_time_s, 1)}, _parent(r.table))
 
 
-def _select(cfg: Config, args: argparse.Namespace) -> dict:
+def _select(cfg: Config, args: argparse.Namespace) -> Outcome:
     from .phases.select import select
     r = select(cfg, cfg.score.output, cfg.defend.data)
-    return {"forget": r.forget, "retain": r.retain, **r.stats, "wall_time_s": round(r.wall_time_s, 1)}
+    return Outcome({"forget": r.forget, "retain": r.retain, **r.stats, "wall_time_s": round(r.wall_time_s, 1)},
+                   _parent(r.forget))
 
 
-def _unlearn(cfg: Config, args: argparse.Namespace) -> dict:
+def _unlearn(cfg: Config, args: argparse.Namespace) -> Outcome:
     from . import storage
     from .phases.select import FORGET, RETAIN
     from .phases.unlearn import unlearn
     sel = cfg.select.output
-    return _fit_summary(unlearn(cfg, cfg.defend.model, storage.join(sel, FORGET), storage.join(sel, RETAIN)))
+    return _fit_outcome(unlearn(cfg, cfg.defend.model, storage.join(sel, FORGET), storage.join(sel, RETAIN)))
 
 
-def _defend(cfg: Config, args: argparse.Namespace) -> dict:
+def _defend(cfg: Config, args: argparse.Namespace) -> Outcome:
     from .phases.defend import before_after_table, defend
     r = defend(cfg)
+    table = before_after_table(r.report)
     if r.report.get("reused"):
-        print(f"reused the finished defense in {r.output} (same model, data and settings; pipeline.reuse=false "
-              f"runs it again)")
-    print(before_after_table(r.report))
-    return {"cleaned_model": r.model, "report": r.output, "before": r.report["before"], "after": r.report["after"],
-            "detection": r.report["detection"], "defense_wall_time_s": r.report["defense_wall_time_s"],
-            "reused": bool(r.report.get("reused"))}
+        console.log.info(f"reused the finished defense in {r.output} (same model, data and settings; "
+                         f"pipeline.reuse=false runs it again)")
+    return Outcome({"cleaned_model": r.model, "report": r.output, "before": r.report["before"],
+                    "after": r.report["after"], "detection": r.report["detection"],
+                    "defense_wall_time_s": r.report["defense_wall_time_s"], "reused": bool(r.report.get("reused"))},
+                   r.output, f"cleaned model: {r.model}\n{table}")
 
 
-def _baseline(cfg: Config, args: argparse.Namespace) -> dict:
+def _baseline(cfg: Config, args: argparse.Namespace) -> Outcome:
     from .phases.baseline import baseline
     r = baseline(cfg, args.kind, args.model)
     ev = r.evaluation
     if r.reused:
-        print(f"reused the finished baseline in {cfg.baseline.output}/{r.kind} (same model, data and settings; "
-              f"pipeline.reuse=false runs it again)", flush=True)
-    return {"baseline": r.kind, "model": r.model, "clean_rows": r.clean_rows, "clean_samples": r.clean_samples,
-            "steps": r.fit.steps, "clean_accuracy": ev.clean_accuracy if ev else None,
-            "attack_success_rate": ev.attack_success_rate if ev else None, "wall_time_s": round(r.wall_time_s, 1),
-            "reused": r.reused}
+        console.log.info(f"reused the finished baseline in {cfg.baseline.output}/{r.kind} (same model, data and "
+                         f"settings; pipeline.reuse=false runs it again)")
+    return Outcome({"baseline": r.kind, "model": r.model, "clean_rows": r.clean_rows,
+                    "clean_samples": r.clean_samples, "steps": r.fit.steps,
+                    "clean_accuracy": ev.clean_accuracy if ev else None,
+                    "attack_success_rate": ev.attack_success_rate if ev else None,
+                    "wall_time_s": round(r.wall_time_s, 1), "reused": r.reused}, _parent(r.model))
 
 
-def _compare(cfg: Config, args: argparse.Namespace) -> dict:
+def _compare(cfg: Config, args: argparse.Namespace) -> Outcome:
     from .phases.compare import comparison_markdown, compare
     r = compare(cfg, args.overrides)
-    print(comparison_markdown(r.rows))
-    return {"output": r.output, "rows": r.rows}
+    return Outcome({"output": r.output, "rows": r.rows}, r.output, comparison_markdown(r.rows))
 
 
-def _sweep(cfg: Config, args: argparse.Namespace) -> dict:
+def _sweep(cfg: Config, args: argparse.Namespace) -> Outcome:
     from .phases.sweep import sweep
     r = sweep(cfg)
     if r.interrupted:
-        return {"output": r.output, "interrupted": True, "resumed": r.resumed}
-    print(r.table)
+        return Outcome({"output": r.output, "interrupted": True, "resumed": r.resumed}, r.output)
     best = {k: r.best[k] for k in ("trial_id", "clean_accuracy", "attack_success_rate", "objective")}
-    return {"output": r.output, "trials": len(r.rows), "finished": sum(x["status"] == "finished" for x in r.rows),
-            "best": best, "best_model": f"{r.output}/best/model", "resumed": r.resumed,
-            "wall_time_s": round(r.wall_time_s, 1)}
+    return Outcome({"output": r.output, "trials": len(r.rows),
+                    "finished": sum(x["status"] == "finished" for x in r.rows), "best": best,
+                    "best_model": f"{r.output}/best/model", "resumed": r.resumed,
+                    "wall_time_s": round(r.wall_time_s, 1)}, r.output, r.table)
 
 
-def _pipeline(cfg: Config, args: argparse.Namespace) -> dict:
+def _pipeline(cfg: Config, args: argparse.Namespace) -> Outcome:
     from .pipeline import format_summary, run_pipeline
     summary = run_pipeline(cfg).summary
-    print(format_summary(summary))
-    return summary
+    return Outcome(summary, cfg.run.output_dir, format_summary(summary))
+
+
+def plain_table(summary: dict) -> str:
+    """A summary's plain (non-nested) values, one `key  value` a line."""
+    items = [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))]
+    width = max((len(k) for k, _ in items), default=0)
+    return "\n".join(f"{k:<{width}}  {'-' if v is None else v}" for k, v in items)
+
+
+def report(outcome: Outcome, cfg: Config) -> None:
+    """Save the full summary under the command's output and print its path, then the result table (last)."""
+    uri = storage.join(outcome.folder, SUMMARY_FILE)
+    storage.write_json(uri, outcome.summary, cfg.storage)
+    print(f"{SUMMARY_LINE}{uri}")
+    print(outcome.table if outcome.table is not None else plain_table(outcome.summary), flush=True)
 
 
 def _config(cfg: Config, args: argparse.Namespace) -> None:
@@ -137,6 +180,8 @@ def _config(cfg: Config, args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ubt", description="Find and unlearn backdoors in CLIP models (UBT) on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's own logs, warnings and progress bars too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def phase(name: str, help: str, run: Callable, source: tuple[str, ...] = (),
@@ -151,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true",
                        help="replace the contents of an output folder that ubt did not write (without it, such a "
                             "folder stops the run)")
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="show Ray's own logs, warnings and progress bars too")
         p.set_defaults(run=run)
         return p
 
@@ -198,9 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "source", None):
         overrides.append(f"prepare.source={args.source}")
     storage.allow_overwrite(bool(getattr(args, "overwrite", False)))
+    console.setup(bool(getattr(args, "verbose", False)))
     try:
         cfg = load_config(args.config, overrides)
         result = args.run(cfg, args)
+        if isinstance(result, Outcome):
+            report(result, cfg)
     except KeyboardInterrupt:
         print(f"ubt {args.command}: interrupted; what it was writing is not marked finished (run the same "
               f"command again to redo or resume it).", file=sys.stderr)
@@ -211,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ubt {args.command}: error: {user}", file=sys.stderr)
         return 2
-    if result is not None:
+    if result is not None and not isinstance(result, Outcome):
         print(json.dumps(result, indent=2))
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from . import storage
+from . import console, storage
 from .config import Config
 from .errors import UserError
 
@@ -29,11 +29,13 @@ def run_pipeline(cfg: Config) -> PipelineResult:
     """Run `pipeline.phases` and return a summary (row counts, model, CA/ASR, time per phase)."""
     summary: dict = {"phases": {}}
     model_uri = cfg.model.checkpoint
+    console.log.info(f"ubt pipeline: {', '.join(cfg.pipeline.phases)} -> {cfg.run.output_dir}")
     for phase in cfg.pipeline.phases:
         started = time.time()
         if phase == "prepare":
             if _reusable(cfg, cfg.prepare.output, ("prepare", "data", "run")):
                 summary["phases"]["prepare"] = {"reused": cfg.prepare.output}
+                console.log.info(f"[prepare] reused {cfg.prepare.output} (same settings)")
                 continue
             from .phases.prepare import prepare
             r = prepare(cfg)
@@ -43,6 +45,7 @@ def run_pipeline(cfg: Config) -> PipelineResult:
                 done = storage.read_json(storage.join(cfg.poison.output, "manifest.json"), cfg.storage)
                 summary["phases"]["poison"] = {"reused": cfg.poison.output, "attack": done["attack"],
                                                "num_poisoned": done["num_poisoned"]}
+                console.log.info(f"[poison] reused {cfg.poison.output} (same settings)")
                 continue
             from .phases.poison import poison
             r = poison(cfg)

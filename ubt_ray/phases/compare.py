@@ -18,7 +18,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from .. import storage
+from .. import console, storage
 from ..config import Config, load_config
 from ..errors import UserError
 from ..manifest import write_manifest
@@ -80,20 +80,20 @@ def compare_attack(cfg: Config, defenses: list[str], output: str) -> list[dict]:
             suspicious = sum(int(p.get("sample_passes", 0)) for p in r.report["phases"].values())
             wall = r.report["defense_wall_time_s"]
             if r.report.get("reused"):
-                print(f"[compare] {name} UBT: reused the finished defense in {r.output}", flush=True)
+                console.log.info(f"[compare] {name} UBT: reused the finished defense in {r.output}")
         else:
             r = baseline(cfg, d, cfg.defend.model)
             ca, asr = r.evaluation.clean_accuracy, r.evaluation.attack_success_rate
             ca_heldout = r.evaluation.clean_accuracy_heldout
             clean, suspicious, wall = r.clean_samples, 0, r.fit.wall_time_s
             if r.reused:
-                print(f"[compare] {name} {LABELS[d]}: reused the finished baseline in {cfg.baseline.output}/{d}",
-                      flush=True)
+                console.log.info(f"[compare] {name} {LABELS[d]}: reused the finished baseline in "
+                                 f"{cfg.baseline.output}/{d}")
         out.append({"attack": name, "defense": d, "clean_accuracy": ca, "clean_accuracy_heldout": ca_heldout,
                     "attack_success_rate": asr,
                     "clean_samples": clean, "suspicious_samples": suspicious, "wall_time_s": round(wall, 1),
                     "device_s": round(wall * workers, 1), "total_s": round(time.time() - started, 1)})
-        print(f"[compare] {name} {LABELS[d]}: CA {percent(ca)} ASR {percent(asr)} ({wall:.0f} s)", flush=True)
+        console.log.info(f"[compare] {name} {LABELS[d]}: CA {percent(ca)} ASR {percent(asr)} ({wall:.0f} s)")
     return out
 
 

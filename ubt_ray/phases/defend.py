@@ -10,7 +10,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from .. import storage
+from .. import console, storage
 from ..config import Config
 from ..core.models import CHECKPOINT_SUFFIXES
 from ..errors import UserError
@@ -32,6 +32,8 @@ class DefendResult:
     output: str
 
 
+@console.phase("defend", lambda cfg: f"UBT on {cfg.defend.model} with {cfg.defend.data}",
+               lambda r: f"cleaned model {r.model}" + (" (reused)" if r.report.get("reused") else ""))
 def defend(cfg: Config) -> DefendResult:
     """Run UBT on `defend.model` and `defend.data`; the cleaned model goes to <unlearn.output>/model.
 

@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..models import load_clip
 from ..shards import read_columns, shard_schema
-from .. import storage
+from .. import console, storage
 from .poison import ATTACK_FILE
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,8 @@ def heldout_prompts(cfg: Config) -> tuple[list[str], list[str]] | None:
     return list(ev.heldout_class_names), list(ev.heldout_templates)
 
 
+@console.phase("evaluate", lambda cfg, model_uri=None: f"CA and ASR of {model_uri or cfg.model.checkpoint}",
+               lambda r: f"CA {percent(r.clean_accuracy)}, ASR {percent(r.attack_success_rate)}")
 def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
     """CA of the model (`model_uri`, else `cfg.model`) on `data.test`, and ASR when `evaluate.trigger` exists."""
     started = time.time()
@@ -152,7 +154,9 @@ def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
     if not model_cfg.checkpoint:
         log.warning("evaluating a randomly initialised %s: set model.checkpoint or pass --model.", model_cfg.name)
     clip = load_clip(model_cfg, cfg.storage, device, seed=cfg.run.seed)
-    rates = zero_shot_rates(clip, cfg, test, test.chunks(clip.image_size, ev.batch_size), device)
+    chunks = console.track("evaluate", test.chunks(clip.image_size, ev.batch_size), len(test.keys),
+                           size=lambda chunk: len(chunk[0]))
+    rates = zero_shot_rates(clip, cfg, test, chunks, device)
     ca, asr = rates.clean_accuracy, rates.attack_success_rate
     metrics = {
         "clean_accuracy": ca,

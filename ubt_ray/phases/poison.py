@@ -25,9 +25,9 @@ from ..core.scenes import retarget_caption
 from ..core.triggers import Trigger, apply_to_png, build_trigger, needs_donors
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
-from ..shards import (RowLedger, batch_identity, read_columns, read_rows_by_key, read_shards, shard_schema,
-                      validate_and_write)
-from .. import storage
+from ..shards import (RowLedger, batch_identity, count_rows, read_columns, read_rows_by_key, read_shards,
+                      shard_schema, validate_and_write)
+from .. import console, storage
 
 ATTACK_FILE = "attack.json"
 MAX_MANIFEST_KEYS = 100_000
@@ -44,6 +44,8 @@ class PoisonResult:
     manifest: dict
 
 
+@console.phase("poison", lambda cfg: f"{cfg.poison.attack} into {cfg.data.clean_train} -> {cfg.poison.output}",
+               lambda r: f"{r.num_poisoned} of {r.rows.rows_out} rows poisoned")
 def poison(cfg: Config) -> PoisonResult:
     """Poison a seeded set of rows of `data.clean_train`; write shards, trigger and manifest under `poison.output`."""
     started = time.time()
@@ -63,7 +65,8 @@ def poison(cfg: Config) -> PoisonResult:
                    "recaption": p.captions if p.attack != "label_consistent" else None,
                    "target_label": p.target_label, "target_class": target_class, "templates": tuple(cfg.data.templates), "seed": cfg.run.seed,
                    "data_cfg": cfg.data, "log": log})
-    rows = validate_and_write(ds, shards_uri, cfg, p.rows_per_file)
+    rows = validate_and_write(ds, shards_uri, cfg, p.rows_per_file, progress="poison",
+                              total=count_rows(cfg.data.clean_train, cfg.storage))
     attempts, poisoned = ray.get(log.get_with_keys.remote())
     ray.kill(log)
     poisoned = sorted(poisoned)

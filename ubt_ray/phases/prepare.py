@@ -25,7 +25,7 @@ from ..core.images import encode_png
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..shards import REJECT_COLUMN, validate_and_write
-from .. import storage
+from .. import console, storage
 
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -43,6 +43,8 @@ class PrepareResult:
     manifest: dict = field(default_factory=dict)
 
 
+@console.phase("prepare", lambda cfg: f"{cfg.prepare.source} {cfg.prepare.input} -> {cfg.prepare.output}",
+               lambda r: f"{r.rows.rows_out} rows written, {r.rows.rows_rejected} rejected")
 def prepare(cfg: Config) -> PrepareResult:
     """Run the configured source into shards under `prepare.output`, with a manifest of every row."""
     started = time.time()
@@ -76,7 +78,7 @@ def prepare(cfg: Config) -> PrepareResult:
 
 
 def _write(cfg: Config, ds: ray.data.Dataset, out: str) -> RowCounts:
-    return validate_and_write(ds, out, cfg, cfg.prepare.rows_per_file)
+    return validate_and_write(ds, out, cfg, cfg.prepare.rows_per_file, progress="prepare")
 
 
 # --- Fashion-MNIST -------------------------------------------------------------------------------------------

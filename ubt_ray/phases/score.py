@@ -18,7 +18,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from .. import storage
+from .. import console, storage
 from ..cluster import ensure_ray
 from ..config import Config, ModelConfig, ScoreConfig, StorageConfig
 from ..core.batches import decode_rows
@@ -182,6 +182,9 @@ def check_cpus_left(s: ScoreConfig, actors: int) -> None:
                         f"{max(1, (cpus - 1) // s.cpus_per_actor)} actors (or leave score.num_actors unset).")
 
 
+@console.phase("score", lambda cfg, model_uri, data, output=None: f"{cfg.score.method} of every row of {data} "
+               f"with {model_uri}", lambda r: f"{r.rows.rows_out} rows scored" + (
+                   f", AUROC {r.detection['auroc']:.3f}" if r.detection and "auroc" in r.detection else ""))
 def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> ScoreResult:
     """Score every row of `data` with the checkpoint at `model_uri`; the table goes to `<output>/table`."""
     started = time.time()
@@ -201,16 +204,19 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
     threads = s.threads_per_actor or max(1, (os.cpu_count() or 1) // actors)
     ledger = RowLedger.remote()
     model = dataclasses.replace(cfg.model, checkpoint=storage.absolute(model_uri))
-    if s.method == "caption_disagreement":
-        ds, extra = caption_disagreement(cfg, model, data, columns, actors, threads, ledger)
-        if ds is None:  # every image undecodable: the counts say so, the table is empty
-            ds = ray.data.from_arrow(_empty_output(pa.table({c: [] for c in columns}), s))
-    else:
-        ds, extra = _drop_scores(cfg, model, data, columns, negatives, actors, threads, ledger)
     table_uri = storage.join(output, TABLE)
-    # In files of many rows, not one per scoring batch: select reads the table back (235 files of 256 rows took
-    # it 35 s against 7 s for one file on the quickstart's 60,000 rows).
-    write_shards(ds, table_uri, cfg, TABLE_ROWS_PER_FILE)
+    # The rows the actors have scored so far, from the ledger they report to (the scoring runs in the
+    # materialize of several transforms' drops, or in the table's write).
+    with console.watch("score", count_rows(data, cfg.storage), lambda: ray.get(ledger.rows_done.remote())):
+        if s.method == "caption_disagreement":
+            ds, extra = caption_disagreement(cfg, model, data, columns, actors, threads, ledger)
+            if ds is None:  # every image undecodable: the counts say so, the table is empty
+                ds = ray.data.from_arrow(_empty_output(pa.table({c: [] for c in columns}), s))
+        else:
+            ds, extra = _drop_scores(cfg, model, data, columns, negatives, actors, threads, ledger)
+        # In files of many rows, not one per scoring batch: select reads the table back (235 files of 256 rows
+        # took it 35 s against 7 s for one file on the quickstart's 60,000 rows).
+        write_shards(ds, table_uri, cfg, TABLE_ROWS_PER_FILE)
     rows, rows_per_actor = ray.get([ledger.get.remote(), ledger.rows_by_source.remote()])
     ray.kill(ledger)
     rows.check("score")

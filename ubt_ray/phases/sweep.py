@@ -30,7 +30,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from .. import storage
+from .. import console, storage
 from ..cluster import ensure_ray
 from ..config import Config, SweepConfig, replace_keys, save_config
 from ..core.models import CHECKPOINT_SUFFIXES, Clip
@@ -66,6 +66,28 @@ class SweepResult:
     wall_time_s: float
 
 
+class TrialProgress(tune.Callback):
+    """Tune callback (on the driver): a log line, with the time left, as each trial of `total` ends."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.started = total, 0, time.time()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trial, "finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trial, "failed")
+
+    def _ended(self, trial, how: str) -> None:
+        self.done += 1
+        per_trial = (time.time() - self.started) / self.done
+        left = f", about {console.duration(per_trial * (self.total - self.done))} left" if self.done < self.total \
+            else ""
+        console.log.info(f"[sweep] trial {trial.trial_id} {how}: {self.done}/{self.total} trials{left}")
+
+
+@console.phase("sweep", lambda cfg, callbacks=None: f"{len(cfg.sweep.space)} keys of the unlearning over "
+               f"{cfg.defend.model} -> {cfg.sweep.output}")
 def sweep(cfg: Config, callbacks: list | None = None) -> SweepResult:
     """Run (or resume) the sweep `cfg.sweep` over the unlearning of `defend.model`; `callbacks` are Tune
     callbacks added to the run (a resumed run keeps those it started with)."""
@@ -86,8 +108,8 @@ def sweep(cfg: Config, callbacks: list | None = None) -> SweepResult:
     done = finished_trial_count(experiment)
     total = base.sweep.repeats * math.prod(len(d.values) for d in dims if d.kind == "grid")
     if done < total:
-        print(f"[sweep] interrupted with {done} of {total} trials done: run the same command again to resume",
-              flush=True)
+        console.log.info(f"[sweep] interrupted with {done} of {total} trials done: run the same command again to "
+                         f"resume")
         return SweepResult([], "", None, output, True, resumed, time.time() - started)
 
     rows = rank_rows([trial_row(r, dims, base) for r in grid])
@@ -152,14 +174,16 @@ def _tuner(base: Config, dims: list[Dimension], forget: str, retain: str, experi
         # reads would miss.
         tune.PlacementGroupFactory([{"memory": 1}]))
     if same and tune.Tuner.can_restore(experiment.path, storage_filesystem=experiment.fs):
-        print(f"[sweep] resuming the interrupted sweep in {sw.output} (finished trials are not run again)",
-              flush=True)
+        console.log.info(f"[sweep] resuming the interrupted sweep in {sw.output} (finished trials are not run "
+                         f"again)")
         return tune.Tuner.restore(experiment.path, trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=experiment.fs), True
     storage.remove_dir(storage.join(sw.output, TRIALS_DIR), base.storage)
     concurrent = max_concurrent_trials(sw)
     root = storage.resolve(sw.output, base.storage)
-    print(f"[sweep] {len(dims)} keys, up to {concurrent} trials at once, results under {sw.output}", flush=True)
+    total = sw.repeats * math.prod(len(d.values) for d in dims if d.kind == "grid")
+    console.log.info(f"[sweep] {total} trials over {len(dims)} keys, up to {concurrent} at once, results under "
+                     f"{sw.output}")
     return tune.Tuner(
         trainable, param_space={d.key: to_tune(d) for d in dims},
         tune_config=tune.TuneConfig(
@@ -168,7 +192,8 @@ def _tuner(base: Config, dims: list[Dimension], forget: str, retain: str, experi
             # of ours), and so is restored with it.
             search_alg=BasicVariantGenerator(max_concurrent=concurrent, random_state=base.run.seed)),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=root.path, storage_filesystem=root.fs,
-                                  callbacks=list(callbacks or []), verbose=1)), False
+                                  callbacks=[*(callbacks or []), TrialProgress(total)],
+                                  verbose=1 if console.verbose() else 0)), False
 
 
 def finished_trial_count(experiment: storage.Location) -> int:
@@ -203,14 +228,14 @@ def shared_scores(cfg: Config) -> str:
     scored defend.data), else written there once by the overfit and score phases."""
     sw, d = cfg.sweep, cfg.defend
     if not storage.exists(storage.join(sw.scores, TABLE), cfg.storage):
-        print(f"[sweep] scoring {d.data} once into {sw.scores}", flush=True)
+        console.log.info(f"[sweep] scoring {d.data} once into {sw.scores}")
         find_suspicious(cfg, output=sw.scores)
         return sw.scores
     scored = read_manifest(sw.scores, cfg)["inputs"].get("data")
     if storage.absolute(scored) != d.data:
         raise UserError(f"the scores under sweep.scores={sw.scores} are of {scored}, not of defend.data={d.data}: "
                         f"point sweep.scores at the scores of defend.data, or at an empty directory to score it.")
-    print(f"[sweep] reusing the scores under {sw.scores}", flush=True)
+    console.log.info(f"[sweep] reusing the scores under {sw.scores}")
     return sw.scores
 
 
