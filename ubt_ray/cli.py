@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from .checks import check_config
 from .config import Config, describe, load_config, save_config
 from . import console, storage
 from .errors import UserError, find_user_error
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     console.setup(bool(getattr(args, "verbose", False)))
     try:
         cfg = load_config(args.config, overrides)
+        check_config(cfg, args.command)  # the whole config, cross-key rules included, before anything runs
         result = args.run(cfg, args)
         if isinstance(result, Outcome):
             report(result, cfg)

@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass, field
 
 from . import console, storage
+from .checks import check_config
 from .config import Config
-from .errors import UserError
 
 
 @dataclass
@@ -27,6 +27,7 @@ def _reusable(cfg: Config, out: str, sections: tuple[str, ...]) -> bool:
 
 def run_pipeline(cfg: Config) -> PipelineResult:
     """Run `pipeline.phases` and return a summary (row counts, model, CA/ASR, time per phase)."""
+    check_config(cfg, "pipeline")  # every phase's rules, before the first phase runs
     summary: dict = {"phases": {}}
     model_uri = cfg.model.checkpoint
     console.log.info(f"ubt pipeline: {', '.join(cfg.pipeline.phases)} -> {cfg.run.output_dir}")
@@ -57,9 +58,6 @@ def run_pipeline(cfg: Config) -> PipelineResult:
             summary["train_rows"] = r.rows
             summary["phases"]["train"] = {"model": r.model, "rows": r.rows, "steps": r.steps, "samples": r.samples}
         elif phase == "evaluate":
-            if model_uri is None:
-                raise UserError("pipeline.phases evaluates but nothing trained a model and model.checkpoint is "
-                                "null: add train to pipeline.phases or set model.checkpoint.")
             from .phases.evaluate import evaluate
             r = evaluate(cfg, model_uri)
             summary["metrics"] = r.metrics

@@ -19,15 +19,14 @@ import time
 from dataclasses import dataclass
 
 from .. import console, storage
+from ..checks import check_compare
 from ..config import Config, load_config
-from ..errors import UserError
 from ..manifest import write_manifest
 from ..report_files import png_bytes, pyplot, write_report_files
 from .baseline import baseline
 from .defend import defend
 from .evaluate import evaluate_to, percent
 
-DEFENSES = ("none", "ft", "cleanclip", "ubt")
 LABELS = {"none": "no defense", "ft": "FT", "cleanclip": "CleanCLIP", "ubt": "UBT"}
 COLUMNS = ("attack", "defense", "clean_accuracy", "clean_accuracy_heldout", "attack_success_rate", "clean_samples", "suspicious_samples",
            "wall_time_s", "device_s")
@@ -42,11 +41,7 @@ class CompareResult:
 def compare(cfg: Config, overrides: list[str] | None = None) -> CompareResult:
     """Run `compare.defenses` on every attack of `compare.attacks`; tables and chart go to `compare.output`."""
     c = cfg.compare
-    bad = [d for d in c.defenses if d not in DEFENSES]
-    if bad or not c.defenses:
-        raise UserError(f"compare.defenses={c.defenses} must be some of {', '.join(DEFENSES)}.")
-    if not c.attacks:
-        raise UserError("compare.attacks is empty: list attack configs, e.g. [configs/attacks/badnet.yaml].")
+    check_compare(c)
     started = time.time()
     storage.claim_output(c.output, "compare", cfg.storage)
     rows = []

@@ -11,13 +11,14 @@ import time
 from dataclasses import dataclass
 
 from .. import console, storage
+from ..checks import check_score
 from ..config import Config
 from ..core.models import CHECKPOINT_SUFFIXES
 from ..errors import UserError
 from ..manifest import fingerprint, write_manifest
 from .evaluate import evaluate_to, evaluation_files, percent
 from .overfit import overfit
-from .score import ScoreResult, check_settings, score
+from .score import ScoreResult, score
 from .select import select
 from .unlearn import unlearn
 
@@ -41,7 +42,7 @@ def defend(cfg: Config) -> DefendResult:
     settings is returned as it is (its report gains `"reused": true`) instead of being run again.
     """
     d = cfg.defend
-    check_settings(cfg.score)  # before any phase runs, not after the first ones
+    check_score(cfg.score)  # before any phase runs, not after the first ones
     if not storage.exists(d.model, cfg.storage):
         raise UserError(f"defend.model={d.model} does not exist: train the backdoored model first "
                         f"(`ubt train`) or point defend.model at an open_clip local-dir checkpoint.")

@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from ..checks import check_heldout
 from ..config import Config
 from ..core.batches import decode_image
 from ..core.models import Clip, pick_device
@@ -133,10 +134,7 @@ def heldout_prompts(cfg: Config) -> tuple[list[str], list[str]] | None:
     ev = cfg.evaluate
     if not ev.heldout_class_names or not ev.heldout_templates:
         return None
-    if len(ev.heldout_class_names) != len(cfg.data.class_names):
-        raise UserError(f"evaluate.heldout_class_names has {len(ev.heldout_class_names)} names but data.class_names "
-                        f"has {len(cfg.data.class_names)}: give one held-out name per class, in the same order "
-                        f"(or [] to skip held-out CA).")
+    check_heldout(cfg)
     return list(ev.heldout_class_names), list(ev.heldout_templates)
 
 

@@ -15,8 +15,8 @@ import pyarrow.compute as pc
 
 from .. import storage
 from ..cluster import ensure_ray
+from ..checks import check_overfit
 from ..config import Config
-from ..errors import UserError
 from ..shards import read_columns, read_shards, validate_and_write, write_hash_sample
 from ..train_loop import FitResult, FitSpec, fit
 from .score import TABLE, score
@@ -24,9 +24,7 @@ from .score import TABLE, score
 def overfit(cfg: Config, model_uri: str, data: str) -> FitResult:
     """Overfit the checkpoint at `model_uri` on `data` (or its configured subset); θₒ goes to <output>/model."""
     o = cfg.overfit
-    if o.prioritize == "weak_similarity" and o.subset_fraction >= 1:
-        raise UserError("overfit.prioritize=weak_similarity picks the weakest rows of a subset, but "
-                        "overfit.subset_fraction is 1: set it below 1 (e.g. 0.1).")
+    check_overfit(o)
     storage.claim_output(o.output, "overfit", cfg.storage)
     train_data = data if o.subset_fraction >= 1 else _subset(cfg, model_uri, data)
     schedule = dataclasses.replace(cfg.train, steps=o.steps, lr=o.lr, batch_size=o.batch_size, weight_decay=0.0,

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import ray
 
 from ..cluster import ensure_ray
+from ..checks import check_poison
 from ..config import Config, DataConfig
 from ..core.captions import caption_rejection, template_captions
 from ..core.images import decode_rgb, image_rejection
@@ -185,13 +186,8 @@ def target_caption(key: str, target_class: str, templates: tuple[str, ...], seed
 
 
 def _target_class(cfg: Config) -> str:
-    names, target = cfg.data.class_names, cfg.poison.target_label
-    if target >= len(names):
-        raise UserError(f"poison.target_label={target} has no class name (data.class_names has {len(names)}): "
-                        f"pick a label below {len(names)} or add class names.")
-    if cfg.poison.attack != "label_consistent" and not cfg.data.templates:
-        raise UserError("data.templates is empty, so no poisoned caption can be written: give at least one template.")
-    return names[target]
+    check_poison(cfg)
+    return cfg.data.class_names[cfg.poison.target_label]
 
 
 def _poison_batch(table: pa.Table, chosen: frozenset, trigger: Trigger, recaption: str | None, target_label: int,

@@ -19,6 +19,7 @@ import pyarrow as pa
 import ray
 
 from ..cluster import ensure_ray
+from ..checks import check_csv_delimiter, check_fashion_mnist_classes
 from ..config import Config
 from ..core.captions import template_captions
 from ..core.images import encode_png
@@ -119,9 +120,7 @@ def _fashion_mnist_split(cfg: Config, split: str) -> tuple[np.ndarray, np.ndarra
 def _fashion_mnist_dataset(cfg: Config, split: str) -> ray.data.Dataset:
     images, labels = _fashion_mnist_split(cfg, split)
     # The test split draws its templates from a different stream than train, both fixed by run.seed.
-    if len(cfg.data.class_names) < 10:
-        raise UserError(f"data.class_names has {len(cfg.data.class_names)} names but Fashion-MNIST has 10 classes: "
-                        f"give all 10 (or leave the default).")
+    check_fashion_mnist_classes(cfg)
     captions = template_captions(labels, tuple(cfg.data.class_names), seed=cfg.run.seed * 2 + (split == "test"),
                                  templates=tuple(cfg.data.templates))
     blocks = []
@@ -184,11 +183,8 @@ def _csv_dataset(cfg: Config) -> ray.data.Dataset:
     # surrogateescape keeps each byte that is not UTF-8 as a lone surrogate, so that the rows holding one are
     # rejected with that reason rather than read with replacement characters.
     text = storage.read_bytes(p.input, cfg.storage).decode("utf-8-sig", errors="surrogateescape")
-    try:
-        reader = csv.DictReader(io.StringIO(text), delimiter=p.csv_delimiter)
-    except TypeError:
-        raise UserError(f"prepare.csv_delimiter {p.csv_delimiter!r} is not one character: set it to the CSV's "
-                        f"delimiter, e.g. ',' or ';'.") from None
+    check_csv_delimiter(p)
+    reader = csv.DictReader(io.StringIO(text), delimiter=p.csv_delimiter)
     try:
         header = reader.fieldnames or []
         needed = [c for c in (p.image_column, p.caption_column, p.label_column) if c]

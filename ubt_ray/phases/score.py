@@ -19,11 +19,12 @@ import ray
 import torch
 
 from .. import console, storage
+from ..checks import check_score
 from ..cluster import ensure_ray
 from ..config import Config, ModelConfig, ScoreConfig, StorageConfig
 from ..core.batches import decode_rows
-from ..core.scoring import (TRANSFORMS, CaptionFeatures, combine_drops, prepare_model, robust_center_scale, score_batch,
-                            tail_strength, text_features, token_grid)
+from ..core.scoring import (CaptionFeatures, combine_drops, prepare_model, robust_center_scale, score_batch, tail_strength,
+                            text_features, token_grid)
 from ..core.zeroshot import auroc, precision_recall_at_k
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
@@ -148,21 +149,6 @@ def tail_strengths(ds: ray.data.Dataset, stats: dict[str, tuple[float, float]], 
     return out
 
 
-def check_settings(s: ScoreConfig) -> None:
-    """Refuse transform and portion lists the scorer cannot run, in one sentence."""
-    bad = [t for t in s.transforms if t not in TRANSFORMS]
-    if bad or not s.transforms or len(set(s.transforms)) != len(s.transforms):
-        raise UserError(f"score.transforms={s.transforms} must name each of {', '.join(TRANSFORMS)} at most once, "
-                        f"and at least one of them.")
-    first_last = s.neighbour_ranks
-    if len(first_last) != 2 or not 0 <= first_last[0] < first_last[1]:
-        raise UserError(f"score.neighbour_ranks={first_last} must be two ranks [first, last] with 0 <= first < "
-                        f"last, e.g. [100, 400].")
-    if not s.token_portions or any(not 0 < p <= 1 for p in s.token_portions):
-        raise UserError(f"score.token_portions={s.token_portions} must be one or more shares of the image tokens "
-                        f"in (0, 1], e.g. [0.015625, 0.0625].")
-
-
 def num_actors(s: ScoreConfig) -> int:
     """One actor per GPU, or per `cpus_per_actor` CPUs less one CPU, which Ray Data's read tasks need: actors
     holding every CPU would starve the reads that feed them."""
@@ -189,7 +175,7 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
     """Score every row of `data` with the checkpoint at `model_uri`; the table goes to `<output>/table`."""
     started = time.time()
     s = cfg.score
-    check_settings(s)
+    check_score(s)
     output = output or s.output
     storage.claim_output(output, "score", cfg.storage)
     ensure_ray(cfg.ray)

@@ -31,6 +31,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from .. import console, storage
+from ..checks import check_score
 from ..cluster import ensure_ray
 from ..config import Config, SweepConfig, replace_keys, save_config
 from ..core.models import CHECKPOINT_SUFFIXES, Clip
@@ -42,7 +43,7 @@ from ..sweep_space import parse_space
 from ..train_loop import Probe
 from .defend import find_suspicious
 from .evaluate import EvalResult, evaluate_to, load_test_set, percent, zero_shot_rates
-from .score import TABLE, check_settings
+from .score import TABLE
 from .select import FORGET, RETAIN, select
 from .unlearn import unlearn
 
@@ -130,7 +131,7 @@ def sweep(cfg: Config, callbacks: list | None = None) -> SweepResult:
 
 def _check_inputs(cfg: Config) -> None:
     """Refuse, before Ray starts, a sweep whose model or trigger is missing or whose scorer cannot run."""
-    check_settings(cfg.score)
+    check_score(cfg.score)
     if not storage.exists(cfg.defend.model, cfg.storage):
         raise UserError(f"defend.model={cfg.defend.model} does not exist: train the backdoored model first "
                         f"(`ubt train`) or point defend.model at an open_clip local-dir checkpoint.")

@@ -1,0 +1,75 @@
+"""The config checked as a whole before a command runs: each cross-key rule stops the commands that run its phase,
+with its one sentence, before Ray starts or anything is written; other commands are not stopped by it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ubt_ray.checks import check_config, command_phases
+from ubt_ray.cli import main
+from ubt_ray.config import load_config
+from ubt_ray.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+# (overrides, the commands it stops, a command it does not stop, words of the sentence)
+RULES = [
+    (["prepare.source=csv", "prepare.csv_delimiter=;;"], ["prepare"], "train",
+     "prepare.csv_delimiter ';;' is not one character"),
+    (["prepare.source=fashion-mnist", "data.class_names=[a, b]"], ["prepare"], "train",
+     "data.class_names has 2 names but Fashion-MNIST has 10 classes"),
+    (["poison.target_label=12"], ["poison"], "train", "poison.target_label=12 has no class name"),
+    (["data.templates=[]"], ["poison"], "evaluate", "data.templates is empty"),
+    (["overfit.prioritize=weak_similarity"], ["overfit", "defend"], "score",
+     "overfit.prioritize=weak_similarity picks the weakest rows of a subset"),
+    (["score.transforms=[blur, blur]"], ["score", "defend", "sweep"], "select", "score.transforms=['blur', 'blur']"),
+    (["score.neighbour_ranks=[5]"], ["score", "defend"], "unlearn", "score.neighbour_ranks=[5] must be two ranks"),
+    (["score.token_portions=[]"], ["score"], "train", "score.token_portions=[] must be one or more shares"),
+    (["evaluate.heldout_class_names=[a, b]"], ["evaluate", "defend", "baseline", "sweep"], "score",
+     "evaluate.heldout_class_names has 2 names but data.class_names has 10"),
+    (["compare.defenses=[ubt, magic]"], ["compare"], "defend", "compare.defenses=['ubt', 'magic'] must be some of"),
+    (["compare.defenses=[ubt]", "compare.attacks=[]"], ["compare"], "pipeline", "compare.attacks is empty"),
+    (["sweep.space={unlearn.nope: {grid: [1, 2]}}"], ["sweep"], "defend", "sweep.space names an unknown config key"),
+    (["pipeline.phases=[prepare, evaluate]"], ["pipeline"], "evaluate",
+     "pipeline.phases evaluates but nothing trained a model and model.checkpoint is null"),
+]
+
+
+@pytest.mark.parametrize("overrides,stops,passes,words", RULES)
+def test_each_rule_stops_the_commands_that_run_its_phase(overrides, stops, passes, words):
+    cfg = load_config(None, [f"compare.attacks=[{REPO}/configs/attacks/badnet.yaml]", *overrides])
+    for command in stops:
+        with pytest.raises(UserError) as err:
+            check_config(cfg, command)
+        assert words in str(err.value), (command, str(err.value))
+    check_config(cfg, passes)
+
+
+def test_the_defaults_and_every_shipped_config_pass_every_command():
+    for cfg in [load_config(None)] + [load_config(p) for p in sorted((REPO / "configs").rglob("*.yaml"))]:
+        for command in ("prepare", "poison", "train", "evaluate", "overfit", "score", "select", "unlearn", "defend",
+                        "baseline", "sweep", "pipeline", "config") + (("compare",) if cfg.compare.attacks else ()):
+            check_config(cfg, command)
+
+
+def test_defend_runs_overfit_and_evaluate_only_when_configured():
+    assert command_phases(load_config(None), "defend") == {"overfit", "score", "select", "unlearn", "evaluate"}
+    assert command_phases(load_config(None, ["defend.overfit=false", "defend.evaluate=false"]), "defend") == {
+        "score", "select", "unlearn"}
+    assert command_phases(load_config(None, ["score.model=original"]), "defend") == {
+        "score", "select", "unlearn", "evaluate"}
+    assert command_phases(load_config(None, ["pipeline.phases=[train, defend]", "defend.evaluate=false"]),
+                          "pipeline") == {"train", "overfit", "score", "select", "unlearn"}
+
+
+def test_the_cli_stops_with_the_sentence_before_ray_starts_or_anything_is_written(tmp_path, capsys):
+    # Before the checks, this pipeline prepared the data (on Ray) and only then found nothing to evaluate; the
+    # sweep found the held-out names mismatched only in its trials' evaluations, inside Ray.
+    run = tmp_path / "run"
+    assert main(["pipeline", f"run.output_dir={run}", "pipeline.phases=[prepare, evaluate]"]) == 2
+    assert "ubt pipeline: error: pipeline.phases evaluates but nothing trained a model" in capsys.readouterr().err
+    assert main(["sweep", f"run.output_dir={run}", "evaluate.heldout_class_names=[a]"]) == 2
+    assert "evaluate.heldout_class_names has 1 names" in capsys.readouterr().err
+    assert not run.exists()
