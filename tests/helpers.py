@@ -41,13 +41,13 @@ def caption_shards(directory, rows: int = 512, files: int = 2, seed: int = 0, po
     return str(out)
 
 
-def last_json(text: str) -> dict:
+def last_json(text: str, storage_cfg=None) -> dict:
     """The full summary of the `ubt` command whose stdout is `text`: the JSON file named on its last
-    `summary: PATH` line (the command saves it under its output)."""
+    `summary: PATH` line (the command saves it under its output; `storage_cfg` reaches it on S3)."""
     from ubt_ray import storage
     from ubt_ray.cli import SUMMARY_LINE
     path = next(line[len(SUMMARY_LINE):] for line in reversed(text.splitlines()) if line.startswith(SUMMARY_LINE))
-    return storage.read_json(path)
+    return storage.read_json(path, storage_cfg)
 
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"

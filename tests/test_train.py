@@ -129,7 +129,7 @@ def test_pipeline_on_s3_poisons_trains_evaluates_and_defends(ray_local, tmp_path
     assert main(["pipeline", f"run.output_dir={run}", f"data.clean_train={remote['clean']}",
                  f"data.test={remote['test']}", f"storage.endpoint_url={endpoint}", *PIPELINE]) == 0
     out = capsys.readouterr().out
-    summary = last_json(out)
+    summary = last_json(out, store)
     assert summary["phases"]["poison"]["num_poisoned"] == 20 and summary["phases"]["train"]["steps"] == 6
     # Poisoning is deterministic: the rows on S3 are, byte for byte, those of the same poisoning on local disk.
     assert main(["poison", f"data.clean_train={clean}", f"poison.output={tmp_path / 'poison'}", *PIPELINE]) == 0
