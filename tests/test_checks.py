@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ubt_ray.checks import check_config, command_phases
+from ubt_ray.checks import check_config, command_phases, defense_phases
 from ubt_ray.cli import main
 from ubt_ray.config import load_config
 from ubt_ray.errors import UserError
@@ -73,3 +73,20 @@ def test_the_cli_stops_with_the_sentence_before_ray_starts_or_anything_is_writte
     assert main(["sweep", f"run.output_dir={run}", "evaluate.heldout_class_names=[a]"]) == 2
     assert "evaluate.heldout_class_names has 1 names" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_compare_checks_every_attack_config_before_the_first_attack_runs(tmp_path, capsys):
+    out = f"compare.output={tmp_path / 'c'}"
+    attacks = f"compare.attacks=[{REPO}/configs/attacks/badnet.yaml, {tmp_path}/nope.yaml]"
+    assert main(["compare", attacks, out]) == 2
+    assert f"config file {tmp_path}/nope.yaml does not exist" in capsys.readouterr().err
+    # The command line's overrides reach each attack config, as compare applies them.
+    one = f"compare.attacks=[{REPO}/configs/attacks/badnet.yaml]"
+    assert main(["compare", one, "score.transforms=[]", out]) == 2
+    assert "score.transforms=[] must name each of" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    # Only the rules of the defenses compare runs: no score settings without UBT.
+    check_config(load_config(None, [one, "compare.defenses=[none, ft]"]), "compare", ["score.transforms=[]"])
+    assert defense_phases(load_config(None), ["none", "ft"]) == {"baseline", "evaluate"}
+    assert defense_phases(load_config(None, ["defend.evaluate=false"]), ["ubt"]) == {
+        "overfit", "score", "select", "unlearn", "evaluate"}

@@ -5,8 +5,9 @@ naming the keys and the fix; a phase calls the rules it depends on too, for call
 from __future__ import annotations
 
 import csv
+import dataclasses
 
-from .config import CompareConfig, Config, OverfitConfig, PrepareConfig, ScoreConfig
+from .config import CompareConfig, Config, OverfitConfig, PrepareConfig, ScoreConfig, load_config
 from .core.scoring import TRANSFORMS
 from .errors import UserError
 from .sweep_space import parse_space
@@ -15,9 +16,23 @@ DEFENSES = ("none", "ft", "cleanclip", "ubt")
 FASHION_MNIST_CLASSES = 10
 
 
-def check_config(cfg: Config, command: str) -> None:
-    """Every rule of the phases `command` runs (a `ubt` subcommand; pipeline: those of pipeline.phases)."""
-    phases = command_phases(cfg, command)
+def check_config(cfg: Config, command: str, overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """Every rule of the phases `command` runs (a `ubt` subcommand; pipeline: those of pipeline.phases; compare:
+    also those of the defenses on each attack config, loaded with the command line's `overrides` as compare
+    loads them)."""
+    check_phases(cfg, command_phases(cfg, command))
+    if command == "pipeline":
+        check_pipeline(cfg)
+    if command == "compare":
+        check_compare(cfg.compare)
+        c = cfg.compare
+        for path in c.attacks:
+            attack = load_config([path, *c.layers], list(c.overrides) + list(overrides))
+            check_phases(attack, defense_phases(attack, c.defenses))
+
+
+def check_phases(cfg: Config, phases: set[str]) -> None:
+    """The rules of `phases` (names of ubt's phases: prepare, poison, overfit, score, evaluate, sweep ...)."""
     if "prepare" in phases:
         check_prepare(cfg)
     if "poison" in phases:
@@ -28,12 +43,8 @@ def check_config(cfg: Config, command: str) -> None:
         check_score(cfg.score)
     if "evaluate" in phases:
         check_heldout(cfg)
-    if "compare" in phases:
-        check_compare(cfg.compare)
     if "sweep" in phases:
         parse_space(cfg.sweep.space)
-    if command == "pipeline":
-        check_pipeline(cfg)
 
 
 def command_phases(cfg: Config, command: str) -> set[str]:
@@ -46,6 +57,14 @@ def command_phases(cfg: Config, command: str) -> set[str]:
         return set().union(*(defend() if p == "defend" else {p} for p in cfg.pipeline.phases))
     return {"defend": defend, "baseline": lambda: {"baseline", "evaluate"},
             "sweep": lambda: {"sweep", "score", "evaluate"}}.get(command, lambda: {command})()
+
+
+def defense_phases(cfg: Config, defenses: list[str]) -> set[str]:
+    """The phases compare runs for `defenses` on one attack's config (UBT always with its evaluation)."""
+    evaluated = dataclasses.replace(cfg, defend=dataclasses.replace(cfg.defend, evaluate=True))
+    return set().union({"evaluate"}, *(command_phases(cfg, "baseline") if d in ("ft", "cleanclip") else
+                                       command_phases(evaluated, "defend") if d == "ubt" else set()
+                                       for d in defenses))
 
 
 def check_prepare(cfg: Config) -> None:

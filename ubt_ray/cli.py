@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     console.setup(bool(getattr(args, "verbose", False)))
     try:
         cfg = load_config(args.config, overrides)
-        check_config(cfg, args.command)  # the whole config, cross-key rules included, before anything runs
+        check_config(cfg, args.command, args.overrides)  # the whole config, cross-key rules included
         result = args.run(cfg, args)
         if isinstance(result, Outcome):
             report(result, cfg)
