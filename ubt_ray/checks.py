@@ -9,6 +9,7 @@ import dataclasses
 
 from .config import CompareConfig, Config, OverfitConfig, PrepareConfig, ScoreConfig, load_config
 from .core.scoring import TRANSFORMS
+from .core.triggers import needs_donors
 from .errors import UserError
 from .sweep_space import parse_space
 
@@ -89,6 +90,11 @@ def check_fashion_mnist_classes(cfg: Config) -> None:
 
 
 def check_poison(cfg: Config) -> None:
+    """The target label names a class, a caption can be written, and the trigger's parameters are its own."""
+    try:
+        needs_donors(cfg.poison.attack, cfg.poison.params)  # checks every parameter of the attack's trigger
+    except ValueError as e:
+        raise UserError(str(e)) from None
     names, target = cfg.data.class_names, cfg.poison.target_label
     if target >= len(names):
         raise UserError(f"poison.target_label={target} has no class name (data.class_names has {len(names)}): "
