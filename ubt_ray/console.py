@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 
 log = logging.getLogger("ubt_ray")
 
-LINE_EVERY_S = 15.0          # seconds between rate/ETA lines when stderr is not a terminal
+LINE_EVERY_S = 30.0          # seconds between rate/ETA lines when stderr is not a terminal
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "ray.serve")
 
 
@@ -137,7 +137,7 @@ class Progress:
     def __init__(self, name: str, total: int | None, unit: str = "rows", every_s: float = LINE_EVERY_S):
         self.name, self.total, self.unit, self.every_s = name, total, unit, every_s
         self.done, self.started = 0, time.time()
-        self._last_line = self.started
+        self._last_line, self._last_done = self.started, 0
         self._bar = None
         if sys.stderr.isatty() and not verbose():
             from tqdm import tqdm
@@ -152,12 +152,13 @@ class Progress:
         self.done = done
         now = time.time()
         if self._bar is None and now - self._last_line >= self.every_s:
-            self._last_line = now
             log.info(self.line())
+            self._last_line, self._last_done = now, self.done
 
     def line(self) -> str:
-        elapsed = max(1e-9, time.time() - self.started)
-        rate = self.done / elapsed
+        """`[name] done/total unit (rate, time left)`, the rate over the time since the last line (a start-up's
+        slow first seconds, e.g. loading a model, do not weigh on the time left)."""
+        rate = (self.done - self._last_done) / max(1e-9, time.time() - self._last_line)
         of = f"/{self.total}" if self.total else ""
         eta = (f", about {duration((self.total - self.done) / rate)} left"
                if self.total and rate > 0 and self.done < self.total else "")
