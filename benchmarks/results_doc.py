@@ -19,6 +19,7 @@ DOC = REPO / "docs" / "results.md"
 
 # What each figure is, by the results file's name (its prefix); the order of this page.
 TITLES = {
+    "quickstart": ("The quickstart: BadNet on Fashion-MNIST, attacked and defended", "benchmarks/quickstart.py"),
     "scenes_attack_table": ("fashion-scenes: clean training and attacks", "benchmarks/scenes.py"),
     "scenes_defense_table": ("fashion-scenes: defenses on every attack", "benchmarks/defense_table.py"),
     "attack_table": ("Fashion-MNIST: attacks", "benchmarks/attack_table.py"),
