@@ -329,4 +329,4 @@ def test_compare_runs_every_defense_on_the_backdoored_model(backdoored, tmp_path
     csv_rows = (tmp_path / "cmp" / "comparison.csv").read_text().splitlines()
     assert csv_rows[0].startswith("attack,defense,clean_accuracy,clean_accuracy_heldout,attack_success_rate") and len(csv_rows) == 5
     assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| CleanCLIP |" in (tmp_path / "cmp" / "comparison.md").read_text() and "| UBT |" in out
+    assert "| CleanCLIP |" in (tmp_path / "cmp" / "comparison.md").read_text() and "| UBT |" in printed.out
