@@ -3,6 +3,8 @@ with its one sentence, before Ray starts or anything is written; other commands 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,10 @@ def test_compare_checks_every_attack_config_before_the_first_attack_runs(tmp_pat
     assert defense_phases(load_config(None), ["none", "ft"]) == {"baseline", "evaluate"}
     assert defense_phases(load_config(None, ["defend.evaluate=false"]), ["ubt"]) == {
         "overfit", "score", "select", "unlearn", "evaluate"}
+
+
+def test_the_checks_leave_the_cli_quick_to_start():
+    """`ubt config` and a mistyped key answer in a blink: the CLI and its checks import no torch, Ray or open_clip."""
+    code = "import sys, ubt_ray.cli; print(sorted(m for m in ('torch', 'ray', 'open_clip') if m in sys.modules))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr[-2000:]

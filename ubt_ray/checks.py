@@ -8,8 +8,6 @@ import csv
 import dataclasses
 
 from .config import CompareConfig, Config, OverfitConfig, PrepareConfig, ScoreConfig, load_config
-from .core.scoring import TRANSFORMS
-from .core.triggers import needs_donors
 from .errors import UserError
 from .sweep_space import parse_space
 
@@ -91,6 +89,7 @@ def check_fashion_mnist_classes(cfg: Config) -> None:
 
 def check_poison(cfg: Config) -> None:
     """The target label names a class, a caption can be written, and the trigger's parameters are its own."""
+    from .core.triggers import needs_donors  # here, not at the top: torch is no part of `ubt config`'s start
     try:
         needs_donors(cfg.poison.attack, cfg.poison.params)  # checks every parameter of the attack's trigger
     except ValueError as e:
@@ -111,6 +110,7 @@ def check_overfit(o: OverfitConfig) -> None:
 
 def check_score(s: ScoreConfig) -> None:
     """Refuse transform and portion lists the scorer cannot run, in one sentence."""
+    from .core.scoring import TRANSFORMS  # here, not at the top: torch is no part of `ubt config`'s start
     bad = [t for t in s.transforms if t not in TRANSFORMS]
     if bad or not s.transforms or len(set(s.transforms)) != len(s.transforms):
         raise UserError(f"score.transforms={s.transforms} must name each of {', '.join(TRANSFORMS)} at most once, "
