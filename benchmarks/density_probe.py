@@ -1,13 +1,15 @@
 """Probe: detection by the local-density scores of core/density.py (k-distance, SLOF, DAO), per k and reference size.
 
     .venv/bin/python benchmarks/density_probe.py MODEL_DIR SHARD_DIR [--ks 8,16,32,64] [--refs 1024,4096,16384]
+        [--captions] [--name NAME]
 
 Embeds every row of the shards (Parquet: key, image, caption, is_poison) with the model's image tower (and its
 text tower for --captions) in this process, picks a seeded reference of R rows by key hash (the same rows a Ray
 actor would pick), scores every row against it and prints AUROC and precision@top of each score, higher =
 sparser = more suspicious as in Huang et al. (ICLR 2025). The scores presume fewer poisons in the reference
 than k: the "poisons in ref" column says how many it holds; an AUROC well below 0.5 means the opposite regime
-(each poison's neighbours are poisons, and the poisons are the densest rows).
+(each poison's neighbours are poisons, and the poisons are the densest rows). With --name, the table also goes
+to benchmarks/results/NAME.{json,md} with its provenance.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from results_io import write_results  # noqa: E402
 
 from ubt_ray.core.batches import decode_rows  # noqa: E402
 from ubt_ray.core.density import SCORES, Reference, density_scores, reference_keys  # noqa: E402
@@ -66,6 +69,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--float64", action="store_true", help="distances in float64 (near-duplicates)")
+    ap.add_argument("--name", help="also write benchmarks/results/NAME.{json,md}")
     args = ap.parse_args()
 
     device = pick_device(args.device)
@@ -81,8 +85,10 @@ def main() -> None:
     texts = texts.to(device, dtype) if texts is not None else None
     position = {key: i for i, key in enumerate(keys)}
     top = [t for t in args.top if t <= len(keys)] or [len(keys)]
-    print("| reference | R | poisons in ref | k | score | AUROC | " + " / ".join(f"P@{t}" for t in top) + " |")
-    print("|---|---|---|---|---|---|---|")
+    header = ["| reference | R | poisons in ref | k | score | AUROC | " + " / ".join(f"P@{t}" for t in top) + " |",
+              "|---|---|---|---|---|---|---|"]
+    print("\n".join(header))
+    lines, records = list(header), []
     for refs in args.refs:
         size = min(refs, len(keys))
         chosen = reference_keys(keys, args.seed, size)
@@ -101,10 +107,18 @@ def main() -> None:
                 for name in SCORES:
                     s = scores[name].double().cpu().numpy()
                     pr = precision_recall_at_k(s, truth, top)
-                    print(f"| {label} | {size} | {in_ref} | {k} | {name} | {auroc(s, truth):.3f} | "
-                          + " / ".join(f"{100 * pr[f'precision@{t}']:.0f}%" for t in top) + " |", flush=True)
+                    lines.append(f"| {label} | {size} | {in_ref} | {k} | {name} | {auroc(s, truth):.3f} | "
+                                 + " / ".join(f"{100 * pr[f'precision@{t}']:.0f}%" for t in top) + " |")
+                    print(lines[-1], flush=True)
+                    records.append({"reference": label, "rows": size, "poisons_in_reference": in_ref, "k": k,
+                                    "score": name, "auroc": auroc(s, truth), **pr})
             print(f"(R={size} {label}: {time.time() - t0:.1f} s for {len(ks)} k values)", file=sys.stderr,
                   flush=True)
+    if args.name:
+        intro = (f"Model {args.model}, shards {args.shards}: {len(keys)} rows, {int(truth.sum())} poisons; "
+                 f"higher score = sparser neighbourhood = more suspicious.")
+        write_results(Path(__file__).resolve().parent / "results", args.name,
+                      {"model": args.model, "shards": args.shards, "rows": records}, intro + "\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

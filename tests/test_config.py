@@ -104,3 +104,24 @@ def test_console_script_has_no_traceback_for_user_errors():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "unknown config key 'train.nope'" in proc.stderr
+
+
+def test_defend_help_names_settings_that_exist():
+    """`ubt defend --help` lists the settings a user sets; each one it names is a real key, and its example
+    command loads as a config."""
+    import re
+    import shlex
+
+    from ubt_ray.cli import DEFEND_EPILOG, build_parser
+    defend = build_parser()._subparsers._group_actions[0].choices["defend"]
+    assert DEFEND_EPILOG in defend.format_help()
+    named = set(re.findall(r"\b([a-z_]+\.[a-z_]+)=", DEFEND_EPILOG)) - {"section.key"}
+    assert {"defend.model", "defend.data", "unlearn.num_samples", "evaluate.heldout_class_names"} <= named
+    cfg = load_config(None, [])
+    for key in named:
+        section, field = key.split(".")
+        assert hasattr(getattr(cfg, section), field), key
+    example = shlex.split(DEFEND_EPILOG.split("example:")[1].replace("\\\n", " "))
+    assert example[:2] == ["ubt", "defend"]
+    cfg = load_config(None, example[2:])
+    assert cfg.defend.model == "s3://bucket/clip" and cfg.evaluate.trigger is None

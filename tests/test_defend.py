@@ -16,6 +16,7 @@ import yaml
 from ubt_ray.cli import main
 from ubt_ray.config import ModelConfig, load_config, save_config
 from ubt_ray.core.batches import decode_images
+from ubt_ray.core.density import Reference, density_scores, reference_keys
 from ubt_ray.core.neighbours import grey_vectors, pixel_space, ring_disagreement, target_concept_first
 from ubt_ray.core.scoring import prepare_model, score_batch, text_features, token_grid
 from ubt_ray.errors import UserError
@@ -122,6 +123,56 @@ def test_caption_disagreement_on_ray_data_scores_every_row_once_like_in_process(
     assert set(table.column_names) == {"key", "score", "disagreement", "target_similarity", "is_poison"}
 
 
+def test_density_scores_on_ray_data_equal_the_in_process_computation(ray_local, scored_input, tmp_path):
+    """score.density in the streaming actor pass: every row's k-distance, SLOF and DAO equal, to the last bit,
+    those computed in this process from the same seeded reference rows, with one actor or two (blocks cut
+    differently among them); the drop and the density scores are combined into one score, and the table says
+    which signal gave each row's score."""
+    data, model = scored_input
+    common = ["score.density=[kdist, slof, dao]", "score.reference_rows=100", "score.density_k=8",
+              "score.top_k=[5, 10]"]
+    tables = []
+    for actors in (1, 2):
+        cfg = load_config(None, common + [f"score.num_actors={actors}", "score.batch_size=64",
+                                          f"score.output={tmp_path / f'scores-{actors}'}"])
+        result = score(cfg, str(model), str(data))
+        assert (result.rows.rows_in, result.rows.rows_out, result.rows.rows_rejected) == (300, 299, 1)
+        manifest = json.loads((tmp_path / f"scores-{actors}" / "manifest.json").read_text())
+        assert manifest["density_reference_rows"] == 100
+        tables.append(pq.read_table(result.table).sort_by("key"))
+    columns = ["density_kdist", "density_slof", "density_dao"]
+    for c in columns + ["drop_token_mask"]:
+        assert tables[0].column(c).to_pylist() == tables[1].column(c).to_pylist(), c
+
+    source = pq.read_table(data).sort_by("key")
+    rows = {r["key"]: r for r in source.to_pylist()}
+    keys = [k for k in rows if k != BROKEN_KEY]
+    clip = load_clip(ModelConfig(checkpoint=str(model)))
+    prepare_model(clip.model, cfg.score.amp)
+    grid = token_grid(clip.model, 32)
+
+    def embed(chosen):
+        with torch.no_grad():
+            text = text_features(clip.model, clip.tokenizer([rows[k]["caption"] for k in chosen]))
+        out = score_batch(clip.model, decode_images([rows[k]["image"] for k in chosen], 32), text,
+                          clip.preprocess_cfg, grid, rows_per_forward=64, embeddings=True)
+        return out["image_embedding"].double(), text.double()
+
+    chosen = [k for k in reference_keys(list(rows), seed=cfg.run.seed, size=100) if k != BROKEN_KEY]
+    images, captions = embed(chosen)
+    reference = Reference(images, chosen, 8, captions=captions)
+    mine = density_scores(embed(keys)[0], keys, reference)
+    assert tables[0].column("key").to_pylist() == keys
+    for name in ("kdist", "slof", "dao"):
+        assert tables[0].column(f"density_{name}").to_pylist() == mine[name].float().tolist(), name
+    # max_z over the four signals: each row's score is its largest standardised signal, named in `transform`.
+    stats = json.loads((tmp_path / "scores-1" / "manifest.json").read_text())["signal_stats"]
+    z = np.stack([(tables[0].column(c).to_numpy() - mean) / std for c, (mean, std) in stats.items()], axis=1)
+    names = [c[len("drop_"):] if c.startswith("drop_") else c for c in stats]
+    assert np.allclose(tables[0].column("score").to_numpy(), z.max(axis=1), atol=1e-5)
+    assert tables[0].column("transform").to_pylist() == [names[i] for i in z.argmax(axis=1)]
+
+
 def test_pick_combination_takes_the_transform_whose_top_drops_stand_out(ray_local):
     """Blur's drops have a group of 5 far outliers (a trigger blur removes), the token mask's drops are one
     spread-out distribution with a larger std: pick takes blur, and its score is blur's drop on every row."""
@@ -132,21 +183,22 @@ def test_pick_combination_takes_the_transform_whose_top_drops_stand_out(ray_loca
     table = pa.table({"key": [f"row-{i:06d}" for i in range(n)], "drop_blur": blur.astype(np.float32),
                       "drop_token_mask": rng.normal(0.0, 0.2, n).astype(np.float32)})
     ds = ray.data.from_arrow(table).repartition(4)
-    stats = {t: (float(table.column(f"drop_{t}").to_numpy().mean()), float(table.column(f"drop_{t}").to_numpy().std()))
-             for t in ("blur", "token_mask")}
+    stats = {c: (float(table.column(c).to_numpy().mean()), float(table.column(c).to_numpy().std()))
+             for c in ("drop_blur", "drop_token_mask")}
     strengths = tail_strengths(ds, stats, 5)
-    assert strengths["blur"] > 5 > strengths["token_mask"] > 1
+    assert strengths["drop_blur"] > 5 > strengths["drop_token_mask"] > 1
     # pick's units: the median and 1.4826 MAD, from every row, or from a seeded sample of max_rows of them.
-    robust = robust_stats(ds, ["blur", "token_mask"], seed=0)
-    for t in ("blur", "token_mask"):
-        d = table.column(f"drop_{t}").to_numpy().astype(np.float64)
+    robust = robust_stats(ds, ["drop_blur", "drop_token_mask"], seed=0)
+    for t in ("drop_blur", "drop_token_mask"):
+        d = table.column(t).to_numpy().astype(np.float64)
         assert robust[t] == pytest.approx((np.median(d), 1.4826 * np.median(np.abs(d - np.median(d)))), rel=1e-6)
-    sampled = robust_stats(ds, ["token_mask"], seed=0, max_rows=200)["token_mask"]
-    assert sampled != robust["token_mask"] and sampled == robust_stats(ds, ["token_mask"], seed=0, max_rows=200)["token_mask"]
-    assert abs(sampled[0] - robust["token_mask"][0]) < 0.1 * robust["token_mask"][1]
+    sampled = robust_stats(ds, ["drop_token_mask"], seed=0, max_rows=200)["drop_token_mask"]
+    assert sampled != robust["drop_token_mask"]
+    assert sampled == robust_stats(ds, ["drop_token_mask"], seed=0, max_rows=200)["drop_token_mask"]
+    assert abs(sampled[0] - robust["drop_token_mask"][0]) < 0.1 * robust["drop_token_mask"][1]
     robust_tails = tail_strengths(ds, robust, 5)
-    assert robust_tails["blur"] > 20 > 4 > robust_tails["token_mask"] > 1
-    out = _combine(table, stats, picked="blur")
+    assert robust_tails["drop_blur"] > 20 > 4 > robust_tails["drop_token_mask"] > 1
+    out = _combine(table, stats, picked="drop_blur")
     assert out.column("score").to_pylist() == table.column("drop_blur").to_pylist()
     assert set(out.column("transform").to_pylist()) == {"blur"}
     # max_z instead: each row's larger standardised drop, so a token-mask row can come first.

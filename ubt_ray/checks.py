@@ -111,10 +111,21 @@ def check_overfit(o: OverfitConfig) -> None:
 def check_score(s: ScoreConfig) -> None:
     """Refuse transform and portion lists the scorer cannot run, in one sentence."""
     from .core.scoring import TRANSFORMS  # here, not at the top: torch is no part of `ubt config`'s start
+    from .core.density import SCORES
     bad = [t for t in s.transforms if t not in TRANSFORMS]
-    if bad or not s.transforms or len(set(s.transforms)) != len(s.transforms):
+    if bad or len(set(s.transforms)) != len(s.transforms) or not (s.transforms or s.density):
         raise UserError(f"score.transforms={s.transforms} must name each of {', '.join(TRANSFORMS)} at most once, "
-                        f"and at least one of them.")
+                        f"and at least one of them (or score.density at least one density score).")
+    bad = [d for d in s.density if d not in SCORES]
+    if bad or len(set(s.density)) != len(s.density):
+        raise UserError(f"score.density={s.density} must name each of {', '.join(SCORES)} at most once "
+                        f"([] for none).")
+    if s.density and s.method != "token_drop":
+        raise UserError(f"score.density needs score.method=token_drop (the density scores are signals beside its "
+                        f"drops), got score.method={s.method}: set score.density=[] or score.method=token_drop.")
+    if s.density and s.reference_rows <= s.density_k:
+        raise UserError(f"score.reference_rows={s.reference_rows} must exceed score.density_k={s.density_k}: a "
+                        f"row needs k neighbours in the reference besides itself.")
     first_last = s.neighbour_ranks
     if len(first_last) != 2 or not 0 <= first_last[0] < first_last[1]:
         raise UserError(f"score.neighbour_ranks={first_last} must be two ranks [first, last] with 0 <= first < "

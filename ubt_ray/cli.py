@@ -179,6 +179,26 @@ def _config(cfg: Config, args: argparse.Namespace) -> None:
     print("\n".join(describe()) if args.keys else save_config(cfg).rstrip("\n"))
 
 
+# What `ubt defend --help` lists after the arguments: the settings a user defending their own model sets.
+DEFEND_EPILOG = """settings that matter (section.key=value; `ubt config --keys` lists every key):
+  defend.model=PATH          the checkpoint to clean: an open_clip local-dir folder, local or s3://
+  defend.data=PATH           the Parquet shards it was trained on (key, image, caption), local or s3://
+  defend.output=PATH         where the cleaned model, score table and report.md go
+  data.test=PATH             labelled test shards for CA and ASR (with defend.evaluate=true)
+  data.class_names=[...]     zero-shot class prompts in the training captions' words
+  evaluate.heldout_class_names=[...], evaluate.heldout_templates=[...]
+                             a second prompt set the captions never use (held-out CA)
+  evaluate.trigger=PATH      a saved trigger for ASR (null when none is known)
+  unlearn.num_samples=K      how many of the most suspicious rows to unlearn (about the poisons expected)
+  score.use_gpu=true, score.num_actors=N, train.use_gpu=true, train.num_workers=N
+                             where scoring and the training phases run
+
+example:
+  ubt defend defend.model=s3://bucket/clip defend.data=s3://bucket/shards defend.output=s3://bucket/ubt \\
+      data.test=s3://bucket/test evaluate.trigger=null storage.endpoint_url=http://minio:9000
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ubt", description="Find and unlearn backdoors in CLIP models (UBT) on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -213,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint to score with (default: the overfit model, or defend.model)")
     phase("select", "Pick the top-k suspicious rows and a retain set from the score table (UBT step 3).", _select)
     phase("unlearn", "Unlearn the selected rows from defend.model with Ray Train (UBT step 4).", _unlearn)
-    phase("defend", "Run UBT end to end on defend.model and defend.data and write a report.", _defend)
+    p = phase("defend", "Run UBT end to end on defend.model and defend.data and write a report.", _defend)
+    p.epilog = DEFEND_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p = phase("baseline", "Fine-tune the backdoored model on clean pairs: plain CLIP loss (ft) or CleanCLIP.",
               _baseline, ("ft", "cleanclip"), dest="kind")
     p.add_argument("--model", help="checkpoint to start from (default: baseline.model)")

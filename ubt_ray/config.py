@@ -42,9 +42,9 @@ class RunConfig:
 class RayConfig:
     address: str | None = _f(None, "Ray cluster to join ('auto', 'ray://host:10001'); null starts or joins a local one.")
     num_cpus: int | None = _f(None, "CPUs of a local Ray started by this run; null uses all of them.", ge=1)
-    parquet_reader: str = _f("v1", "Ray Data's Parquet read path: v1 (ParquetDatasource) or v2 (Ray 2.60's default "
-                             "ListFiles -> ReadFiles). On a 2-core machine v2 cost 4-8 s per read of 1,200 rows, "
-                             "v1 0.2-1.3 s (benchmarks/parquet_reader.py).", choices=("v1", "v2"))
+    parquet_reader: str = _f("v1", "Ray Data's Parquet read path: v1 (ParquetDatasource, one task per file; faster "
+                             "for many small reads) or v2 (Ray 2.60's default ListFiles -> ReadFiles).",
+                             choices=("v1", "v2"))
 
 
 @dataclass
@@ -179,11 +179,19 @@ class ScoreConfig:
     attention_blocks: list[int] = _f([0], "Transformer blocks whose class-token attention is the attention "
                                           "saliency (summed); 0 is the first.")
     amp: bool = _f(True, "Score with bf16 weights on a CPU that runs bf16 natively (AVX512-BF16/AMX), else "
-                         "fp32; never on a GPU (the one GPU run with bf16 autocast lost detection: AUROC 0.43).")
+                         "fp32; a GPU always scores in fp32 (bf16 autocast there blurs the small drops the score ranks).")
     transforms: list[str] = _f(["token_mask"], "Trigger-removing transforms of token_drop (token_mask, blur, "
                                                "downup); several are combined by score.combine.")
-    combine: str = _f("max_z", "How several transforms' drops become one score: max_z = each row's largest "
-                               "standardised drop; pick = the drop of the one transform whose top "
+    density: list[str] = _f([], "Local-density scores of each row's image embedding, against a fixed seeded "
+                                 "reference of other rows' image and caption embeddings (kdist, slof, dao; Huang et "
+                                 "al., ICLR 2025), added to the transforms' drops as signals that assume no trigger "
+                                 "shape; computed in the same actor pass.")
+    density_k: int = _f(16, "k of the density scores: neighbours per row in the reference; keep it above the "
+                            "poisons a reference of score.reference_rows rows can hold.", ge=2)
+    reference_rows: int = _f(2048, "Rows of the density reference (the seeded sample of lowest key rank): every "
+                                   "actor embeds them once, and memory grows with them, not with the dataset.", ge=3)
+    combine: str = _f("max_z", "How several signals (transforms' drops, density scores) become one score: max_z = "
+                               "each row's largest standardised signal; pick = the signal whose top "
                                "unlearn.num_samples drops stand furthest above its median (in robust standard "
                                "deviations, 1.4826 MAD): the transform that removes this dataset's trigger.",
                       choices=("max_z", "pick"))
@@ -235,8 +243,8 @@ class UnlearnConfig:
     lr: float = _f(4e-4, "Learning rate.", gt=0)
     forget_weight: float = _f(1.0, "λ_f: weight of the forget loss against the retain (CLIP) loss.", ge=0)
     whole_image_weight: float = _f(4.0, "λ_f of the rows a whole-image transform (blur, downup) flagged, under "
-                                        "forget: auto (push_away; 4 took a Blended and a SIG backdoor to ASR "
-                                        "<= 3.3%, 2 left Blended at 11.7%).", ge=0)
+                                        "forget: auto (push_away); larger than forget_weight because a whole-image "
+                                        "trigger is spread over every token.", ge=0)
     margin: float = _f(0.2, "Cosine margin of push_away, local_push and invariance_push: pairs already below it "
                             "are left alone.", ge=-1, le=1)
     trainable: str = _f("all", "Parameters that move.", choices=("all", "visual", "visual.early", "text"))

@@ -153,7 +153,14 @@ def _batch_first(model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 def similarity_and_saliency(model: torch.nn.Module, x: torch.Tensor, text: torch.Tensor, grid: TokenGrid,
                             kind: str = "auto", layers: tuple[int, ...] = (0,)) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos(f(x), g(t)) per row and the (N, T) saliency of each image token.
+    """cos(f(x), g(t)) per row and the (N, T) saliency of each image token (see features_and_saliency)."""
+    features, saliency = features_and_saliency(model, x, text, grid, kind, layers)
+    return (features * text.detach()).sum(-1), saliency
+
+
+def features_and_saliency(model: torch.nn.Module, x: torch.Tensor, text: torch.Tensor, grid: TokenGrid,
+                          kind: str = "auto", layers: tuple[int, ...] = (0,)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The L2-normalised image features f(x) (N, D) and the (N, T) saliency of each image token for cos(f(x), g(t)).
 
     attention (the default for a ViT): the class token's attention to each patch token, averaged over heads
     and summed over the blocks `layers` (0: the first), read from the same forward that gives cos — no
@@ -173,13 +180,13 @@ def similarity_and_saliency(model: torch.nn.Module, x: torch.Tensor, text: torch
                    for j in layers]
         try:
             with torch.no_grad():
-                cos = (image_features(model, x) * text).sum(-1)
+                features = image_features(model, x)
                 saliency = sum(class_attention(blocks[j], _batch_first(model, inputs[j]), grid.count)
                                for j in layers)
         finally:
             for h in handles:
                 h.remove()
-        return cos, saliency
+        return features, saliency
     leaves: list[torch.Tensor] = []
     handle = None
     if kind == "token":
@@ -192,8 +199,8 @@ def similarity_and_saliency(model: torch.nn.Module, x: torch.Tensor, text: torch
         leaves.append(x)
     try:
         with torch.enable_grad():
-            cos = (image_features(model, x) * text).sum(-1)
-            (grad,) = torch.autograd.grad(cos.sum(), leaves[0])
+            features = image_features(model, x)
+            (grad,) = torch.autograd.grad((features * text).sum(), leaves[0])
     finally:
         if handle is not None:
             handle.remove()
@@ -205,7 +212,7 @@ def similarity_and_saliency(model: torch.nn.Module, x: torch.Tensor, text: torch
         per_pixel = per_pixel.sum(dim=1, keepdim=True)
         covered = grid.side * grid.patch
         saliency = (F.avg_pool2d(per_pixel[..., :covered, :covered], grid.patch) * grid.patch ** 2).flatten(1)
-    return cos.detach(), saliency
+    return features.detach(), saliency
 
 
 def token_saliency(model: torch.nn.Module, x: torch.Tensor, text: torch.Tensor, grid: TokenGrid,
@@ -279,8 +286,9 @@ def score_batch(model: torch.nn.Module, pixels: torch.Tensor, text: torch.Tensor
                 grid: TokenGrid, method: str = "token_drop", token_portion: float | Sequence[float] = 2 / 64,
                 transforms: tuple[str, ...] = ("token_mask",), negatives: torch.Tensor | None = None,
                 logit_scale: float | None = None, saliency: str = "auto", attention_blocks: tuple[int, ...] = (0,),
-                rows_per_forward: int = ROWS_PER_FORWARD) -> dict[str, torch.Tensor]:
-    """Score columns of one batch: `cos`, and per method `drop_<transform>` (+ `token_order`) or `loss`.
+                rows_per_forward: int = ROWS_PER_FORWARD, embeddings: bool = False) -> dict[str, torch.Tensor]:
+    """Score columns of one batch: `cos`, and per method `drop_<transform>` (+ `token_order`) or `loss`; with
+    `embeddings`, also `image_embedding` (N, D), the normalised image features f(x) of the same forward.
 
     token_drop: drop of cos(f(x), g(t)) under each transform (token_mask with several portions ρ: the mean of
     the drops with the top ⌈ρT⌉ tokens masked, for each ρ); `score` is the drop when there is one transform
@@ -293,23 +301,25 @@ def score_batch(model: torch.nn.Module, pixels: torch.Tensor, text: torch.Tensor
     """
     out = in_fixed_chunks(lambda p, t: _score_batch(model, p, t, preprocess_cfg, grid, method, token_portion,
                                                     transforms, negatives, logit_scale, saliency,
-                                                    tuple(attention_blocks)),
+                                                    tuple(attention_blocks), embeddings),
                           rows_per_forward, pixels, text)
     return {name: v if v.dtype == torch.int64 else v.float() for name, v in out.items()}
 
 
 def _score_batch(model, pixels, text, preprocess_cfg, grid, method, token_portion, transforms, negatives,
-                 logit_scale, saliency, attention_blocks) -> dict[str, torch.Tensor]:
+                 logit_scale, saliency, attention_blocks, embeddings) -> dict[str, torch.Tensor]:
     x = normalize(pixels, preprocess_cfg).to(next(model.parameters()).dtype)
     order = None
     if method == "token_drop" and "token_mask" in transforms:
-        cos, sal = similarity_and_saliency(model, x, text, grid, saliency, attention_blocks)
+        img, sal = features_and_saliency(model, x, text, grid, saliency, attention_blocks)
         order = token_order(sal)
     else:
         with torch.no_grad():
             img = image_features(model, x)
-        cos = (img * text).sum(-1)
+    cos = (img * text).sum(-1)
     out = {"cos": cos}
+    if embeddings:
+        out["image_embedding"] = img
     if method == "cosine":
         out["score"] = -cos
     elif method == "loss":

@@ -6,7 +6,7 @@ original model saw without the trigger, stopgrad f_θ₀(x̄); `push_away` pushe
 margin on the whole image; `local_push` does the same on the image with only its top-ρ tokens kept;
 `invariance_push` is the sum of token_invariance and push_away; `auto` picks per row by the transform that
 flagged it: token_invariance (weight forget_weight) for a row the token mask flagged, push_away (weight
-whole_image_weight) for one a whole-image transform (blur, downup) flagged.
+whole_image_weight) for one a whole-image transform (blur, downup) or a density score flagged.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .batches import normalize
 from .objectives import Batch, clip_loss
-from .scoring import (TokenGrid, apply_mask, image_features, remove_trigger, text_features, token_mask,
+from .scoring import (TRANSFORMS, TokenGrid, apply_mask, image_features, remove_trigger, text_features, token_mask,
                       token_order, token_saliency, tokens_to_take)
 
 FORGET_LOSSES = ("token_invariance", "push_away", "local_push", "invariance_push", "auto")
@@ -60,8 +60,10 @@ def prepare_forget_inputs(reference: torch.nn.Module, forget: ForgetSet, preproc
         if kind == "local_push":
             out.append(apply_mask(x, token_mask(order, count, grid, keep=True)))
             continue
-        cleaned = torch.stack([remove_trigger(x[i:i + 1], t, order[i:i + 1], count, grid)[0]
-                               for i, t in enumerate(forget.transforms[part])])
+        # A row a density score flagged has no trigger-removing transform: it is pushed away under auto, and its
+        # invariance target (never used then) is its own image's feature.
+        cleaned = torch.stack([remove_trigger(x[i:i + 1], t, order[i:i + 1], count, grid)[0] if t in TRANSFORMS
+                               else x[i] for i, t in enumerate(forget.transforms[part])])
         with torch.no_grad():
             out.append(image_features(reference, cleaned))
     return torch.cat(out)

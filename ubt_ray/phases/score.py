@@ -2,7 +2,10 @@
 
 `read_parquet -> map_batches(Scorer, compute=ActorPoolStrategy) -> write_parquet`: each actor loads the model
 once; nothing is collected on the driver. Rows whose image cannot be decoded are counted as rejected, with
-their keys, in the manifest. Several transforms are combined after a pass over the (small) drop columns.
+their keys, in the manifest. With score.density, each actor also embeds a fixed seeded reference of rows once
+(read by the driver in one filtering pass: memory grows with the reference, not the dataset) and gives every row
+its local-density scores against it from the same forward. Several signals (transforms' drops, density scores)
+are combined after a pass over their (small) columns.
 When the shards carry `is_poison`, detection metrics and a score histogram are written beside the table.
 """
 
@@ -23,6 +26,7 @@ from ..checks import check_score
 from ..cluster import ensure_ray
 from ..config import Config, ModelConfig, ScoreConfig, StorageConfig
 from ..core.batches import decode_rows
+from ..core.density import Reference, density_scores, key_rank
 from ..core.scoring import (CaptionFeatures, combine_drops, prepare_model, robust_center_scale, score_batch, tail_strength,
                             text_features, token_grid)
 from ..core.zeroshot import auroc, precision_recall_at_k
@@ -30,8 +34,8 @@ from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..models import load_clip
 from ..report_files import png_bytes, pyplot
-from ..shards import (TABLE, RowLedger, batch_identity, count_rows, map_on_actor_pool, read_columns, shard_schema,
-                      top_k, write_shards)
+from ..shards import (TABLE, RowLedger, batch_identity, count_rows, map_on_actor_pool, read_columns, read_shards,
+                      shard_schema, top_k, write_shards)
 from .disagreement import caption_disagreement
 
 DETECTION_FILE = "detection.json"
@@ -53,7 +57,7 @@ class Scorer:
     """Ray Data actor: loads the model once, then scores batches of rows (pyarrow in, pyarrow out)."""
 
     def __init__(self, model: ModelConfig, storage_cfg: StorageConfig, settings: ScoreConfig, seed: int,
-                 negative_captions: list[str], threads: int, use_gpu: bool, ledger):
+                 negative_captions: list[str], threads: int, use_gpu: bool, ledger, reference=None):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.clip = load_clip(model, storage_cfg, self.device, seed=seed)
@@ -66,6 +70,17 @@ class Scorer:
             with torch.no_grad():
                 self.negatives = text_features(self.clip.model, self.clip.tokenizer(negative_captions).to(self.device))
         self.logit_scale = float(self.clip.model.logit_scale.exp())
+        # The density reference: the seeded reference rows (an object ref, fetched once) embedded by this model.
+        self.reference = None
+        if settings.density:
+            rows = ray.get(reference) if isinstance(reference, ray.ObjectRef) else reference
+            self.reference = embed_reference(self.clip, self.grid, self.captions, rows, settings, self.device)
+
+    def _score(self, pixels: np.ndarray, captions: list[str], embeddings: bool = False) -> dict[str, torch.Tensor]:
+        return score_batch(self.clip.model, torch.from_numpy(pixels).to(self.device), self.captions(captions),
+                           self.clip.preprocess_cfg, self.grid, self.s.method, tuple(self.s.token_portions),
+                           tuple(self.s.transforms), self.negatives, self.logit_scale, self.s.saliency,
+                           tuple(self.s.attention_blocks), rows_per_forward=self.s.batch_size, embeddings=embeddings)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         batch = batch_identity(table)  # a batch retried after this actor was restarted replaces its first count
@@ -73,11 +88,16 @@ class Scorer:
         ray.get(self.ledger.add.remote(batch, counts, source=ray.get_runtime_context().get_actor_id()))
         if pixels is None:
             return _empty_output(table, self.s)
-        out = score_batch(self.clip.model, torch.from_numpy(pixels).to(self.device),
-                          self.captions(table.column("caption").to_pylist()), self.clip.preprocess_cfg, self.grid,
-                          self.s.method, tuple(self.s.token_portions), tuple(self.s.transforms), self.negatives,
-                          self.logit_scale, self.s.saliency, tuple(self.s.attention_blocks),
-                          rows_per_forward=self.s.batch_size)
+        keys = table.column("key").to_pylist()
+        out = self._score(pixels, table.column("caption").to_pylist(), embeddings=self.reference is not None)
+        if self.reference is not None:
+            embedded = out.pop("image_embedding")
+            for name, values in density_scores(embedded.double(), keys, self.reference, which=self.s.density).items():
+                out[f"density_{name}"] = values
+            if len(signal_columns(self.s)) > 1:
+                out.pop("score", None)  # several signals: combined over the whole dataset afterwards
+            else:
+                out["score"] = out[signal_columns(self.s)[0]]
         columns = {"key": table.column("key")}
         for name, values in out.items():
             if name == "token_order":  # (N, T) -> list<int16> from offsets, without a Python list per row
@@ -91,6 +111,64 @@ class Scorer:
         return pa.table(columns)
 
 
+def signal_columns(s: ScoreConfig) -> list[str]:
+    """The score table's columns that are suspicion signals: each transform's drop, then each density score."""
+    if s.method != "token_drop":
+        return ["score"]
+    return [f"drop_{t}" for t in s.transforms] + [f"density_{d}" for d in s.density]
+
+
+def signal_name(column: str) -> str:
+    """A signal's name in the table's `transform` column: the transform (token_mask, blur, downup) or the
+    density score's column (density_slof, ...), which unlearning treats as a whole-image signal."""
+    return column[len("drop_"):] if column.startswith("drop_") else column
+
+
+def reference_rows(cfg: Config, data: str) -> pa.Table:
+    """The density reference's rows (key, image, caption): the score.reference_rows rows of lowest
+    `key_rank(run.seed, key)`, read in one streaming pass that keeps only rows whose rank falls in a share of the
+    hash range a little larger than needed (widened if too few pass), so the driver holds about twice the
+    reference, whatever the dataset's size."""
+    s = cfg.score
+    total = count_rows(data, cfg.storage)
+    size = min(s.reference_rows, total)
+    fraction = min(1.0, 2.0 * size / max(total, 1))
+    while True:
+        limit = int(fraction * 2 ** 64)
+        ds = read_shards(data, cfg, columns=["key", "image", "caption"]).map_batches(
+            _rank_below, batch_format="pyarrow", fn_kwargs={"seed": cfg.run.seed, "limit": limit})
+        refs = ds.to_arrow_refs()
+        table = pa.concat_tables([t for t in ray.get(refs) if t.num_rows]) if refs else None
+        if (table is not None and table.num_rows >= size) or fraction >= 1.0:
+            break
+        fraction = min(1.0, fraction * 2)
+    if table is None:
+        return pa.table({"key": pa.array([], pa.string()), "image": pa.array([], pa.binary()),
+                         "caption": pa.array([], pa.string())})
+    ranks = [(key_rank(cfg.run.seed, k), k) for k in table.column("key").to_pylist()]
+    keep = sorted(range(len(ranks)), key=ranks.__getitem__)[:size]
+    return table.take(pa.array(sorted(keep), pa.int64()))
+
+
+def _rank_below(table: pa.Table, seed: int, limit: int) -> pa.Table:
+    return table.filter(pa.array([key_rank(seed, k) < limit for k in table.column("key").to_pylist()], pa.bool_()))
+
+
+def embed_reference(clip, grid, captions: CaptionFeatures, rows: pa.Table, s: ScoreConfig,
+                    device: torch.device) -> Reference:
+    """The density `Reference` of the reference rows under the scoring model: their image embeddings from the
+    same forwards (and fixed chunks) as a scored row's, their caption features, in float64. Rows whose image does
+    not decode are left out of the reference (they are counted where the main pass meets them)."""
+    rows, pixels, _ = decode_rows(rows, clip.image_size)
+    if pixels is None or rows.num_rows <= s.density_k:
+        raise UserError(f"score.density needs more than score.density_k={s.density_k} decodable reference rows, "
+                        f"found {0 if pixels is None else rows.num_rows}: lower score.density_k or check the data.")
+    text = captions(rows.column("caption").to_pylist())
+    images = score_batch(clip.model, torch.from_numpy(pixels).to(device), text, clip.preprocess_cfg, grid, "cosine",
+                         rows_per_forward=s.batch_size, embeddings=True)["image_embedding"]
+    return Reference(images.double(), rows.column("key").to_pylist(), s.density_k, captions=text.double())
+
+
 def _empty_output(table: pa.Table, s: ScoreConfig) -> pa.Table:
     cols = {"key": pa.array([], pa.string())}
     if s.method == "caption_disagreement":
@@ -101,9 +179,10 @@ def _empty_output(table: pa.Table, s: ScoreConfig) -> pa.Table:
         cols.update({f"drop_{t}": pa.array([], pa.float32()) for t in s.transforms})
         if "token_mask" in s.transforms:
             cols["token_order"] = pa.array([], pa.list_(pa.int16()))
+        cols.update({f"density_{d}": pa.array([], pa.float32()) for d in s.density})
     if s.method == "loss":
         cols["loss"] = pa.array([], pa.float32())
-    if s.method in ("cosine", "loss") or (s.method == "token_drop" and len(s.transforms) == 1):
+    if s.method in ("cosine", "loss") or (s.method == "token_drop" and len(signal_columns(s)) == 1):
         cols["score"] = pa.array([], pa.float32())
     if "is_poison" in table.column_names:
         cols["is_poison"] = pa.array([], pa.bool_())
@@ -111,41 +190,40 @@ def _empty_output(table: pa.Table, s: ScoreConfig) -> pa.Table:
 
 
 def _combine(table: pa.Table, stats: dict, picked: str | None = None) -> pa.Table:
-    """Ray Data UDF: the `score` and `transform` columns, from the picked transform's drop or the max_z rule."""
+    """Ray Data UDF: the `score` and `transform` columns (the signal that gave the score, by `signal_name`), from
+    the picked signal column or the max_z rule over the signal columns in `stats`."""
     if picked is not None:
-        return (table.append_column("score", table.column(f"drop_{picked}"))
-                .append_column("transform", pa.array([picked] * table.num_rows, pa.string())))
-    drops = {name: torch.from_numpy(table.column(f"drop_{name}").to_numpy(zero_copy_only=False)) for name in stats}
+        return (table.append_column("score", table.column(picked))
+                .append_column("transform", pa.array([signal_name(picked)] * table.num_rows, pa.string())))
+    drops = {name: torch.from_numpy(table.column(name).to_numpy(zero_copy_only=False)) for name in stats}
     best, which = combine_drops(drops, stats)
-    return table.append_column("score", pa.array(best.numpy())).append_column("transform", pa.array(which, pa.string()))
+    return table.append_column("score", pa.array(best.numpy())).append_column(
+        "transform", pa.array([signal_name(w) for w in which], pa.string()))
 
 
 ROBUST_STATS_ROWS = 1_000_000
 
 
-def robust_stats(ds: ray.data.Dataset, names: list[str], seed: int,
+def robust_stats(ds: ray.data.Dataset, columns: list[str], seed: int,
                  max_rows: int = ROBUST_STATS_ROWS) -> dict[str, tuple[float, float]]:
-    """Each transform's drop median and robust standard deviation (`robust_center_scale`) over the scored rows,
-    or over a seeded sample of `max_rows` of them where there are more (the driver holds the drops it reads:
-    4 bytes a row and transform; a median from a million rows is off by about a thousandth of a std)."""
-    columns = [f"drop_{name}" for name in names]
+    """Each signal column's median and robust standard deviation (`robust_center_scale`) over the scored rows,
+    or over a seeded sample of `max_rows` of them where there are more (the driver holds the values it reads:
+    4 bytes a row and signal; a median from a million rows is off by about a thousandth of a std)."""
     part = ds.select_columns(columns)
     rows = ds.count()
     if rows > max_rows:
         part = part.random_sample(max_rows / rows, seed=seed)
     batches = list(part.iter_batches(batch_format="numpy", batch_size=None))
-    return {name: robust_center_scale(np.concatenate([b[column] for b in batches]))
-            for name, column in zip(names, columns)}
+    return {column: robust_center_scale(np.concatenate([b[column] for b in batches])) for column in columns}
 
 
 def tail_strengths(ds: ray.data.Dataset, stats: dict[str, tuple[float, float]], k: int) -> dict[str, float]:
-    """Each transform's `tail_strength` over the scored dataset: its k largest drops against its (centre, scale)
-    in `stats` (per-block top-k merged on the driver, so memory is bounded by k)."""
+    """Each signal column's `tail_strength` over the scored dataset: its k largest values against its (centre,
+    scale) in `stats` (per-block top-k merged on the driver, so memory is bounded by k)."""
     out = {}
-    for name, (center, scale) in stats.items():
-        column = f"drop_{name}"
+    for column, (center, scale) in stats.items():
         top = top_k(ds.select_columns(["key", column]), k, column)
-        out[name] = tail_strength(torch.tensor(top.column(column).to_numpy()), center, scale)
+        out[column] = tail_strength(torch.tensor(top.column(column).to_numpy()), center, scale)
     return out
 
 
@@ -214,7 +292,8 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
         detection = detection_metrics(table_uri, cfg, s.top_k, output)
     manifest = write_manifest(output, "score", cfg, inputs={"data": data, "model": model_uri}, rows=rows,
                               started=started, extra={"table": table_uri, "method": s.method,
-                                                      "transforms": s.transforms, "token_portions": s.token_portions,
+                                                      "transforms": s.transforms, "density": s.density,
+                                                      "token_portions": s.token_portions,
                                                       "actors": actors, "threads_per_actor": threads,
                                                       "rows_per_actor": rows_per_actor, "combine": s.combine,
                                                       **extra, "detection": detection})
@@ -226,22 +305,28 @@ def _drop_scores(cfg: Config, model: ModelConfig, data: str, columns: list[str],
     """The token_drop / cosine / loss score dataset, and for the manifest (several transforms) the drops'
     statistics, and with `pick` their robust statistics, tail strengths and the picked transform."""
     s = cfg.score
+    extra: dict = {}
+    reference = None
+    if s.density:  # read once here, put in the object store once, embedded by each actor
+        rows = reference_rows(cfg, data)
+        extra["density_reference_rows"] = rows.num_rows
+        reference = ray.put(rows)
     ds = map_on_actor_pool(data, cfg, columns, Scorer, s.batch_size, actors, s.cpus_per_actor, s.use_gpu,
                            {"model": model, "storage_cfg": cfg.storage, "settings": s, "seed": cfg.run.seed,
                             "negative_captions": negatives, "threads": threads, "use_gpu": s.use_gpu,
-                            "ledger": ledger})
-    extra: dict = {}
-    if s.method == "token_drop" and len(s.transforms) > 1:
-        ds = ds.materialize()  # in the object store, not on the driver: the drops' statistics need every row
+                            "ledger": ledger, "reference": reference})
+    signals = signal_columns(s)
+    if len(signals) > 1:
+        ds = ds.materialize()  # in the object store, not on the driver: the signals' statistics need every row
         if ds.count():  # with every row rejected there is nothing to combine: the empty table and the counts say so
-            stats = {t: (float(ds.mean(f"drop_{t}")), float(ds.std(f"drop_{t}"))) for t in s.transforms}
-            extra["transform_stats"] = stats
+            stats = {c: (float(ds.mean(c)), float(ds.std(c))) for c in signals}
+            extra["signal_stats"] = stats
             picked = None
             if s.combine == "pick":
-                robust = robust_stats(ds, s.transforms, cfg.run.seed)
+                robust = robust_stats(ds, signals, cfg.run.seed)
                 strengths = tail_strengths(ds, robust, cfg.unlearn.num_samples)
                 picked = max(strengths, key=strengths.get)
-                extra.update(transform_robust_stats=robust, tail_strengths=strengths, picked_transform=picked)
+                extra.update(signal_robust_stats=robust, tail_strengths=strengths, picked_signal=picked)
             ds = ds.map_batches(_combine, batch_format="pyarrow", fn_kwargs={"stats": stats, "picked": picked})
     return ds, extra
 
