@@ -2,7 +2,7 @@
 model, into one table (docs/results.md).
 
     .venv/bin/python benchmarks/defense_table.py [--configs configs/scenes] [--attacks badnet sig ...]
-        [--defenses default any_trigger caption_disagreement] [--out DIR] [--name NAME] [--merge FILE.json ...]
+        [--defenses default any_trigger caption_disagreement density] [--out DIR] [--name NAME] [--merge FILE.json ...]
         [overrides...]
 
 Each (attack, defense) runs `ubt defend -c <configs>/<attack>.yaml [-c configs/<defense>.yaml]` in its own process,
@@ -25,7 +25,7 @@ from attack_table import ATTACKS
 from results_io import cli_summary, read_result, resolved_config, write_results
 
 REPO = Path(__file__).resolve().parent.parent
-DEFENSES = ("default", "any_trigger", "caption_disagreement")
+DEFENSES = ("default", "any_trigger", "caption_disagreement", "density")
 
 
 def defense_args(configs: Path, attack: str, defense: str, overrides: list[str]) -> list[str]:
