@@ -332,7 +332,8 @@ def _drop_scores(cfg: Config, model: ModelConfig, data: str, columns: list[str],
 
 
 def detection_metrics(table_uri: str, cfg: Config, ks: list[int], output: str) -> dict:
-    """AUROC and precision/recall@k of the scores against `is_poison`, plus the histogram PNG."""
+    """AUROC and precision/recall@k of the scores against `is_poison`, the clean rows above the selection's
+    cut-off (the unlearn.num_samples-th score), plus the histogram PNG."""
     t = read_columns(table_uri, cfg.storage, ["score", "is_poison"])
     scores = t.column("score").to_numpy().astype(np.float64)
     truth = t.column("is_poison").to_numpy(zero_copy_only=False).astype(bool)
@@ -340,21 +341,39 @@ def detection_metrics(table_uri: str, cfg: Config, ks: list[int], output: str) -
     if 0 < truth.sum() < len(truth):
         metrics["auroc"] = auroc(scores, truth)
         metrics.update(precision_recall_at_k(scores, truth, [k for k in ks if k <= len(scores)]))
+    cutoff = selection_cutoff(scores, cfg.unlearn.num_samples)
+    if cutoff is not None:
+        metrics.update(cutoff=cutoff, clean_above_cutoff=int(((scores >= cutoff) & ~truth).sum()),
+                       poisons_above_cutoff=int(((scores >= cutoff) & truth).sum()))
     storage.write_json(storage.join(output, DETECTION_FILE), metrics, cfg.storage)
-    storage.write_bytes(storage.join(output, HISTOGRAM_FILE), histogram_png(scores, truth, cfg.score.method),
-                        cfg.storage)
+    storage.write_bytes(storage.join(output, HISTOGRAM_FILE),
+                        histogram_png(scores, truth, cfg.score.method, cutoff), cfg.storage)
     return metrics
 
 
-def histogram_png(scores: np.ndarray, truth: np.ndarray, method: str) -> bytes:
-    """Score histogram of clean and poisoned rows (densities, shared bins) as PNG bytes."""
+def selection_cutoff(scores: np.ndarray, k: int) -> float | None:
+    """The k-th largest score, the lowest that select can still put in the forget set (None without rows)."""
+    if not len(scores) or k < 1:
+        return None
+    return float(np.partition(scores, len(scores) - min(k, len(scores)))[len(scores) - min(k, len(scores))])
+
+
+def histogram_png(scores: np.ndarray, truth: np.ndarray, method: str, cutoff: float | None = None) -> bytes:
+    """Score histogram of clean and poisoned rows (counts on a log axis, shared bins) as PNG bytes, with the
+    selection's cut-off and how many clean and poisoned rows lie above it: the forget set's make-up at a glance."""
     fig, ax = pyplot().subplots(figsize=(6, 3.5), dpi=100)
     bins = np.histogram_bin_edges(scores, bins=60)
-    ax.hist(scores[~truth], bins=bins, density=True, alpha=0.6, label=f"clean ({int((~truth).sum())})")
+    ax.hist(scores[~truth], bins=bins, alpha=0.6, label=f"clean ({int((~truth).sum())})")
     if truth.any():
-        ax.hist(scores[truth], bins=bins, density=True, alpha=0.6, label=f"poison ({int(truth.sum())})")
+        ax.hist(scores[truth], bins=bins, alpha=0.6, label=f"poison ({int(truth.sum())})")
+    if cutoff is not None:
+        above = scores >= cutoff
+        ax.axvline(cutoff, color="black", linestyle="--", linewidth=1,
+                   label=f"selection cut-off: {int((above & ~truth).sum())} clean, {int((above & truth).sum())} "
+                         f"poison above")
+    ax.set_yscale("log")
     ax.set_xlabel(f"{method} score")
-    ax.set_ylabel("density")
-    ax.legend()
+    ax.set_ylabel("rows")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return png_bytes(fig)
