@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmark: one unlearning variant on the quickstart's finished defense (its score table and backdoored model),
-# then its CA and ASR on the whole test set. How the README's table of unlearning choices was measured.
+# then its CA and ASR on the whole test set: for comparing unlearning choices.
 #
 #   benchmarks/unlearn_variants.sh NAME RETAIN_POOL [section.key=value ...]
 #   e.g. benchmarks/unlearn_variants.sh push_m02 0.95 unlearn.forget=push_away unlearn.margin=0.2

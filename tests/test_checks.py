@@ -69,7 +69,7 @@ def test_defend_runs_overfit_and_evaluate_only_when_configured():
     assert command_phases(load_config(None), "defend") == {"overfit", "score", "select", "unlearn", "evaluate"}
     assert command_phases(load_config(None, ["defend.overfit=false", "defend.evaluate=false"]), "defend") == {
         "score", "select", "unlearn"}
-    assert command_phases(load_config(None, ["score.model=original"]), "defend") == {
+    assert command_phases(load_config(None, ["defend.overfit=false"]), "defend") == {
         "score", "select", "unlearn", "evaluate"}
     assert command_phases(load_config(None, ["pipeline.phases=[train, defend]", "defend.evaluate=false"]),
                           "pipeline") == {"train", "overfit", "score", "select", "unlearn"}

@@ -246,7 +246,7 @@ def test_top_k_is_the_same_whatever_the_number_of_blocks(ray_local):
 
 # UBT settings for the small backdoored model below (see test_defend_removes_the_backdoor_and_keeps_clean_accuracy);
 # the quickstart's defaults differ (token_mask scoring alone, retain pool 0.95, forget weight 1).
-UBT = ["defend.overfit=false", "score.model=original", "score.transforms=[token_mask, blur]",
+UBT = ["defend.overfit=false", "score.transforms=[token_mask, blur]",
        "unlearn.forget=token_invariance",
        "select.retain_pool=0.5", "unlearn.num_samples=300", "unlearn.lr=4e-4",
        "unlearn.forget_weight=5", "unlearn.steps=40", "unlearn.batch_size=128", "select.retain_samples=1500",
@@ -287,12 +287,27 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
     # 82.6% -> 46.1% (CA -1.7, -3.1, -1.4 points); with a 4x4 patch (seeds 0, 1) AUROC 0.55 and 0.52. Seed 2 is
     # the fixture because its backdoor is one the detection finds, which is what this test is about. The bound
     # below asks for a 25-point fall, which skipping the unlearning (ASR unchanged) fails.
+    # The model evaluated as the pipeline does just before a defense: the defense copies that evaluation of θ₀.
+    assert main(["evaluate", *overrides, "--model", str(root / "attack" / "model")]) == 0
+    evaluated = json.loads((root / "attack" / "eval" / "metrics.json").read_text())
     code = main(["defend", *overrides, *UBT])
     assert code == 0
     out = capsys.readouterr().out
     summary = last_json(out)
     assert not summary["reused"]
     before, after = summary["before"], summary["after"]
+    copied = json.loads((root / "defend" / "eval_before" / "metrics.json").read_text())
+    assert copied["reused_from"] == str(root / "attack" / "eval") and "reused_from" not in evaluated
+    assert {k: v for k, v in copied.items() if k != "reused_from"} == evaluated
+    assert before["attack_success_rate"] == evaluated["attack_success_rate"]
+    # Other prompts or another model make another evaluation.
+    from ubt_ray.phases.evaluate import evaluation_fingerprint
+    cfg = load_config(None, overrides)
+    model = str(root / "attack" / "model")
+    assert evaluation_fingerprint(cfg, model) == evaluated["fingerprint"]
+    assert evaluation_fingerprint(load_config(None, [*overrides, "evaluate.heldout_templates=['a {}.']"]),
+                                  model) != evaluated["fingerprint"]
+    assert evaluation_fingerprint(cfg, str(root / "init")) != evaluated["fingerprint"]
     assert before["attack_success_rate"] >= 0.6, before  # the backdoor is there to remove
     assert after["attack_success_rate"] <= before["attack_success_rate"] - 0.25, (before, after)
     assert after["clean_accuracy"] >= before["clean_accuracy"] - 0.05, (before, after)

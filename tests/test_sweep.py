@@ -171,7 +171,7 @@ def backdoored(ray_local, tmp_path_factory):
                  "poison.num_poisons=60", "poison.params={size: 6}"]
     assert main(["poison", *overrides]) == 0
     train_micro_clip(str(root / "poison" / "shards"), root / "attack" / "model")
-    overrides += ["defend.overfit=false", "score.model=original", "score.num_actors=1", "score.batch_size=200",
+    overrides += ["defend.overfit=false", "score.num_actors=1", "score.batch_size=200",
                   "sweep.space={unlearn.num_samples: {grid: [20, 40]}, unlearn.token_portion: {grid: [0.0625]}}",
                   "sweep.max_concurrent_trials=1", "sweep.probe_every=2", "sweep.probe_rows=100",
                   "select.retain_samples=256", "unlearn.steps=4", "unlearn.batch_size=32",

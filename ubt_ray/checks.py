@@ -50,7 +50,7 @@ def command_phases(cfg: Config, command: str) -> set[str]:
     """The phases a `ubt` subcommand runs, as far as the config alone tells."""
     def defend() -> set[str]:
         d = cfg.defend
-        return ({"overfit"} if d.overfit and cfg.score.model == "overfit" else set()) | {"score", "select", "unlearn"} \
+        return ({"overfit"} if d.overfit else set()) | {"score", "select", "unlearn"} \
             | ({"evaluate"} if d.evaluate else set())
     if command == "pipeline":
         return set().union(*(defend() if p == "defend" else {p} for p in cfg.pipeline.phases))

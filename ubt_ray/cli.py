@@ -86,8 +86,7 @@ def _overfit(cfg: Config, args: argparse.Namespace) -> Outcome:
 def _score(cfg: Config, args: argparse.Namespace) -> Outcome:
     from . import storage
     from .phases.score import score
-    model = args.model or (storage.join(cfg.overfit.output, "model") if cfg.score.model == "overfit"
-                           else cfg.defend.model)
+    model = args.model or (storage.join(cfg.overfit.output, "model") if cfg.defend.overfit else cfg.defend.model)
     r = score(cfg, model, cfg.defend.data)
     return Outcome({"table": r.table, "model": model, "rows_in": r.rows.rows_in, "rows_out": r.rows.rows_out,
                     "rows_rejected": r.rows.rows_rejected, "detection": r.detection,

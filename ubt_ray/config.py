@@ -143,7 +143,8 @@ class DefendConfig:
     model: str = _f("${train.output}/model", "The possibly backdoored open_clip checkpoint θ₀ (local-dir, local or s3://).")
     data: str = _f("${data.train}", "The suspicious shards D the model was trained on.")
     output: str = _f("${run.output_dir}/defend", "Root of the defense's outputs; report.json and report.md go here.")
-    overfit: bool = _f(True, "Run the overfit phase (METHOD.md step 1); false scores with θ₀.")
+    overfit: bool = _f(True, "Run the overfit phase (METHOD.md step 1) and score with its model θₒ; false skips it "
+                             "and scores with θ₀.")
     evaluate: bool = _f(True, "Evaluate θ₀ and the cleaned model (CA, ASR) for the report.")
 
 
@@ -167,7 +168,6 @@ class ScoreConfig:
                                     "(a row's caption against those of the rows that look like it; no trigger "
                                     "assumed, none of the image tower used; configs/caption_disagreement.yaml).",
                      choices=("token_drop", "cosine", "loss", "caption_disagreement"))
-    model: str = _f("overfit", "Score with the overfit model θₒ or the original θ₀.", choices=("overfit", "original"))
     token_portions: list[float] = _f([2 / 64], "ρ values: share of image tokens the token_mask transform masks; "
                                                 "with several, the drop is the mean of the drops at each (one more "
                                                 "image forward per row for each; benchmarks/portion_choice.py).")
@@ -286,7 +286,9 @@ class CompareConfig:
 class PipelineConfig:
     phases: list[str] = _f(list(PHASES), f"Phases `ubt pipeline` runs, in order; any of {', '.join(PHASES)}.")
     reuse: bool = _f(True, "Skip prepare/poison when their output's manifest holds the same config, and defend when "
-                           "defend.output holds a defense of the same settings, model and data files.")
+                           "defend.output holds a defense of the same settings, model and data files; copy an "
+                           "evaluation in evaluate.output of the same model, test set, trigger and prompts instead "
+                           "of measuring it again.")
 
 
 @dataclass

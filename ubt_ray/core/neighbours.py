@@ -3,8 +3,7 @@
 A poison pairs the target's caption with another class's image, whatever its trigger, so its caption disagrees
 with the captions of the rows that look like it. "Look like" is measured in a space the trigger barely moves and
 the backdoor never touched: the principal axes of the grey-level pixels (there are no trusted pretrained image
-features on this machine), not the backdoored image tower. Two measured choices (README, "caption
-disagreement"): neighbours are a ring of ranks (the 100th to the 400th nearest rows by default), because a
+features on this machine), not the backdoored image tower. Two measured choices: neighbours are a ring of ranks (the 100th to the 400th nearest rows by default), because a
 whole-image trigger such as WaNet's warp packs the poisons into tight clusters whose nearest members are other
 poisons; and the poisons of one attack share one caption concept, so the rows of the concept that dominates the
 most suspicious rows are ranked first.

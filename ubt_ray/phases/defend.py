@@ -86,7 +86,7 @@ def find_suspicious(cfg: Config, output: str | None = None) -> tuple[ScoreResult
     d = cfg.defend
     phases: dict[str, dict] = {}
     scoring_model = d.model
-    if d.overfit and cfg.score.model == "overfit":
+    if d.overfit:
         r = overfit(cfg, d.model, d.data)
         scoring_model = r.model
         phases["overfit"] = {"wall_time_s": r.wall_time_s, "rows": r.rows, "steps": r.steps,

@@ -19,11 +19,11 @@ import torch
 from ..checks import check_heldout
 from ..config import Config
 from ..core.batches import decode_image
-from ..core.models import Clip, pick_device
+from ..core.models import CHECKPOINT_SUFFIXES, Clip, pick_device
 from ..core.triggers import Trigger, apply_to_png, load_trigger
 from ..core.zeroshot import attack_success_rate, class_embeddings, clean_accuracy, image_embeddings
 from ..errors import UserError
-from ..manifest import RowCounts, write_manifest
+from ..manifest import RowCounts, fingerprint, write_manifest
 from ..models import load_clip
 from ..shards import read_columns, shard_schema
 from .. import console, storage
@@ -169,6 +169,7 @@ def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
         "trigger": attack.uri if attack else None,
         "sample_passes": len(test.keys) * (2 if attack else 1),
         "wall_time_s": round(time.time() - started, 3),
+        "fingerprint": evaluation_fingerprint(cfg, model_cfg.checkpoint),
     }
     storage.write_json(storage.join(ev.output, "metrics.json"), metrics, cfg.storage)
     rows = RowCounts(rows_in=len(test.keys), rows_out=len(test.keys))
@@ -179,8 +180,50 @@ def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
 
 
 def evaluate_to(cfg: Config, model_uri: str, output: str) -> EvalResult:
-    """`evaluate` of `model_uri` with its metrics written to `output` instead of evaluate.output."""
-    return evaluate(dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, output=output)), model_uri)
+    """`evaluate` of `model_uri` with its metrics written to `output` instead of evaluate.output. With
+    `pipeline.reuse`, a finished evaluation in evaluate.output of the same model files, test files, trigger and
+    prompt settings (the pipeline's, a moment before a defense evaluates the same θ₀) is copied instead of
+    measured again; its metrics then name where they came from (`reused_from`)."""
+    moved = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, output=output))
+    earlier = finished_evaluation(cfg, model_uri) if cfg.pipeline.reuse and output != cfg.evaluate.output else None
+    if earlier is None:
+        return evaluate(moved, model_uri)
+    started = time.time()
+    storage.claim_output(output, "evaluate", cfg.storage)
+    metrics = {**earlier, "reused_from": cfg.evaluate.output}
+    storage.write_json(storage.join(output, "metrics.json"), metrics, cfg.storage)
+    rows = RowCounts(rows_in=metrics["test_rows"], rows_out=metrics["test_rows"])
+    write_manifest(output, "evaluate", moved, inputs={"model": metrics["model"], "test": cfg.data.test,
+                                                      "trigger": metrics["trigger"]},
+                   rows=rows, started=started, extra={"metrics": metrics})
+    console.log.info(f"[evaluate] reused {cfg.evaluate.output} (the same model, test set, trigger and prompts)")
+    return EvalResult(metrics["clean_accuracy"], metrics["attack_success_rate"], metrics, output,
+                      metrics["clean_accuracy_heldout"])
+
+
+def evaluation_fingerprint(cfg: Config, model_uri: str | None) -> dict | None:
+    """What makes two evaluations the same: the model's files and settings, the test and trigger files, the class
+    names, templates and held-out prompts (not where the metrics go, nor the batch size); None for a randomly
+    initialised model."""
+    if not model_uri:
+        return None
+    c = cfg.to_dict()
+    settings = {"evaluate": {k: v for k, v in c["evaluate"].items() if k not in ("output", "batch_size")},
+                "data": {k: c["data"][k] for k in ("test", "class_names", "templates")},
+                "model": {k: v for k, v in c["model"].items() if k not in ("checkpoint", "device")}}
+    return fingerprint(cfg, (), {"model_files": (model_uri, CHECKPOINT_SUFFIXES), **evaluation_files(cfg, True)},
+                       settings=settings)
+
+
+def finished_evaluation(cfg: Config, model_uri: str) -> dict | None:
+    """The metrics of the finished evaluation in evaluate.output when it evaluated `model_uri` as `cfg` would."""
+    out = cfg.evaluate.output
+    if not (storage.exists(storage.join(out, "manifest.json"), cfg.storage)
+            and storage.exists(storage.join(out, "metrics.json"), cfg.storage)):
+        return None
+    metrics = storage.read_json(storage.join(out, "metrics.json"), cfg.storage)
+    wanted = evaluation_fingerprint(cfg, model_uri)
+    return metrics if wanted is not None and metrics.get("fingerprint") == wanted else None
 
 
 def evaluation_files(cfg: Config, evaluated: bool) -> dict[str, tuple[str | None, tuple[str, ...]]]:
