@@ -27,7 +27,7 @@ OUTPUT = "outputs/bench/quickstart"
 def to_markdown(summary: dict) -> str:
     """The defense's before/after table (as `ubt defend` prints it), detection, and the time of each phase."""
     sys.path.insert(0, str(REPO))
-    from ubt_ray.phases.defend import before_after_table
+    from ubt_ray.report import before_after_table
     defense = summary["defense"]
     out = [before_after_table(defense), ""]
     det = defense.get("detection") or {}

@@ -236,7 +236,7 @@ def test_concept_first_ranks_the_majority_concept_of_the_top_rows_first():
 
 def test_selection_cutoff_and_histogram_show_the_forget_sets_make_up():
     """The cut-off is the k-th largest score (what select can still take); the histogram is a PNG that draws it."""
-    from ubt_ray.phases.score import histogram_png, selection_cutoff
+    from ubt_ray.report import histogram_png, selection_cutoff
     scores = np.array([0.9, 0.1, 0.5, 0.7, 0.3, 0.8])
     assert selection_cutoff(scores, 3) == 0.7
     assert selection_cutoff(scores, 10) == 0.1 and selection_cutoff(scores[:0], 3) is None

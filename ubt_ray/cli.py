@@ -21,6 +21,7 @@ from .checks import check_config
 from .config import Config, describe, load_config, save_config
 from . import console, storage
 from .errors import UserError, find_user_error
+from .report import plain_table
 
 SUMMARY_FILE = "summary.json"
 SUMMARY_LINE = "summary: "  # the stdout line that names the summary file (tests and benchmarks read it)
@@ -109,7 +110,8 @@ def _unlearn(cfg: Config, args: argparse.Namespace) -> Outcome:
 
 
 def _defend(cfg: Config, args: argparse.Namespace) -> Outcome:
-    from .phases.defend import before_after_table, defend
+    from .phases.defend import defend
+    from .report import before_after_table
     r = defend(cfg)
     table = before_after_table(r.report)
     if r.report.get("reused"):
@@ -136,7 +138,8 @@ def _baseline(cfg: Config, args: argparse.Namespace) -> Outcome:
 
 
 def _compare(cfg: Config, args: argparse.Namespace) -> Outcome:
-    from .phases.compare import comparison_markdown, compare
+    from .phases.compare import compare
+    from .report import comparison_markdown
     r = compare(cfg, args.overrides)
     return Outcome({"output": r.output, "rows": r.rows}, r.output, comparison_markdown(r.rows))
 
@@ -157,13 +160,6 @@ def _pipeline(cfg: Config, args: argparse.Namespace) -> Outcome:
     from .pipeline import format_summary, run_pipeline
     summary = run_pipeline(cfg).summary
     return Outcome(summary, cfg.run.output_dir, format_summary(summary))
-
-
-def plain_table(summary: dict) -> str:
-    """A summary's plain (non-nested) values, one `key  value` a line."""
-    items = [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))]
-    width = max((len(k) for k, _ in items), default=0)
-    return "\n".join(f"{k:<{width}}  {'-' if v is None else v}" for k, v in items)
 
 
 def report(outcome: Outcome, cfg: Config) -> None:

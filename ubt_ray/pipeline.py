@@ -99,6 +99,6 @@ def format_summary(summary: dict) -> str:
         took = f"{info['wall_time_s']:.1f} s" if "wall_time_s" in info else "-"
         lines.append(f"{phase:<10} {took:>9}  {result}")
     if "defense" in summary:
-        from .phases.defend import before_after_table
+        from .report import before_after_table
         lines += ["", before_after_table(summary["defense"])]
     return "\n".join(lines)

@@ -22,12 +22,11 @@ from .. import console, storage
 from ..checks import check_compare
 from ..config import Config, load_config
 from ..manifest import write_manifest
-from ..report_files import png_bytes, pyplot, write_report_files
+from ..report import LABELS, comparison_markdown, comparison_png, percent, write_report_files
 from .baseline import baseline
 from .defend import defend
-from .evaluate import evaluate_to, percent
+from .evaluate import evaluate_to
 
-LABELS = {"none": "no defense", "ft": "FT", "cleanclip": "CleanCLIP", "ubt": "UBT"}
 COLUMNS = ("attack", "defense", "clean_accuracy", "clean_accuracy_heldout", "attack_success_rate", "clean_samples", "suspicious_samples",
            "wall_time_s", "device_s")
 
@@ -98,45 +97,6 @@ def _ensure_backdoored(cfg: Config) -> None:
     from ..pipeline import run_pipeline
     phases = ["prepare", "poison", "train"]  # prepared and poisoned shards are reused when their config is unchanged
     run_pipeline(dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, phases=phases)))
-
-
-def comparison_markdown(rows: list[dict]) -> str:
-    """One Markdown table per attack: rows no defense / FT / CleanCLIP / UBT."""
-    lines = []
-    for attack in dict.fromkeys(r["attack"] for r in rows):
-        lines += [f"### {attack}", "",
-                  "| defense | CA | CA (held-out prompts) | ASR | clean samples | suspicious samples | wall time "
-                  "| device-seconds |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if r["attack"] == attack):
-            lines.append(f"| {LABELS[r['defense']]} | {percent(r['clean_accuracy'])} "
-                         f"| {percent(r.get('clean_accuracy_heldout'))} | {percent(r['attack_success_rate'])} "
-                         f"| {r['clean_samples']:,} | {r['suspicious_samples']:,} | {r['wall_time_s']:.0f} s "
-                         f"| {r['device_s']:.0f} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def comparison_png(rows: list[dict]) -> bytes:
-    """Grouped bars: CA (left) and ASR (right) of each defense, grouped by attack."""
-    import numpy as np
-    plt = pyplot()
-    attacks = list(dict.fromkeys(r["attack"] for r in rows))
-    defenses = list(dict.fromkeys(r["defense"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(max(6, 2.2 * len(attacks) * 2), 3.8), dpi=100)
-    width = 0.8 / len(defenses)
-    for ax, metric, title in zip(axes, ("clean_accuracy", "attack_success_rate"), ("CA", "ASR")):
-        for j, d in enumerate(defenses):
-            values = [next((100 * (r[metric] or 0) for r in rows if r["attack"] == a and r["defense"] == d), 0)
-                      for a in attacks]
-            ax.bar(np.arange(len(attacks)) + (j - (len(defenses) - 1) / 2) * width, values, width, label=LABELS[d])
-        ax.set_xticks(np.arange(len(attacks)), attacks)
-        ax.set_ylim(0, 100)
-        ax.set_ylabel(f"{title} (%)")
-        ax.set_title(title)
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    return png_bytes(fig)
 
 
 def write_comparison(rows: list[dict], output: str, cfg: Config) -> None:

@@ -16,7 +16,8 @@ from ..config import Config
 from ..core.models import CHECKPOINT_SUFFIXES
 from ..errors import UserError
 from ..manifest import fingerprint, write_manifest
-from .evaluate import evaluate_to, evaluation_files, percent
+from ..report import format_report
+from .evaluate import evaluate_to, evaluation_files
 from .overfit import overfit
 from .score import ScoreResult, score
 from .select import select
@@ -125,32 +126,3 @@ def _metrics(result) -> dict | None:
             "clean_target_rate": result.metrics.get("clean_target_rate")}
 
 
-def before_after_table(report: dict) -> str:
-    """CA (training prompts and held-out prompts), ASR and ASR's floor (clean non-target images called the
-    target) of θ₀ and of the cleaned model."""
-    rows = [(name, report[part] or {}) for name, part in (("before (θ₀)", "before"), ("after UBT", "after"))]
-    return "\n".join(["| model | CA | CA (held-out prompts) | ASR | ASR floor (no trigger) |",
-                      "|---|---|---|---|---|"] + [
-        f"| {name} | {percent(m.get('clean_accuracy'))} | {percent(m.get('clean_accuracy_heldout'))} | "
-        f"{percent(m.get('attack_success_rate'))} | {percent(m.get('clean_target_rate'))} |" for name, m in rows])
-
-
-def format_report(report: dict) -> str:
-    """The report as Markdown: before/after table, detection, and every phase's rows and time."""
-    lines = [f"# UBT defense report: {report['run']}", "",
-             f"Model: `{report['model']}`  ", f"Data: `{report['data']}`  ",
-             f"Cleaned model: `{report['cleaned_model']}`", "", before_after_table(report), ""]
-    det = report.get("detection")
-    if det and "auroc" in det:
-        pk = ", ".join(f"{k.split('@')[0]}@{k.split('@')[1]} {v:.2f}" for k, v in det.items() if "@" in k)
-        lines += [f"Detection ({det['poisons']} poisons in {det['rows']} rows): AUROC {det['auroc']:.3f}; {pk}", ""]
-    sel = report["selection"]
-    if "forget_precision" in sel:
-        lines += [f"Forget set: {sel['num_forget']} rows, {sel['forget_poisons']} poisoned "
-                  f"({percent(sel['forget_precision'])}); retain set: {sel['num_retain']} rows, "
-                  f"{sel['retain_poisons']} poisoned.", ""]
-    lines += ["| phase | rows | wall time |", "|---|---|---|"]
-    for name, p in report["phases"].items():
-        lines.append(f"| {name} | {p.get('rows', '')} | {p['wall_time_s']:.1f} s |")
-    lines += [f"| **defense total** | | **{report['defense_wall_time_s']:.1f} s** |", ""]
-    return "\n".join(lines)

@@ -25,6 +25,7 @@ from ..core.zeroshot import attack_success_rate, class_embeddings, clean_accurac
 from ..errors import UserError
 from ..manifest import RowCounts, fingerprint, write_manifest
 from ..models import load_clip
+from ..report import percent
 from ..shards import read_columns, shard_schema
 from .. import console, storage
 from .poison import ATTACK_FILE
@@ -233,11 +234,6 @@ def evaluation_files(cfg: Config, evaluated: bool) -> dict[str, tuple[str | None
     has_trigger = evaluated and bool(trigger) and storage.exists(trigger, cfg.storage)
     return {"test_files": (cfg.data.test if evaluated else None, (".parquet",)),
             "trigger_files": (trigger if has_trigger else None, (".json", ".npy"))}
-
-
-def percent(x: float | None) -> str:
-    """A rate as a percentage with one decimal, or n/a."""
-    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def read_test_rows(cfg: Config) -> tuple[list[str], list[bytes], np.ndarray]:

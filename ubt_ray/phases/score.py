@@ -33,7 +33,7 @@ from ..core.zeroshot import auroc, precision_recall_at_k
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..models import load_clip
-from ..report_files import png_bytes, pyplot
+from ..report import histogram_png, selection_cutoff
 from ..shards import (TABLE, RowLedger, batch_identity, count_rows, map_on_actor_pool, read_columns, read_shards,
                       shard_schema, top_k, write_shards)
 from .disagreement import caption_disagreement
@@ -351,29 +351,3 @@ def detection_metrics(table_uri: str, cfg: Config, ks: list[int], output: str) -
     return metrics
 
 
-def selection_cutoff(scores: np.ndarray, k: int) -> float | None:
-    """The k-th largest score, the lowest that select can still put in the forget set (None without rows)."""
-    if not len(scores) or k < 1:
-        return None
-    return float(np.partition(scores, len(scores) - min(k, len(scores)))[len(scores) - min(k, len(scores))])
-
-
-def histogram_png(scores: np.ndarray, truth: np.ndarray, method: str, cutoff: float | None = None) -> bytes:
-    """Score histogram of clean and poisoned rows (counts on a log axis, shared bins) as PNG bytes, with the
-    selection's cut-off and how many clean and poisoned rows lie above it: the forget set's make-up at a glance."""
-    fig, ax = pyplot().subplots(figsize=(6, 3.5), dpi=100)
-    bins = np.histogram_bin_edges(scores, bins=60)
-    ax.hist(scores[~truth], bins=bins, alpha=0.6, label=f"clean ({int((~truth).sum())})")
-    if truth.any():
-        ax.hist(scores[truth], bins=bins, alpha=0.6, label=f"poison ({int(truth.sum())})")
-    if cutoff is not None:
-        above = scores >= cutoff
-        ax.axvline(cutoff, color="black", linestyle="--", linewidth=1,
-                   label=f"selection cut-off: {int((above & ~truth).sum())} clean, {int((above & truth).sum())} "
-                         f"poison above")
-    ax.set_yscale("log")
-    ax.set_xlabel(f"{method} score")
-    ax.set_ylabel("rows")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return png_bytes(fig)

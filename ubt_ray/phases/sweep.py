@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import ray
 from ray import tune
 from ray.tune import ExperimentAnalysis
@@ -38,11 +37,11 @@ from ..core.models import CHECKPOINT_SUFFIXES, Clip
 from ..core.search import Dimension, largest, objective_value, rank_rows
 from ..errors import UserError
 from ..manifest import fingerprint, read_manifest, write_manifest
-from ..report_files import png_bytes, pyplot, write_report_files
+from ..report import heatmap_png, results_markdown, write_report_files
 from ..sweep_space import parse_space
 from ..train_loop import Probe
 from .defend import find_suspicious
-from .evaluate import EvalResult, evaluate_to, load_test_set, percent, zero_shot_rates
+from .evaluate import EvalResult, evaluate_to, load_test_set, zero_shot_rates
 from .score import TABLE
 from .select import FORGET, RETAIN, select
 from .unlearn import unlearn
@@ -381,68 +380,10 @@ def write_results(rows: list[dict], dims: list[Dimension], best: dict, base: Con
     columns = ["rank", "trial_id", *(d.key for d in dims), "clean_accuracy", "clean_accuracy_heldout",
                "attack_success_rate", METRIC,
                "meets_asr_threshold", "status", "steps", "time_s"]
-    table = results_markdown(rows, dims, base, best)
+    table = results_markdown(rows, dims, base, best, METRIC)
     write_report_files(output, RESULTS, base, rows, columns, table,
                        extra={"best": best, "objective": sw.objective, "asr_threshold": sw.asr_threshold})
-    storage.write_bytes(storage.join(output, HEATMAP_FILE), heatmap_png(rows, base), base.storage)
+    storage.write_bytes(storage.join(output, HEATMAP_FILE), heatmap_png(rows, base, HEATMAP_KEYS), base.storage)
     return table
 
 
-def _value(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "" if v is None else str(v)
-
-
-def results_markdown(rows: list[dict], dims: list[Dimension], base: Config, best: dict) -> str:
-    """The trials as a Markdown table, best first, with the objective and the best setting named above it."""
-    sw = base.sweep
-    goal = {"ca_subject_to_asr": f"the highest CA with ASR <= {percent(sw.asr_threshold)} (trials over it rank "
-                                 f"below, lowest ASR first)",
-            "ca": "the highest CA", "asr": "the lowest ASR", "ca_minus_asr": "the highest CA - ASR"}[sw.objective]
-    setting = ", ".join(f"{d.key}={_value(best[d.key])}" for d in dims)
-    lines = [f"# Sweep: {base.run.name}", "", f"Objective: {goal}. Best: {setting} (CA "
-             f"{percent(best['clean_accuracy'])}, ASR {percent(best['attack_success_rate'])}).", "",
-             "| rank | " + " | ".join(d.key for d in dims) + " | CA | CA (held-out prompts) | ASR | objective | status |",
-             "|---|" + "---|" * (len(dims) + 5)]
-    for r in rows:
-        status = r["status"] if r["status"] != "stopped" else f"stopped at step {r['steps']} (probe figures)"
-        lines.append(f"| {r['rank']} | " + " | ".join(_value(r[d.key]) for d in dims) +
-                     f" | {percent(r['clean_accuracy'])} | {percent(r.get('clean_accuracy_heldout'))} "
-                     f"| {percent(r['attack_success_rate'])} "
-                     f"| {_value(r[METRIC])} | {status} |")
-    return "\n".join(lines) + "\n"
-
-
-def heatmap_png(rows: list[dict], base: Config) -> bytes:
-    """ASR (left) and CA (right) over num_samples x token_portion, each cell the best trial of that pair."""
-    k_key, rho_key = HEATMAP_KEYS
-    ks = sorted({r[k_key] for r in rows})
-    rhos = sorted({r[rho_key] for r in rows})
-    cells: dict[tuple, dict] = {}
-    for r in rows:  # best first, so the first row of a pair is its best trial
-        if r["clean_accuracy"] is not None:
-            cells.setdefault((r[k_key], r[rho_key]), r)
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(rhos), 1.5 + 0.7 * len(ks)), dpi=100)
-    for ax, metric, title, cmap in ((axes[0], "attack_success_rate", "ASR (%)", "Reds"),
-                                    (axes[1], "clean_accuracy", "CA (%)", "Greens")):
-        values = np.full((len(ks), len(rhos)), np.nan)
-        for (k, rho), r in cells.items():
-            if r[metric] is not None:
-                values[ks.index(k), rhos.index(rho)] = 100 * r[metric]
-        # Absolute 0-100% colours, so that two sweeps' maps read alike; the numbers give the detail.
-        ax.imshow(values, cmap=cmap, origin="lower", aspect="auto", vmin=0, vmax=100)
-        for i in range(len(ks)):
-            for j in range(len(rhos)):
-                if math.isfinite(values[i, j]):
-                    ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=9,
-                            color="white" if values[i, j] > 60 else "black")
-        ax.set_xticks(range(len(rhos)), [f"{rho:.4g}" for rho in rhos])
-        ax.set_yticks(range(len(ks)), [str(k) for k in ks])
-        ax.set_xlabel("unlearn.token_portion (ρ)")
-        ax.set_ylabel("unlearn.num_samples (k)")
-        ax.set_title(title)
-    fig.suptitle(f"{base.run.name}: best trial per cell", fontsize=10)
-    fig.tight_layout()
-    return png_bytes(fig)
