@@ -192,3 +192,22 @@ def test_shards_without_labels_are_refused(tmp_path):
 def test_bad_trigger_params_are_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"parameter 'size' of trigger 'badnet' must be an integer >= 1"):
         poison(config(tmp_path, tmp_path / "out", "poison.params={size: 0}"))
+
+
+def test_the_pipeline_reuses_a_finished_poison_only_for_the_same_settings_and_clean_files(runs, clean, tmp_path):
+    """The pipeline's reuse test is the one every phase uses (manifest.finished_output): a finished poison with
+    the same settings and clean shard files is reused; another setting, or rewritten clean files, are not."""
+    import shutil
+
+    from ubt_ray.manifest import finished_output
+    from ubt_ray.phases.poison import poison_fingerprint
+    cfg, result = runs["badnet"]
+    assert finished_output(cfg.poison.output, poison_fingerprint(cfg), cfg)["num_poisoned"] == NUM_POISONS
+    other = config(clean, Path(cfg.poison.output), "poison.attack=badnet", "poison.num_poisons=5")
+    assert finished_output(cfg.poison.output, poison_fingerprint(other), cfg) is None
+    copy = tmp_path / "clean"
+    shutil.copytree(clean, copy)
+    moved = config(copy, Path(cfg.poison.output), "poison.attack=badnet")
+    first = poison_fingerprint(moved)
+    (copy / "part-1.parquet").write_bytes((copy / "part-1.parquet").read_bytes())  # rewritten: new mtime
+    assert poison_fingerprint(moved) != first

@@ -24,9 +24,9 @@ def versions() -> dict[str, str]:
 
 
 def write_manifest(out_uri: str, phase: str, cfg: Config, *, inputs: dict, rows: RowCounts | None,
-                   started: float, extra: dict | None = None) -> dict:
+                   started: float, extra: dict | None = None, signature: dict | None = None) -> dict:
     """Write `<out_uri>/manifest.json`, which marks the output finished (storage.require_finished), and return
-    its content."""
+    its content; `signature` (the phase's `fingerprint`) lets `finished_output` reuse it."""
     manifest = {
         "phase": phase,
         "output": out_uri,
@@ -37,6 +37,7 @@ def write_manifest(out_uri: str, phase: str, cfg: Config, *, inputs: dict, rows:
         "versions": versions(),
         "config": cfg.to_dict(),
         **(extra or {}),
+        **({"fingerprint": signature} if signature is not None else {}),
     }
     storage.write_json(storage.join(out_uri, storage.MANIFEST), manifest, cfg.storage)
     storage.release_output(out_uri)
@@ -53,6 +54,24 @@ def fingerprint(cfg: Config, sections: tuple[str, ...], files: dict[str, tuple[s
            **{name: storage.file_signatures(uri, suffixes, cfg.storage) if uri else None
               for name, (uri, suffixes) in files.items()}}
     return json.loads(json.dumps(out))
+
+
+def finished_output(out_uri: str, signature: dict | None, cfg: Config, record: str = storage.MANIFEST,
+                    needs: tuple[str, ...] = ()) -> dict | None:
+    """The one test every reusing phase applies for "this output is finished and matches these inputs": the JSON
+    `record` of `out_uri` when the output is finished (its manifest, written last, is there), holds `signature`
+    as its "fingerprint", and each of its fields named in `needs` is a path that still exists (e.g. the model it
+    made); else None."""
+    if signature is None or not storage.exists(storage.join(out_uri, storage.MANIFEST), cfg.storage):
+        return None
+    uri = storage.join(out_uri, record)
+    if record != storage.MANIFEST and not storage.exists(uri, cfg.storage):
+        return None
+    done = storage.read_json(uri, cfg.storage)
+    if done.get("fingerprint") != signature or any(not done.get(n) or not storage.exists(done[n], cfg.storage)
+                                                    for n in needs):
+        return None
+    return done
 
 
 def read_manifest(out_uri: str, cfg: Config) -> dict:

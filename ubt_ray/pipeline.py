@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from . import console, storage
 from .checks import check_config
 from .config import Config
+from .manifest import finished_output
 
 
 @dataclass
@@ -15,14 +16,11 @@ class PipelineResult:
     summary: dict = field(default_factory=dict)
 
 
-def _reusable(cfg: Config, out: str, sections: tuple[str, ...]) -> bool:
-    """True when `out` already holds a finished output made with the same config sections."""
-    uri = storage.join(out, "manifest.json")
-    if not cfg.pipeline.reuse or not storage.exists(uri, cfg.storage):
-        return False
-    old = storage.read_json(uri, cfg.storage).get("config", {})
-    new = cfg.to_dict()
-    return all(old.get(s) == new[s] for s in sections)
+def _reusable(cfg: Config, out: str, signature) -> dict | None:
+    """The manifest of a finished output in `out` with the same fingerprint, when pipeline.reuse allows reuse."""
+    if not cfg.pipeline.reuse or not storage.exists(storage.join(out, storage.MANIFEST), cfg.storage):
+        return None  # before the signature, which reads the input files' listings
+    return finished_output(out, signature(cfg), cfg)
 
 
 def run_pipeline(cfg: Config) -> PipelineResult:
@@ -34,21 +32,21 @@ def run_pipeline(cfg: Config) -> PipelineResult:
     for phase in cfg.pipeline.phases:
         started = time.time()
         if phase == "prepare":
-            if _reusable(cfg, cfg.prepare.output, ("prepare", "data", "run")):
+            from .phases.prepare import prepare, prepare_fingerprint
+            if _reusable(cfg, cfg.prepare.output, prepare_fingerprint):
                 summary["phases"]["prepare"] = {"reused": cfg.prepare.output}
                 console.log.info(f"[prepare] reused {cfg.prepare.output} (same settings)")
                 continue
-            from .phases.prepare import prepare
             r = prepare(cfg)
             summary["phases"]["prepare"] = {"rows_out": r.rows.rows_out, "rows_rejected": r.rows.rows_rejected}
         elif phase == "poison":
-            if _reusable(cfg, cfg.poison.output, ("poison", "data", "run")):
-                done = storage.read_json(storage.join(cfg.poison.output, "manifest.json"), cfg.storage)
+            from .phases.poison import poison, poison_fingerprint
+            done = _reusable(cfg, cfg.poison.output, poison_fingerprint)
+            if done is not None:
                 summary["phases"]["poison"] = {"reused": cfg.poison.output, "attack": done["attack"],
                                                "num_poisoned": done["num_poisoned"]}
                 console.log.info(f"[poison] reused {cfg.poison.output} (same settings)")
                 continue
-            from .phases.poison import poison
             r = poison(cfg)
             summary["phases"]["poison"] = {"attack": cfg.poison.attack, "num_poisoned": r.num_poisoned}
         elif phase == "train":

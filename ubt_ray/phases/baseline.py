@@ -21,7 +21,7 @@ from ..cluster import ensure_ray
 from ..config import Config
 from ..core.models import CHECKPOINT_SUFFIXES
 from ..errors import UserError
-from ..manifest import fingerprint
+from ..manifest import finished_output, fingerprint
 from ..shards import count_rows, write_hash_sample
 from ..train_loop import FitResult, FitSpec, fit
 from .evaluate import EvalResult, evaluate_to, evaluation_files
@@ -57,9 +57,12 @@ def baseline(cfg: Config, kind: str, model_uri: str | None = None, evaluate_afte
     signature = fingerprint(cfg, ("baseline", "train", "model", "evaluate", "data"),
                             {"model_files": (model_uri, CHECKPOINT_SUFFIXES), "data_files": (b.data, (".parquet",)),
                              **evaluation_files(cfg, evaluate_after)}, kind=kind)
-    earlier = _finished_baseline(cfg, out, signature) if cfg.pipeline.reuse and evaluate_after else None
-    if earlier is not None:
-        return earlier
+    done = (finished_output(out, signature, cfg, RESULT_JSON, needs=("model",))
+            if cfg.pipeline.reuse and evaluate_after else None)
+    if done is not None:
+        return BaselineResult(done["kind"], done["model"], done["clean_rows"], done["clean_samples"],
+                              FitResult(**done["fit"]), EvalResult(**done["evaluation"]), done["wall_time_s"],
+                              reused=True)
     storage.claim_output(out, f"baseline-{kind}", cfg.storage)
     data = _clean_rows(cfg, out)
     rows = count_rows(data, cfg.storage)
@@ -77,18 +80,6 @@ def baseline(cfg: Config, kind: str, model_uri: str | None = None, evaluate_afte
         storage.write_json(storage.join(out, RESULT_JSON), {**dataclasses.asdict(result), "fingerprint": signature},
                            cfg.storage)
     return result
-
-
-def _finished_baseline(cfg: Config, out: str, signature: dict) -> BaselineResult | None:
-    """The finished, evaluated baseline in `out` with this fingerprint, if there is one (its model still there)."""
-    uri = storage.join(out, RESULT_JSON)
-    if not storage.exists(uri, cfg.storage):
-        return None
-    done = storage.read_json(uri, cfg.storage)
-    if done.get("fingerprint") != signature or not storage.exists(done["model"], cfg.storage):
-        return None
-    return BaselineResult(done["kind"], done["model"], done["clean_rows"], done["clean_samples"],
-                          FitResult(**done["fit"]), EvalResult(**done["evaluation"]), done["wall_time_s"], reused=True)
 
 
 def _clean_rows(cfg: Config, out: str) -> str:

@@ -15,7 +15,7 @@ from ..checks import check_score
 from ..config import Config
 from ..core.models import CHECKPOINT_SUFFIXES
 from ..errors import UserError
-from ..manifest import fingerprint, write_manifest
+from ..manifest import finished_output, fingerprint, write_manifest
 from ..report import format_report
 from .evaluate import evaluate_to, evaluation_files
 from .overfit import overfit
@@ -48,7 +48,8 @@ def defend(cfg: Config) -> DefendResult:
         raise UserError(f"defend.model={d.model} does not exist: train the backdoored model first "
                         f"(`ubt train`) or point defend.model at an open_clip local-dir checkpoint.")
     signature = defense_fingerprint(cfg)
-    earlier = _finished_defense(cfg, signature) if cfg.pipeline.reuse else None
+    earlier = (finished_output(d.output, signature, cfg, REPORT_JSON, needs=("cleaned_model",))
+               if cfg.pipeline.reuse else None)
     if earlier is not None:
         return DefendResult(earlier["cleaned_model"], {**earlier, "reused": True}, d.output)
     started = time.time()
@@ -105,17 +106,6 @@ def defense_fingerprint(cfg: Config) -> dict:
     return fingerprint(cfg, ("defend", "overfit", "score", "select", "unlearn", "evaluate", "model", "data"), {
         "model_files": (d.model, CHECKPOINT_SUFFIXES), "data_files": (d.data, (".parquet",)),
         **evaluation_files(cfg, d.evaluate)})
-
-
-def _finished_defense(cfg: Config, signature: dict) -> dict | None:
-    """The report of the finished defense in `defend.output` with this fingerprint, if there is one."""
-    uri = storage.join(cfg.defend.output, REPORT_JSON)
-    if not storage.exists(uri, cfg.storage):
-        return None
-    report = storage.read_json(uri, cfg.storage)
-    if report.get("fingerprint") != signature or not storage.exists(report["cleaned_model"], cfg.storage):
-        return None
-    return report
 
 
 def _metrics(result) -> dict | None:

@@ -23,7 +23,7 @@ from ..core.models import CHECKPOINT_SUFFIXES, Clip, pick_device
 from ..core.triggers import Trigger, apply_to_png, load_trigger
 from ..core.zeroshot import attack_success_rate, class_embeddings, clean_accuracy, image_embeddings
 from ..errors import UserError
-from ..manifest import RowCounts, fingerprint, write_manifest
+from ..manifest import RowCounts, finished_output, fingerprint, write_manifest
 from ..models import load_clip
 from ..report import percent
 from ..shards import read_columns, shard_schema
@@ -31,6 +31,7 @@ from .. import console, storage
 from .poison import ATTACK_FILE
 
 log = logging.getLogger(__name__)
+METRICS_JSON = "metrics.json"
 
 @dataclass
 class EvalResult:
@@ -172,7 +173,7 @@ def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
         "wall_time_s": round(time.time() - started, 3),
         "fingerprint": evaluation_fingerprint(cfg, model_cfg.checkpoint),
     }
-    storage.write_json(storage.join(ev.output, "metrics.json"), metrics, cfg.storage)
+    storage.write_json(storage.join(ev.output, METRICS_JSON), metrics, cfg.storage)
     rows = RowCounts(rows_in=len(test.keys), rows_out=len(test.keys))
     write_manifest(ev.output, "evaluate", cfg, inputs={"model": metrics["model"], "test": cfg.data.test,
                                                        "trigger": metrics["trigger"]},
@@ -192,7 +193,7 @@ def evaluate_to(cfg: Config, model_uri: str, output: str) -> EvalResult:
     started = time.time()
     storage.claim_output(output, "evaluate", cfg.storage)
     metrics = {**earlier, "reused_from": cfg.evaluate.output}
-    storage.write_json(storage.join(output, "metrics.json"), metrics, cfg.storage)
+    storage.write_json(storage.join(output, METRICS_JSON), metrics, cfg.storage)
     rows = RowCounts(rows_in=metrics["test_rows"], rows_out=metrics["test_rows"])
     write_manifest(output, "evaluate", moved, inputs={"model": metrics["model"], "test": cfg.data.test,
                                                       "trigger": metrics["trigger"]},
@@ -218,13 +219,9 @@ def evaluation_fingerprint(cfg: Config, model_uri: str | None) -> dict | None:
 
 def finished_evaluation(cfg: Config, model_uri: str) -> dict | None:
     """The metrics of the finished evaluation in evaluate.output when it evaluated `model_uri` as `cfg` would."""
-    out = cfg.evaluate.output
-    if not (storage.exists(storage.join(out, "manifest.json"), cfg.storage)
-            and storage.exists(storage.join(out, "metrics.json"), cfg.storage)):
-        return None
-    metrics = storage.read_json(storage.join(out, "metrics.json"), cfg.storage)
-    wanted = evaluation_fingerprint(cfg, model_uri)
-    return metrics if wanted is not None and metrics.get("fingerprint") == wanted else None
+    if not storage.exists(storage.join(cfg.evaluate.output, storage.MANIFEST), cfg.storage):
+        return None  # before the fingerprint, which reads the files' listings
+    return finished_output(cfg.evaluate.output, evaluation_fingerprint(cfg, model_uri), cfg, METRICS_JSON)
 
 
 def evaluation_files(cfg: Config, evaluated: bool) -> dict[str, tuple[str | None, tuple[str, ...]]]:

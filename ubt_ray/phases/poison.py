@@ -25,7 +25,7 @@ from ..core.images import decode_rgb, image_rejection
 from ..core.scenes import retarget_caption
 from ..core.triggers import Trigger, apply_to_png, build_trigger, needs_donors
 from ..errors import UserError
-from ..manifest import RowCounts, write_manifest
+from ..manifest import RowCounts, fingerprint, write_manifest
 from ..shards import (RowLedger, batch_identity, count_rows, read_columns, read_rows_by_key, read_shards,
                       shard_schema, validate_and_write)
 from .. import console, storage
@@ -43,6 +43,12 @@ class PoisonResult:
     num_poisoned: int
     rows: RowCounts
     manifest: dict
+
+
+def poison_fingerprint(cfg: Config) -> dict:
+    """What makes two poisonings the same (its inputs, declared once): the poison, data and run settings and the
+    clean shards' files."""
+    return fingerprint(cfg, ("poison", "data", "run"), {"clean_files": (cfg.data.clean_train, (".parquet",))})
 
 
 @console.phase("poison", lambda cfg: f"{cfg.poison.attack} into {cfg.data.clean_train} -> {cfg.poison.output}",
@@ -90,7 +96,8 @@ def poison(cfg: Config) -> PoisonResult:
                "target_class": target_class, "shards": shards_uri, "trigger": trigger_uri,
                "num_requested": len(chosen), "num_poisoned": len(poisoned),
                "not_poisoned": skipped["rejected_by_reason"], "not_poisoned_examples": skipped["rejected_examples"],
-               "poisoned_keys_total": len(poisoned), "poisoned_keys": poisoned[:MAX_MANIFEST_KEYS]})
+               "poisoned_keys_total": len(poisoned), "poisoned_keys": poisoned[:MAX_MANIFEST_KEYS]},
+        signature=poison_fingerprint(cfg))
     if not poisoned:
         reasons = "; ".join(r.rstrip(".") for r in attempts.rejected)
         raise UserError(f"none of the {len(chosen)} chosen rows could be poisoned ({reasons}): "

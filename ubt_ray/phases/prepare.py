@@ -24,7 +24,7 @@ from ..config import Config
 from ..core.captions import template_captions
 from ..core.images import encode_png
 from ..errors import UserError
-from ..manifest import RowCounts, write_manifest
+from ..manifest import RowCounts, fingerprint, write_manifest
 from ..shards import REJECT_COLUMN, validate_and_write
 from .. import console, storage
 
@@ -42,6 +42,11 @@ class PrepareResult:
     rows: RowCounts
     splits: dict[str, RowCounts] = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)
+
+
+def prepare_fingerprint(cfg: Config) -> dict:
+    """What makes two prepares the same (its inputs, declared once): the prepare, data and run settings."""
+    return fingerprint(cfg, ("prepare", "data", "run"), {})
 
 
 @console.phase("prepare", lambda cfg: f"{cfg.prepare.source} {cfg.prepare.input} -> {cfg.prepare.output}",
@@ -71,7 +76,8 @@ def prepare(cfg: Config) -> PrepareResult:
     total.check(cfg.prepare.output)
     manifest = write_manifest(cfg.prepare.output, "prepare", cfg, inputs={"source": source, "input": cfg.prepare.input},
                               rows=total, started=started,
-                              extra={"splits": {k: v.to_dict() for k, v in splits.items()}})
+                              extra={"splits": {k: v.to_dict() for k, v in splits.items()}},
+                              signature=prepare_fingerprint(cfg))
     if total.rows_out == 0:
         raise UserError(f"every one of the {total.rows_in} rows of {cfg.prepare.input} was rejected "
                         f"({', '.join(total.rejected)}): see {storage.join(cfg.prepare.output, 'manifest.json')}.")
