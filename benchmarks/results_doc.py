@@ -24,8 +24,18 @@ TITLES = {
     "scenes_defense_table": ("fashion-scenes: defenses on every attack", "benchmarks/defense_table.py"),
     "attack_table": ("Fashion-MNIST: attacks", "benchmarks/attack_table.py"),
     "defense_table": ("Fashion-MNIST: defenses on every attack", "benchmarks/defense_table.py"),
+    "defense_table_image_tower": ("Fashion-MNIST: defenses with the image tower alone trainable in unlearning",
+                                  "benchmarks/defense_table.py"),
     "density_probe": ("Embedding-space density scores (detection only)", "benchmarks/density_probe.py"),
+    "scenes_learnability": ("How fast a tiny CLIP learns the classes (plain PyTorch loop)",
+                            "benchmarks/scenes_learnability.py"),
 }
+
+
+def title_key(name: str) -> str | None:
+    """The longest TITLES key that the results file's name starts with (defense_table_image_tower is not a
+    defense_table), or None."""
+    return max((p for p in TITLES if name.startswith(p)), key=len, default=None)
 
 
 def entries() -> list[tuple[str, dict, str]]:
@@ -43,7 +53,7 @@ def entries() -> list[tuple[str, dict, str]]:
 
     def rank(item):
         name = item[0]
-        prefix = next((i for i, p in enumerate(order) if name.startswith(p)), len(order))
+        prefix = order.index(title_key(name)) if title_key(name) else len(order)
         return prefix, name
     return sorted(found, key=rank)
 
@@ -55,7 +65,7 @@ def render() -> str:
              "(`-dirty`: with uncommitted changes) and the machine; the resolved config of every run is in the "
              "results JSON beside it (`provenance.configs`).", ""]
     for name, prov, md in entries():
-        title, script = next(((t, s) for p, (t, s) in TITLES.items() if name.startswith(p)), (name, ""))
+        title, script = TITLES[title_key(name)] if title_key(name) else (name, "")
         lines += [f"## {title}" + (f" ({name})" if name not in TITLES else ""), "",
                   f"Made by `{script}`; configs in `benchmarks/results/{name}.json`." if script else
                   f"Configs in `benchmarks/results/{name}.json`.", "", md.rstrip("\n"), ""]

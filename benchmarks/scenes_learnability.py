@@ -126,7 +126,7 @@ def main() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             classifier = zeroshot.class_embeddings(model, clip.tokenizer, *classifier_prompts)
             emb = zeroshot.image_embeddings(model, tx, clip.preprocess_cfg, 512)
