@@ -5,7 +5,7 @@
         --name wanet outputs/attacks/wanet/poison/shards outputs/attacks/wanet/attack/model ...
 
 Each shard set is scored with its own backdoored model's text tower (θ₀, as `ubt defend` with
-configs/caption_disagreement.yaml does), through the same core functions (core/neighbours.py), in one process:
+benchmarks/configs/caption_disagreement.yaml does), through the same core functions (core/neighbours.py), in one process:
 neighbours = the nearest rows, or a ring of ranks; with or without ranking the target concept's rows first.
 Prints AUROC, precision@k and how many poisons fall outside the top 5% (those can enter the retain set, whose
 pool is the 95% least suspicious rows), against `is_poison`.

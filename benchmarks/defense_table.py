@@ -28,8 +28,14 @@ REPO = Path(__file__).resolve().parent.parent
 DEFENSES = ("default", "any_trigger", "caption_disagreement", "density")
 
 
+# Where each defense's config lives: shipped settings in configs/, experimental ones in benchmarks/configs/.
+DEFENSE_CONFIGS = {"any_trigger": REPO / "configs" / "any_trigger.yaml",
+                   "caption_disagreement": REPO / "benchmarks" / "configs" / "caption_disagreement.yaml",
+                   "density": REPO / "benchmarks" / "configs" / "density.yaml"}
+
+
 def defense_args(configs: Path, attack: str, defense: str, overrides: list[str]) -> list[str]:
-    layer = [] if defense == "default" else ["-c", str(REPO / "configs" / f"{defense}.yaml")]
+    layer = [] if defense == "default" else ["-c", str(DEFENSE_CONFIGS[defense])]
     return ["-c", str(configs / f"{attack}.yaml"), *layer, *overrides,
             f"defend.output=${{run.output_dir}}/defend_{defense}"]
 

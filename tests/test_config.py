@@ -86,7 +86,8 @@ def test_config_files_layer_later_keys_over_earlier_ones(tmp_path):
 
 def test_every_shipped_config_loads():
     import pathlib
-    configs = sorted((pathlib.Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    configs = sorted([*(repo / "configs").rglob("*.yaml"), *(repo / "benchmarks" / "configs").rglob("*.yaml")])
     assert configs, "configs/ ships no YAML"
     for path in configs:
         load_config(path)

@@ -336,7 +336,7 @@ def test_caption_disagreement_finds_the_poisons_by_their_captions(backdoored, tm
     target's caption) rank at the top, ahead of the 2,850 clean rows, with no image-tower forward."""
     root, overrides = backdoored
     capsys.readouterr()
-    assert main(["score", "-c", str(REPO / "configs" / "caption_disagreement.yaml"), "--model",
+    assert main(["score", "-c", str(REPO / "benchmarks" / "configs" / "caption_disagreement.yaml"), "--model",
                  str(root / "attack" / "model"), *overrides, "score.neighbour_ranks=[10, 60]",
                  f"score.output={tmp_path}", "unlearn.num_samples=150", "score.top_k=[150]"]) == 0
     detection = json.loads((tmp_path / "detection.json").read_text())

@@ -166,7 +166,8 @@ class ScoreConfig:
     method: str = _f("token_drop", "Suspicion score: drop of similarity under trigger-removing transforms, plain "
                                     "cosine, per-sample loss against a fixed negative bank, or caption_disagreement "
                                     "(a row's caption against those of the rows that look like it; no trigger "
-                                    "assumed, none of the image tower used; configs/caption_disagreement.yaml).",
+                                    "assumed, none of the image tower used; experimental: it needs pixel-space "
+                                    "neighbours and repeated captions, and gathers the rows on the driver).",
                      choices=("token_drop", "cosine", "loss", "caption_disagreement"))
     token_portions: list[float] = _f([2 / 64], "ρ values: share of image tokens the token_mask transform masks; "
                                                 "with several, the drop is the mean of the drops at each (one more "
