@@ -1,7 +1,7 @@
 """Benchmark: every attack end to end (prepare, poison, train, evaluate, then UBT's defend), into one table.
 
     .venv/bin/python benchmarks/attack_table.py [--configs DIR] [--attacks badnet sig ...] [--no-defend]
-        [--out DIR] [--name NAME] [--merge FILE.json ...] [overrides...]
+        [--out DIR] [--name NAME] [--merge FILE.json]... [overrides...]
 
 Each attack runs `ubt pipeline --config <configs>/<attack>.yaml` (default configs/attacks; configs/scenes for
 fashion-scenes) in its own process (its own local Ray),
@@ -80,7 +80,8 @@ def main() -> None:
                         help="folder of the attack configs (<attack>.yaml), e.g. configs/scenes")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--name", default="attack_table", help="file name (no suffix) of the results")
-    parser.add_argument("--merge", nargs="*", default=[], help="JSON results of earlier runs to include")
+    parser.add_argument("--merge", action="append", default=[], metavar="FILE.json",
+                        help="JSON results of an earlier run to include (repeat it for several)")
     parser.add_argument("--no-defend", action="store_true", help="stop after the attack's evaluation")
     args, overrides = parser.parse_known_args()
     if args.no_defend:

@@ -2,7 +2,7 @@
 model, into one table (docs/results.md).
 
     .venv/bin/python benchmarks/defense_table.py [--configs configs/scenes] [--attacks badnet sig ...]
-        [--defenses default any_trigger caption_disagreement density] [--out DIR] [--name NAME] [--merge FILE.json ...]
+        [--defenses default any_trigger caption_disagreement density] [--out DIR] [--name NAME] [--merge FILE.json]...
         [overrides...]
 
 Each (attack, defense) runs `ubt defend -c <configs>/<attack>.yaml [-c configs/<defense>.yaml]` in its own process,
@@ -81,7 +81,8 @@ def main() -> None:
     parser.add_argument("--defenses", nargs="+", default=list(DEFENSES), choices=DEFENSES)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--name", default=None)
-    parser.add_argument("--merge", nargs="*", default=[], help="JSON results of earlier runs to include")
+    parser.add_argument("--merge", action="append", default=[], metavar="FILE.json",
+                        help="JSON results of an earlier run to include (repeat it for several)")
     args, overrides = parser.parse_known_args()
     configs = Path(args.configs).absolute()
     name = args.name or f"{configs.name}_defense_table"

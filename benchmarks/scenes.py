@@ -1,7 +1,7 @@
 """Benchmark: fashion-scenes, a clean training and every attack, into one table (docs/results.md).
 
     .venv/bin/python benchmarks/scenes.py [--attacks badnet sig ...] [--no-clean] [--out DIR] [--name NAME]
-        [--merge FILE.json ...] [overrides...]
+        [--merge FILE.json]... [overrides...]
 
 Runs, each in its own process (its own local Ray), one after the other so that timings do not share the CPU:
 `ubt pipeline -c configs/scenes/quickstart.yaml` on the clean shards (prepare, train, evaluate: the clean model
@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--no-clean", action="store_true", help="skip the clean training")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--name", default="scenes_attack_table")
-    parser.add_argument("--merge", nargs="*", default=[], help="JSON results of earlier runs to include")
+    parser.add_argument("--merge", action="append", default=[], metavar="FILE.json",
+                        help="JSON results of an earlier run to include (repeat it for several)")
     args, overrides = parser.parse_known_args()
     earlier = {r["attack"]: r for f in args.merge for r in read_result(f)}
     rows = []
