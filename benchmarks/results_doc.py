@@ -26,6 +26,8 @@ TITLES = {
     "defense_table": ("Fashion-MNIST: defenses on every attack", "benchmarks/defense_table.py"),
     "defense_table_image_tower": ("Fashion-MNIST: defenses with the image tower alone trainable in unlearning",
                                   "benchmarks/defense_table.py"),
+    "unlearn_variants": ("Unlearning variants on one defense's selection (clean accuracy beyond the training words)",
+                         "benchmarks/unlearn_variants.py"),
     "density_probe": ("Embedding-space density scores (detection only)", "benchmarks/density_probe.py"),
     "scenes_learnability": ("How fast a tiny CLIP learns the classes (plain PyTorch loop)",
                             "benchmarks/scenes_learnability.py"),

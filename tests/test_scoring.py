@@ -186,6 +186,46 @@ def test_auto_forget_loss_is_invariance_on_token_mask_rows_and_push_away_on_whol
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def test_anchor_term_is_zero_at_the_reference_and_pulls_a_moved_model_back():
+    """With unlearn.anchor_weight the loss adds λ_a (1 - cos) between the retain batch's features and θ₀'s: zero
+    for a model equal to θ₀, positive once the model moved, and a step on it brings the features back."""
+    clip = load_clip(ModelConfig(), seed=0)
+    reference = load_clip(ModelConfig(), seed=0).model.eval().requires_grad_(False)
+    pixels, tokens = batch(clip)
+    grid = token_grid(clip.model, 32)
+    forget = ForgetSet(pixels[:4], tokens[:4], ["token_mask"] * 4, None)
+    inputs = prepare_forget_inputs(reference, forget, clip.preprocess_cfg, grid, 4 / 64, "token_invariance")
+    retain = Batch(pixels[4:], tokens[4:], ["a", "b"])
+
+    def objective(weight):
+        return UnlearnObjective(clip.preprocess_cfg, forget, inputs, "token_invariance", forget_weight=1.0,
+                                margin=0.0, forget_batch_size=4, seed=0, reference=reference, anchor_weight=weight)
+    model = clip.model.eval()
+    plain, anchored = objective(0.0)(model, retain), objective(3.0)(model, retain)
+    assert anchored[1]["anchor_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert anchored[0].item() == pytest.approx(plain[0].item(), rel=1e-6)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    start = objective(3.0)(model, retain)[1]["anchor_loss"]
+    assert start > 1e-3
+    # The same few steps from the moved model, with and without the term: with it the features end nearer θ₀'s.
+    ends = []
+    for weight in (0.0, 3.0):
+        trained = copy.deepcopy(model)
+        opt = torch.optim.SGD(trained.parameters(), lr=0.2)
+        step = objective(weight)
+        for _ in range(3):
+            loss, _ = step(trained, retain)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        ends.append(objective(3.0)(trained, retain)[1]["anchor_loss"])
+    assert ends[1] < ends[0] and ends[1] < start
+    with pytest.raises(ValueError, match="reference"):
+        UnlearnObjective(clip.preprocess_cfg, forget, inputs, "token_invariance", 1.0, 0.0, 4, 0, anchor_weight=1.0)
+
+
 def test_token_invariance_starts_from_what_the_reference_sees_without_the_tokens(clip):
     pixels, tokens = batch(clip, n=2)
     forget = ForgetSet(pixels, tokens, ["token_mask", "token_mask"], None)

@@ -248,6 +248,9 @@ class UnlearnConfig:
                                         "trigger is spread over every token.", ge=0)
     margin: float = _f(0.2, "Cosine margin of push_away, local_push and invariance_push: pairs already below it "
                             "are left alone.", ge=-1, le=1)
+    anchor_weight: float = _f(0.0, "λ_a: weight of a term that keeps the retain batch's image and caption features "
+                                   "at θ₀'s (1 - cosine), so that zero-shot ability beyond the training captions' "
+                                   "words moves less; 0 turns it off (it costs one θ₀ forward per step).", ge=0)
     trainable: str = _f("all", "Parameters that move.", choices=("all", "visual", "visual.early", "text"))
     batch_size: int = _f(256, "Retain rows per step (global).", ge=2)
     forget_batch_size: int = _f(64, "Forget rows per step (global).", ge=1)

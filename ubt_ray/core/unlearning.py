@@ -6,7 +6,9 @@ original model saw without the trigger, stopgrad f_θ₀(x̄); `push_away` pushe
 margin on the whole image; `local_push` does the same on the image with only its top-ρ tokens kept;
 `invariance_push` is the sum of token_invariance and push_away; `auto` picks per row by the transform that
 flagged it: token_invariance (weight forget_weight) for a row the token mask flagged, push_away (weight
-whole_image_weight) for one a whole-image transform (blur, downup) or a density score flagged.
+whole_image_weight) for one a whole-image transform (blur, downup) or a density score flagged. With an
+anchor weight, a third term keeps the retain batch's image and caption features where θ₀ has them (1 - cosine),
+so that what the model knew beyond the training captions' words moves as little as the forgetting allows.
 """
 
 from __future__ import annotations
@@ -78,9 +80,13 @@ class UnlearnObjective:
 
     def __init__(self, preprocess_cfg: dict, forget: ForgetSet, inputs: torch.Tensor, kind: str,
                  forget_weight: float, margin: float, forget_batch_size: int, seed: int,
-                 whole_image_weight: float | None = None):
+                 whole_image_weight: float | None = None, reference: torch.nn.Module | None = None,
+                 anchor_weight: float = 0.0):
         if kind not in FORGET_LOSSES:
             raise ValueError(f"unknown forget loss {kind!r}: use one of {', '.join(FORGET_LOSSES)}")
+        if anchor_weight > 0 and reference is None:
+            raise ValueError("an anchor weight needs the reference model θ₀")
+        self.reference, self.anchor_weight = reference, float(anchor_weight)
         self.preprocess_cfg, self.forget, self.inputs, self.kind = preprocess_cfg, forget, inputs, kind
         self.margin = margin
         # Per row: trained towards its target (invariance), pushed away from its caption (push), with a weight.
@@ -127,8 +133,23 @@ class UnlearnObjective:
         if bool(push.any()):
             per_row = per_row + push * F.relu((image_f[n:] * text_f[u:]).sum(-1) - self.margin)
         loss = retain + (self.weight[idx].to(device) * per_row).mean()
-        return loss, {"loss": float(loss.detach()), "retain_loss": float(retain.detach()),
-                      "forget_loss": float(per_row.mean().detach()), "logit_scale": float(logit_scale.detach())}
+        metrics = {"retain_loss": float(retain.detach()), "forget_loss": float(per_row.mean().detach()),
+                   "logit_scale": float(logit_scale.detach())}
+        if self.anchor_weight > 0:
+            anchor = self._anchor(retain_x, unique, image_f[:n], text_f[:u])
+            loss = loss + self.anchor_weight * anchor
+            metrics["anchor_loss"] = float(anchor.detach())
+        return loss, {"loss": float(loss.detach()), **metrics}
+
+    def _anchor(self, x: torch.Tensor, tokens: torch.Tensor, image_f: torch.Tensor,
+                text_f: torch.Tensor) -> torch.Tensor:
+        """Mean (1 - cosine) between the retain batch's image and caption features and θ₀'s."""
+        if next(self.reference.parameters()).device != x.device:
+            self.reference.to(x.device)
+        with torch.no_grad():
+            ref_image, ref_text = self.reference(x, tokens)[:2]
+        return ((1 - F.cosine_similarity(image_f, ref_image.to(image_f.dtype), dim=-1)).mean()
+                + (1 - F.cosine_similarity(text_f, ref_text.to(text_f.dtype), dim=-1)).mean())
 
 
 def set_trainable(model: torch.nn.Module, which: str) -> int:

@@ -37,7 +37,7 @@ def unlearn(cfg: Config, model_uri: str, forget: str, retain: str, probe: Probe 
         objective_kwargs={"forget_uri": storage.absolute(forget), "storage_cfg": cfg.storage, "init": init, "seed": cfg.run.seed,
                           "num_samples": u.num_samples, "kind": u.forget, "token_portion": u.token_portion,
                           "forget_weight": u.forget_weight, "whole_image_weight": u.whole_image_weight,
-                          "margin": u.margin,
+                          "margin": u.margin, "anchor_weight": u.anchor_weight,
                           "forget_batch_size": u.forget_batch_size},
         trainable=u.trainable, probe=probe, callbacks=list(callbacks or [])))
 
@@ -61,7 +61,7 @@ def load_forget_set(forget_uri: str, storage_cfg: StorageConfig, num_samples: in
 
 def forget_objective(preprocess_cfg: dict, forget_uri: str, storage_cfg: StorageConfig, init: ModelConfig,
                      seed: int, num_samples: int, kind: str, token_portion: float, forget_weight: float,
-                     whole_image_weight: float, margin: float, forget_batch_size: int,
+                     whole_image_weight: float, margin: float, forget_batch_size: int, anchor_weight: float = 0.0,
                      tokenizer=None) -> UnlearnObjective:
     """The unlearning objective of one Ray Train worker (a factory the training loop calls)."""
     reference = load_clip(init, storage_cfg, "cpu", seed=seed)
@@ -71,4 +71,5 @@ def forget_objective(preprocess_cfg: dict, forget_uri: str, storage_cfg: Storage
                              grid.count)
     inputs = prepare_forget_inputs(reference.model, forget, preprocess_cfg, grid, token_portion, kind)
     return UnlearnObjective(preprocess_cfg, forget, inputs, kind, forget_weight, margin, forget_batch_size, seed,
-                            whole_image_weight)
+                            whole_image_weight, reference=reference.model if anchor_weight > 0 else None,
+                            anchor_weight=anchor_weight)
