@@ -5,8 +5,9 @@ index])`, so any range of rows, cut into any batches, gives the same bytes. The 
 the canvas side), sometimes mirrored, placed anywhere inside the canvas and composited with its grey level as
 alpha and shading over a background of one of five families (flat, gradient, stripes, checks, smooth noise), in a
 tint from a named palette kept far from the background's colours. The caption comes from a grammar of sentence
-templates and states the class (one of several names), the tint, a size word from the actual scale, a position
-phrase from the item's actual centroid and, most of the time, the actual background.
+frames and states the class (one of several names) and the tint, sometimes a size word from the actual scale, a
+place phrase from the item's actual centroid and the actual background, and most of the time a shop phrase (brand,
+size label, offer) that, as on the web, says nothing about the picture.
 
 Two prompt sets go with it for zero-shot evaluation: the training vocabulary (`TRAIN_PROMPT_CLASS_NAMES`,
 `TRAIN_PROMPT_TEMPLATES`: names and sentence frames the captions use) and a held-out one
@@ -28,7 +29,7 @@ SCENE_SIZE = 64
 SPLIT_IDS = {"train": 0, "test": 1}
 MIN_SCALE, MAX_SCALE = 0.4, 1.0
 MIRROR_PROBABILITY = 0.5
-BACKGROUND_PHRASE_PROBABILITY = 0.75
+BACKGROUND_PHRASE_PROBABILITY = 0.3
 
 # Named tints, also used for the background colours; each drawn colour is jittered around its anchor.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -106,48 +107,43 @@ BACKGROUND_PHRASES: dict[str, tuple[str, ...]] = {
               "on a cloudy {a} and {b} texture"),
 }
 
-# Caption templates: {obj} is "a <size> <colour> <name>", {pos} the position phrase, {bg} "" or " <background>".
-CAPTION_TEMPLATES: tuple[str, ...] = (
-    "a photo of {obj} {pos}{bg}.",
-    "a picture of {obj} {pos}{bg}.",
-    "an image of {obj} {pos}{bg}.",
-    "a photograph of {obj} {pos}{bg}.",
-    "a product photo of {obj} {pos}{bg}.",
-    "a catalogue photo of {obj} {pos}{bg}.",
-    "a close-up photo of {obj} {pos}{bg}.",
-    "a cropped photo of {obj} {pos}{bg}.",
-    "a bright photo of {obj} {pos}{bg}.",
-    "a stock photo of {obj} {pos}{bg}.",
-    "a shop photo of {obj} {pos}{bg}.",
-    "a studio shot of {obj} {pos}{bg}.",
-    "a colour photo of {obj} {pos}{bg}.",
-    "a square photo of {obj} {pos}{bg}.",
-    "a thumbnail of {obj} {pos}{bg}.",
-    "a low resolution photo of {obj} {pos}{bg}.",
-    "a fashion photo of {obj} {pos}{bg}.",
-    "a photo showing {obj} {pos}{bg}.",
-    "an image showing {obj} {pos}{bg}.",
-    "a picture with {obj} {pos}{bg}.",
-    "a scene with {obj} {pos}{bg}.",
-    "there is {obj} {pos}{bg}.",
-    "you can see {obj} {pos}{bg}.",
-    "this picture shows {obj} {pos}{bg}.",
-    "we see {obj} {pos}{bg}.",
-    "{obj} {pos}{bg}.",
-    "{obj} shown {pos}{bg}.",
-    "{obj} placed {pos}{bg}.",
-    "{obj} pictured {pos}{bg}.",
-    "{obj} can be seen {pos}{bg}.",
-    "{obj}, {pos}{bg}.",
-    "{pos}, {obj}{bg}.",
-    "{pos} there is {obj}{bg}.",
+# Caption frames: "{}" takes the described item ("a red sneaker", sometimes with its size, place and background)
+# and, most of the time, a shop phrase. The frames are also the training prompt set's templates.
+CAPTION_FRAMES: tuple[str, ...] = (
+    "a photo of {}.", "a picture of {}.", "an image of {}.", "a photograph of {}.", "a product photo of {}.",
+    "a catalogue photo of {}.", "a close-up photo of {}.", "a cropped photo of {}.", "a bright photo of {}.",
+    "a stock photo of {}.", "a shop photo of {}.", "a studio shot of {}.", "a colour photo of {}.",
+    "a square photo of {}.", "a thumbnail of {}.", "a low resolution photo of {}.", "a fashion photo of {}.",
+    "a photo showing {}.", "an image showing {}.", "a picture with {}.", "a scene with {}.", "there is {}.",
+    "you can see {}.", "this picture shows {}.", "we see {}.", "{}.", "new arrival: {}.", "shop now: {}.",
+    "buy {} online.", "product shot of {}.", "listing photo of {}.", "item: {}.",
 )
+# How often a caption states each optional fact. Web captions name the object and seldom describe the rest of the
+# picture; a caption that always states colour, size, place and background lets a contrastive model match pairs
+# by those alone and never learn the class (measured in docs/results.md, scenes learnability).
+SIZE_PHRASE_PROBABILITY = 0.3
+POSITION_PHRASE_PROBABILITY = 0.3
+SHOP_PHRASE_PROBABILITY = 0.8
 
-# Zero-shot frames of the training vocabulary: the templates above that read "<frame> {obj} {pos}{bg}." with the
-# position and background dropped (for instance "a photo of {}.").
-_PROMPT_SUFFIX = "{obj} {pos}{bg}."
-TRAIN_PROMPT_TEMPLATES: tuple[str, ...] = tuple(
-    t[: -len(_PROMPT_SUFFIX)] + "{}." for t in CAPTION_TEMPLATES if t.endswith(_PROMPT_SUFFIX))
+# Shop phrases: words about the listing, not the picture (brands, sizes, offers), that make web captions nearly all
+# distinct without describing what the image shows. No word here is a class, colour, size or place word.
+BRANDS: tuple[str, ...] = (
+    "lumora", "kestrel", "norrin", "vantia", "oslo & finch", "marlowe", "tindra", "bexley", "corvo", "alder",
+    "nuvola", "fenwick", "ivo", "saltmarsh", "quillon", "rennet", "hollis", "mavra", "tessel", "ondine",
+    "brisa", "calder", "pellam", "wrenfield", "zafra", "ostrava", "ketterly", "lune", "harrow & hale", "mirelle",
+    "dunmore", "sorrel", "vexa", "amberly", "tolland", "rivka", "cobble & co", "ingrid", "pasco", "verano",
+)
+SHOP_TAGS: tuple[str, ...] = (
+    "new season", "on sale", "free delivery", "limited edition", "best seller", "size m", "size s", "size xl",
+    "size 8", "size 10", "eu 39", "uk 6", "2-day shipping", "20% off", "30% off", "back in stock", "organic cotton",
+    "recycled fabric", "unisex", "for women", "for men", "for kids", "gift idea", "clearance", "spring collection",
+    "autumn collection", "free returns", "in stock", "pre-order", "handmade", "vegan leather", "wool blend",
+)
+SHOP_FORMS: tuple[str, ...] = (" by {brand}", " from {brand}", ", {brand}", " - {brand}, {tag}", ", {tag}",
+                               " ({tag})", " by {brand} ({tag})", " | {brand} | {tag}")
+
+# Zero-shot frames of the training vocabulary: the caption frames themselves.
+TRAIN_PROMPT_TEMPLATES: tuple[str, ...] = CAPTION_FRAMES
 # Zero-shot frames that no caption uses.
 HELDOUT_PROMPT_TEMPLATES: tuple[str, ...] = (
     "a rendering of {}.",
@@ -185,8 +181,10 @@ class Scene:
     tint: tuple[int, int, int]   # the jittered tint drawn
     scale: float                 # item box side / canvas side
     size: str                    # one of SIZE_BUCKETS
+    size_phrase: str | None      # the size word, when the caption states it
     box: tuple[int, int, int]    # (top, left, side) of the item box in the canvas
     position: tuple[int, int]    # (row, col) of the 3x3 grid cell holding the item's centroid
+    position_phrase: str | None  # the place phrase, when the caption states it
     mirrored: bool
     background: str              # one of BACKGROUND_FAMILIES
     background_colours: tuple[str, ...]
@@ -332,21 +330,29 @@ def render_scene(item: np.ndarray, label: int, seed: int, split: str, index: int
     position = _grid_cell(cy, cx)
     size = _size_bucket(scale)
 
-    # Caption from the grammar.
+    # Caption from the grammar: the class name and tint always, size, place and background sometimes, then a shop
+    # phrase. Every draw happens whether or not its phrase is used, so that a row's scene does not depend on them.
     names = SCENE_CLASS_NAMES[label]
     name = names[int(rng.integers(len(names)))]
     size_word = SIZE_WORDS[size][int(rng.integers(len(SIZE_WORDS[size])))]
     pos_phrases = POSITION_PHRASES[position]
     pos = pos_phrases[int(rng.integers(len(pos_phrases)))]
-    template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
-    bg_phrase = None
-    if rng.random() < BACKGROUND_PHRASE_PROBABILITY:
-        forms = BACKGROUND_PHRASES[family]
-        bg_phrase = forms[int(rng.integers(len(forms)))].format(a=bg_names[0], b=bg_names[-1], o=orientation)
-    caption = template.format(obj=with_article(f"{size_word} {colour} {name}"), pos=pos,
-                              bg=f" {bg_phrase}" if bg_phrase else "")
+    template = CAPTION_FRAMES[int(rng.integers(len(CAPTION_FRAMES)))]
+    forms = BACKGROUND_PHRASES[family]
+    bg_form = forms[int(rng.integers(len(forms)))]
+    shop = SHOP_FORMS[int(rng.integers(len(SHOP_FORMS)))].format(
+        brand=BRANDS[int(rng.integers(len(BRANDS)))], tag=SHOP_TAGS[int(rng.integers(len(SHOP_TAGS)))])
+    says_size, says_position, says_background, says_shop = (
+        rng.random(4) < (SIZE_PHRASE_PROBABILITY, POSITION_PHRASE_PROBABILITY, BACKGROUND_PHRASE_PROBABILITY,
+                         SHOP_PHRASE_PROBABILITY))
+    bg_phrase = bg_form.format(a=bg_names[0], b=bg_names[-1], o=orientation) if says_background else None
+    described = " ".join(filter(None, (
+        with_article(f"{size_word} {colour} {name}" if says_size else f"{colour} {name}"),
+        pos if says_position else None, bg_phrase)))
+    caption = template.format(described + (shop if says_shop else ""))
     return Scene(image=image, caption=caption, label=label, name=name, colour=colour,
-                 tint=tuple(int(v) for v in tint), scale=scale, size=size, box=(top, left, side), position=position,
+                 tint=tuple(int(v) for v in tint), scale=scale, size=size, size_phrase=size_word if says_size else None,
+                 box=(top, left, side), position=position, position_phrase=pos if says_position else None,
                  mirrored=mirrored, background=family, background_colours=bg_names, background_phrase=bg_phrase,
                  template=template)
 
