@@ -8,6 +8,7 @@ import csv
 import dataclasses
 
 from .config import CompareConfig, Config, OverfitConfig, PrepareConfig, ScoreConfig, load_config
+from .core.names import DENSITY_SCORES as SCORES, TRANSFORMS
 from .errors import UserError
 from .sweep_space import parse_space
 
@@ -110,8 +111,6 @@ def check_overfit(o: OverfitConfig) -> None:
 
 def check_score(s: ScoreConfig) -> None:
     """Refuse transform and portion lists the scorer cannot run, in one sentence."""
-    from .core.scoring import TRANSFORMS  # here, not at the top: torch is no part of `ubt config`'s start
-    from .core.density import SCORES
     bad = [t for t in s.transforms if t not in TRANSFORMS]
     if bad or len(set(s.transforms)) != len(s.transforms) or not (s.transforms or s.density):
         raise UserError(f"score.transforms={s.transforms} must name each of {', '.join(TRANSFORMS)} at most once, "

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .checks import check_config
-from .config import Config, describe, load_config, save_config
+from .config import SOURCES, Config, describe, load_config, save_config
 from . import console, storage
 from .errors import UserError, find_user_error
 from .report import plain_table
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     phase("prepare", "Turn a source into validated Parquet shards.", _prepare,
-          ("fashion-mnist", "fashion-scenes", "csv", "webdataset"))
+          SOURCES)
     phase("poison", "Poison clean shards with a backdoor trigger (the attack side).", _poison)
     phase("train", "Train or fine-tune CLIP on shards with Ray Train (e.g. the backdoored model).", _train)
     p = phase("evaluate", "Zero-shot clean accuracy and attack success rate of a model.", _evaluate)

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .core.captions import FASHION_MNIST_CLASSES, FASHION_MNIST_HELDOUT_CLASSES, HELDOUT_TEMPLATES, TEMPLATES
+from .core.names import ATTACKS, COMBINES, FORGET_LOSSES, SALIENCIES, SCORE_METHODS, TRAINABLE
 from .errors import ConfigError
 
 
@@ -75,9 +76,12 @@ class ModelConfig:
     precision: str = _f("fp32", "Numeric precision; amp_* is mixed precision on GPU.", choices=("fp32", "amp_bf16", "amp_fp16"))
 
 
+SOURCES = ("fashion-mnist", "fashion-scenes", "csv", "webdataset")  # what `ubt prepare` reads
+
+
 @dataclass
 class PrepareConfig:
-    source: str = _f("fashion-mnist", "Kind of input.", choices=("fashion-mnist", "fashion-scenes", "csv", "webdataset"))
+    source: str = _f("fashion-mnist", "Kind of input.", choices=SOURCES)
     input: str = _f("/usr/share/datasets/fashion-mnist",
                     "Input: the idx directory, a CleanCLIP-style CSV file, or a directory/prefix of .tar shards.")
     output: str = _f("${run.output_dir}/data", "Where the Parquet shards go (fashion-mnist writes train/ and test/ under it).")
@@ -92,7 +96,7 @@ class PrepareConfig:
 
 @dataclass
 class PoisonConfig:
-    attack: str = _f("badnet", "Backdoor attack.", choices=("badnet", "blended", "sig", "wanet", "label_consistent"))
+    attack: str = _f("badnet", "Backdoor attack.", choices=ATTACKS)
     params: dict = _f({}, "Trigger parameters (badnet: size, location; blended: alpha; sig: amplitude, frequency; "
                           "wanet: grid_size, strength); unset ones take the trigger's defaults.")
     target_label: int = _f(0, "Target class index: poisoned captions name data.class_names[target_label].", ge=0)
@@ -168,7 +172,7 @@ class ScoreConfig:
                                     "(a row's caption against those of the rows that look like it; no trigger "
                                     "assumed, none of the image tower used; experimental: it needs pixel-space "
                                     "neighbours and repeated captions, and gathers the rows on the driver).",
-                     choices=("token_drop", "cosine", "loss", "caption_disagreement"))
+                     choices=SCORE_METHODS)
     token_portions: list[float] = _f([2 / 64], "ρ values: share of image tokens the token_mask transform masks; "
                                                 "with several, the drop is the mean of the drops at each (one more "
                                                 "image forward per row for each; benchmarks/portion_choice.py).")
@@ -176,7 +180,7 @@ class ScoreConfig:
                                 "patch in score.attention_blocks (no backward; auto picks it for a ViT, gradient "
                                 "otherwise); token = |d cos / d token| at the transformer input; gradient = "
                                 "|d cos / dx| per token's pixels; gradient_x_input = that times |x| (METHOD.md's).",
-                       choices=("auto", "attention", "token", "gradient", "gradient_x_input"))
+                       choices=SALIENCIES)
     attention_blocks: list[int] = _f([0], "Transformer blocks whose class-token attention is the attention "
                                           "saliency (summed); 0 is the first.")
     amp: bool = _f(True, "Score with bf16 weights on a CPU that runs bf16 natively (AVX512-BF16/AMX), else "
@@ -195,7 +199,7 @@ class ScoreConfig:
                                "each row's largest standardised signal; pick = the signal whose top "
                                "unlearn.num_samples drops stand furthest above its median (in robust standard "
                                "deviations, 1.4826 MAD): the transform that removes this dataset's trigger.",
-                      choices=("max_z", "pick"))
+                      choices=COMBINES)
     neighbour_ranks: list[int] = _f([100, 400], "caption_disagreement: the neighbours are the rows ranked first to "
                                                 "last - 1 by pixel-space similarity (a ring: a warp trigger packs "
                                                 "the poisons into clusters whose nearest members are poisons).")
@@ -239,7 +243,7 @@ class UnlearnConfig:
                                          "top-ρ tokens alone), invariance_push (the sum of token_invariance and "
                                          "push_away), auto (per row: token_invariance where the token mask flagged "
                                          "it, push_away at unlearn.whole_image_weight where blur or downup did).",
-                      choices=("token_invariance", "push_away", "local_push", "invariance_push", "auto"))
+                      choices=FORGET_LOSSES)
     steps: int = _f(50, "Optimiser steps.", ge=1)
     lr: float = _f(4e-4, "Learning rate.", gt=0)
     forget_weight: float = _f(1.0, "λ_f: weight of the forget loss against the retain (CLIP) loss.", ge=0)
@@ -248,7 +252,7 @@ class UnlearnConfig:
                                         "trigger is spread over every token.", ge=0)
     margin: float = _f(0.2, "Cosine margin of push_away, local_push and invariance_push: pairs already below it "
                             "are left alone.", ge=-1, le=1)
-    trainable: str = _f("all", "Parameters that move.", choices=("all", "visual", "visual.early", "text"))
+    trainable: str = _f("all", "Parameters that move.", choices=TRAINABLE)
     batch_size: int = _f(256, "Retain rows per step (global).", ge=2)
     forget_batch_size: int = _f(64, "Forget rows per step (global).", ge=1)
     output: str = _f("${defend.output}/unlearn", "Unlearn run directory; the cleaned model goes to <output>/model.")
