@@ -249,7 +249,7 @@ def test_top_k_is_the_same_whatever_the_number_of_blocks(ray_local):
 UBT = ["defend.overfit=false", "score.transforms=[token_mask, blur]",
        "unlearn.forget=token_invariance",
        "select.retain_pool=0.5", "unlearn.num_samples=300", "unlearn.lr=4e-4",
-       "unlearn.forget_weight=5", "unlearn.steps=40", "unlearn.batch_size=128", "select.retain_samples=1500",
+       "unlearn.forget_weight=5", "unlearn.steps=40", "unlearn.warmup_steps=4", "unlearn.batch_size=128", "select.retain_samples=1500",
        "score.top_k=[50, 150, 300]"]
 
 
@@ -348,7 +348,7 @@ def test_caption_disagreement_finds_the_poisons_by_their_captions(backdoored, tm
 def test_overfit_on_the_weakest_similarity_subset(backdoored, capsys):
     root, overrides = backdoored
     capsys.readouterr()
-    assert main(["overfit", *overrides, "overfit.steps=3", "overfit.batch_size=64", "overfit.subset_fraction=0.1",
+    assert main(["overfit", *overrides, "overfit.steps=3", "overfit.warmup_steps=0", "overfit.batch_size=64", "overfit.subset_fraction=0.1",
                  "overfit.prioritize=weak_similarity"]) == 0
     summary = last_json(capsys.readouterr().out)
     assert summary["steps"] == 3 and summary["samples"] == 192

@@ -174,7 +174,7 @@ def backdoored(ray_local, tmp_path_factory):
     overrides += ["defend.overfit=false", "score.num_actors=1", "score.batch_size=200",
                   "sweep.space={unlearn.num_samples: {grid: [20, 40]}, unlearn.token_portion: {grid: [0.0625]}}",
                   "sweep.max_concurrent_trials=1", "sweep.probe_every=2", "sweep.probe_rows=100",
-                  "select.retain_samples=256", "unlearn.steps=4", "unlearn.batch_size=32",
+                  "select.retain_samples=256", "unlearn.steps=4", "unlearn.warmup_steps=0", "unlearn.batch_size=32",
                   "unlearn.forget_batch_size=8", "evaluate.max_rows=200", "train.threads_per_worker=1"]
     return root, overrides
 

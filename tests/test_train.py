@@ -107,7 +107,7 @@ PIPELINE = ["pipeline.phases=[poison, train, evaluate, defend]", "poison.num_poi
             "train.num_workers=0",  # Ray Train in this process: the workers are the killed-resume test's subject
             # The defense's wiring, not its effect (test_defend.py measures that): a few steps of each phase, and
             # one scoring actor (on this little data another actor's start and model load cost more than it saves).
-            "defend.overfit=false", "unlearn.steps=2", "unlearn.batch_size=64",
+            "defend.overfit=false", "unlearn.steps=2", "unlearn.warmup_steps=0", "unlearn.batch_size=64",
             "unlearn.num_samples=10", "unlearn.forget_batch_size=8", "select.retain_samples=100",
             "score.batch_size=128", "score.num_actors=1"]
 

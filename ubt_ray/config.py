@@ -111,13 +111,37 @@ class PoisonConfig:
 
 
 @dataclass
-class TrainConfig:
+class Schedule:
+    """How a training phase optimises: AdamW, a linear warmup to `lr`, then a cosine decay to zero at the last
+    step. Train, overfit, unlearn and the baselines each hold one, with their own defaults; a phase's length is
+    its `steps` or its `epochs`, whichever it has."""
+    lr: float = _f(2e-3, "Peak learning rate of AdamW, reached after the warmup, then decayed to zero by a cosine.",
+                   gt=0)
+    batch_size: int = _f(128, "Rows per optimiser step, over all workers together.", ge=2)
+    warmup_steps: int = _f(50, "Optimiser steps of the linear warmup from zero to lr.", ge=0)
+    weight_decay: float = _f(0.1, "AdamW weight decay (gains, biases and embeddings never decay).", ge=0)
+
+    def values(self) -> dict:
+        """The schedule's settings alone (a phase's section holds others too)."""
+        names = [f.name for f in dataclasses.fields(Schedule)] + [n for n in ("epochs", "steps") if hasattr(self, n)]
+        return {n: getattr(self, n) for n in names}
+
+    def total_steps(self, rows: int) -> int:
+        """Optimiser steps of a run over `rows` rows: `steps` where the phase has it set, else `epochs` passes."""
+        steps = getattr(self, "steps", None)
+        return steps or max(1, math.ceil(self.epochs * max(1, rows // self.batch_size)))
+
+
+def _like(name: str, default: Any, **meta: Any) -> Any:
+    """Schedule's field `name` with a phase's own default (and, in `meta`, its own tier)."""
+    base = next(f for f in dataclasses.fields(Schedule) if f.name == name)
+    return field(default=default, metadata={**base.metadata, **meta})
+
+
+@dataclass
+class TrainConfig(Schedule):
     epochs: float = _f(1.1, "Passes over the training rows; fractions allowed.", gt=0)
     steps: int | None = _f(None, "Optimiser steps; when set it replaces epochs.", ge=1)
-    batch_size: int = _f(128, "Global batch size (split over workers).", ge=2)
-    lr: float = _f(2e-3, "Peak learning rate (AdamW, cosine decay after warmup).", gt=0)
-    weight_decay: float = _f(0.1, "AdamW weight decay (not applied to gains, biases, embeddings).", ge=0)
-    warmup_steps: int = _f(50, "Linear warmup steps.", ge=0)
     num_workers: int = _f(1, "Ray Train workers (DDP); 0 runs the loop in this process (Ray Train's in-process mode: no worker "
                                "group to start, but no checkpoint to resume from after a crash).", ge=0)
     use_gpu: bool = _f(False, "One GPU per worker, mixed precision (model.precision).")
@@ -153,11 +177,11 @@ class DefendConfig:
 
 
 @dataclass
-class OverfitConfig:
+class OverfitConfig(Schedule):
+    lr: float = _like("lr", 5e-4)
+    warmup_steps: int = _like("warmup_steps", 12)
+    weight_decay: float = _like("weight_decay", 0.0)
     steps: int = _f(60, "Optimiser steps of the overfit run.", ge=1)
-    lr: float = _f(5e-4, "Peak learning rate (short warmup, then the cosine decay of every training phase; no weight "
-                         "decay, no augmentation).", gt=0)
-    batch_size: int = _f(128, "Global batch size.", ge=2)
     subset_fraction: float = _f(1.0, "Share of D to overfit on.", gt=0, le=1)
     prioritize: str = _f("none", "Which rows form the subset: a seeded sample, or those with the weakest "
                                  "image-text similarity under θ₀ (needs subset_fraction < 1).",
@@ -233,7 +257,11 @@ class SelectConfig:
 
 
 @dataclass
-class UnlearnConfig:
+class UnlearnConfig(Schedule):
+    lr: float = _like("lr", 4e-4)
+    batch_size: int = _like("batch_size", 256, help="Retain rows per optimiser step, over all workers together.")
+    warmup_steps: int = _like("warmup_steps", 5)
+    weight_decay: float = _like("weight_decay", 0.0)
     num_samples: int = _f(300, "k: the most suspicious rows to unlearn.", ge=1)
     token_portion: float = _f(4 / 64, "ρ: share of each selected image's most salient tokens the forget loss acts on.",
                               gt=0, le=1)
@@ -245,7 +273,6 @@ class UnlearnConfig:
                                          "it, push_away at unlearn.whole_image_weight where blur or downup did).",
                       choices=FORGET_LOSSES)
     steps: int = _f(50, "Optimiser steps.", ge=1)
-    lr: float = _f(4e-4, "Learning rate.", gt=0)
     forget_weight: float = _f(1.0, "λ_f: weight of the forget loss against the retain (CLIP) loss.", ge=0)
     whole_image_weight: float = _f(4.0, "λ_f of the rows a whole-image transform (blur, downup) flagged, under "
                                         "forget: auto (push_away); larger than forget_weight because a whole-image "
@@ -253,7 +280,6 @@ class UnlearnConfig:
     margin: float = _f(0.2, "Cosine margin of push_away, local_push and invariance_push: pairs already below it "
                             "are left alone.", ge=-1, le=1)
     trainable: str = _f("all", "Parameters that move.", choices=TRAINABLE)
-    batch_size: int = _f(256, "Retain rows per step (global).", ge=2)
     forget_batch_size: int = _f(64, "Forget rows per step (global).", ge=1)
     output: str = _f("${defend.output}/unlearn", "Unlearn run directory; the cleaned model goes to <output>/model.")
 
@@ -262,16 +288,13 @@ PHASES = ("prepare", "poison", "train", "evaluate", "defend")
 
 
 @dataclass
-class BaselineConfig:
+class BaselineConfig(Schedule):
     model: str = _f("${defend.model}", "The backdoored checkpoint the baselines fine-tune.")
     data: str = _f("${data.clean_train}", "Clean image-caption shards the baselines train on.")
     rows: int | None = _f(None, "Clean pairs used: a seeded hash sample of about this many rows of baseline.data "
                                 "(CleanCLIP's standard is 100,000); null: all of them.", ge=1)
+    lr: float = _like("lr", 1e-5)  # CleanCLIP's
     epochs: float = _f(10.0, "Passes over the clean pairs (CleanCLIP's standard: 10).", gt=0)
-    lr: float = _f(1e-5, "Peak learning rate (CleanCLIP's standard: 1e-5).", gt=0)
-    batch_size: int = _f(128, "Global batch size.", ge=2)
-    weight_decay: float = _f(0.1, "AdamW weight decay.", ge=0)
-    warmup_steps: int = _f(50, "Linear warmup steps.", ge=0)
     inmodal_weight: float = _f(1.0, "CleanCLIP: weight of the in-modal (image-image, text-text) losses.", ge=0)
     clip_weight: float = _f(1.0, "CleanCLIP: weight of the multimodal CLIP loss.", ge=0)
     output: str = _f("${run.output_dir}/baseline", "Baseline runs go to <output>/<ft|cleanclip>; models to .../model.")
