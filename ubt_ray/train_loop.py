@@ -186,7 +186,7 @@ def load_train_state(path: Path) -> dict:
         return torch.load(path, weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for a planted object, others for a damaged file
         raise UserError(f"the training state {path} of the checkpoint to resume from is not plain tensors and "
-                        f"numbers ({type(e).__name__}): delete the run's ray/ folder (or set train.resume=false) "
+                        f"numbers ({type(e).__name__}): delete the run's ray/ folder (or set experimental.train.resume=false) "
                         f"to start the run again.") from None
 
 

@@ -51,7 +51,7 @@ def baseline(cfg: Config, kind: str, model_uri: str | None = None, evaluate_afte
     b = cfg.baseline
     model_uri = model_uri or b.model
     if not storage.exists(model_uri, cfg.storage):
-        raise UserError(f"baseline.model={model_uri} does not exist: train the backdoored model first "
+        raise UserError(f"experimental.baseline.model={model_uri} does not exist: train the backdoored model first "
                         f"(`ubt train`) or point baseline.model at an open_clip local-dir checkpoint.")
     out = storage.join(b.output, kind)
     signature = fingerprint(cfg, ("baseline", "train", "model", "evaluate", "data"),
