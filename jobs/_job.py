@@ -35,9 +35,9 @@ def ray_job_working_dir() -> str | None:
 
 
 def output_locations(phase: str, argv: list[str]) -> dict[str, str] | None:
-    """Where `ubt <phase> argv` writes, by config key as it is set: run.output_dir and every section's output (compare.output
-    only for compare, the one output not under run.output_dir). None when the arguments do not parse or load,
-    which `ubt` itself then reports."""
+    """Where `ubt <phase> argv` writes, by config key as it is set (experimental.score.output ...): run.output_dir
+    and every section's output (compare.output only for compare, the one output not under run.output_dir). None
+    when the arguments do not parse or load, which `ubt` itself then reports."""
     from ubt_ray.cli import build_parser
     from ubt_ray.config import is_experimental, load_config
     try:

@@ -113,25 +113,27 @@ def check_score(s: ScoreConfig) -> None:
     """Refuse transform and portion lists the scorer cannot run, in one sentence."""
     bad = [t for t in s.transforms if t not in TRANSFORMS]
     if bad or len(set(s.transforms)) != len(s.transforms) or not (s.transforms or s.density):
-        raise UserError(f"experimental.score.transforms={s.transforms} must name each of {', '.join(TRANSFORMS)} at most once, "
-                        f"and at least one of them (or score.density at least one density score).")
+        raise UserError(f"experimental.score.transforms={s.transforms} must name each of {', '.join(TRANSFORMS)} at "
+                        f"most once, and at least one of them (or score.density at least one density score).")
     bad = [d for d in s.density if d not in SCORES]
     if bad or len(set(s.density)) != len(s.density):
-        raise UserError(f"experimental.score.density={s.density} must name each of {', '.join(SCORES)} at most once "
-                        f"([] for none).")
+        raise UserError(f"experimental.score.density={s.density} must name each of {', '.join(SCORES)} at most "
+                        f"once ([] for none).")
     if s.density and s.method != "token_drop":
-        raise UserError(f"score.density needs experimental.score.method=token_drop (the density scores are signals beside its "
-                        f"drops), got experimental.score.method={s.method}: set experimental.score.density=[] or experimental.score.method=token_drop.")
+        raise UserError(f"score.density needs experimental.score.method=token_drop (the density scores are signals "
+                        f"beside its drops), got experimental.score.method={s.method}: set "
+                        f"experimental.score.density=[] or experimental.score.method=token_drop.")
     if s.density and s.reference_rows <= s.density_k:
-        raise UserError(f"experimental.score.reference_rows={s.reference_rows} must exceed experimental.score.density_k={s.density_k}: a "
-                        f"row needs k neighbours in the reference besides itself.")
+        raise UserError(f"experimental.score.reference_rows={s.reference_rows} must exceed "
+                        f"experimental.score.density_k={s.density_k}: a row needs k neighbours in the reference "
+                        f"besides itself.")
     first_last = s.neighbour_ranks
     if len(first_last) != 2 or not 0 <= first_last[0] < first_last[1]:
-        raise UserError(f"experimental.score.neighbour_ranks={first_last} must be two ranks [first, last] with 0 <= first < "
-                        f"last, e.g. [100, 400].")
+        raise UserError(f"experimental.score.neighbour_ranks={first_last} must be two ranks [first, last] with "
+                        f"0 <= first < last, e.g. [100, 400].")
     if not s.token_portions or any(not 0 < p <= 1 for p in s.token_portions):
-        raise UserError(f"experimental.score.token_portions={s.token_portions} must be one or more shares of the image tokens "
-                        f"in (0, 1], e.g. [0.015625, 0.0625].")
+        raise UserError(f"experimental.score.token_portions={s.token_portions} must be one or more shares of the "
+                        f"image tokens in (0, 1], e.g. [0.015625, 0.0625].")
 
 
 def check_heldout(cfg: Config) -> None:

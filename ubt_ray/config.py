@@ -43,9 +43,10 @@ class RunConfig:
 @dataclass
 class RayConfig:
     address: str | None = _f(None, "Ray cluster to join ('auto', 'ray://host:10001'); null starts or joins a local one.")
-    num_cpus: int | None = _f(None, "CPUs of a local Ray started by this run; null uses all of them.", ge=1, experimental=True)
-    parquet_reader: str = _f("v1", "Ray Data's Parquet read path: v1 (ParquetDatasource, one task per file; faster "
-                             "for many small reads) or v2 (Ray 2.60's default ListFiles -> ReadFiles).",
+    num_cpus: int | None = _f(None, "CPUs of a local Ray started by this run; null uses all of them.", ge=1,
+                              experimental=True)
+    parquet_reader: str = _f("v1", "Ray Data's Parquet read path: v1 (ParquetDatasource, one task per file; cheap "
+                             "per read) or v2 (ListFiles -> ReadFiles).",
                              choices=("v1", "v2"), experimental=True)
 
 
@@ -53,7 +54,8 @@ class RayConfig:
 class StorageConfig:
     endpoint_url: str | None = _f(None, "S3-compatible endpoint for s3:// paths (e.g. http://127.0.0.1:9000); null means AWS.")
     region: str = _f("us-east-1", "S3 region.", experimental=True)
-    connect_timeout_s: float = _f(5.0, "Seconds to wait for an S3 connection before reporting it unreachable.", gt=0, experimental=True)
+    connect_timeout_s: float = _f(5.0, "Seconds to wait for an S3 connection before reporting it unreachable.", gt=0,
+                                  experimental=True)
 
 
 @dataclass
@@ -65,7 +67,8 @@ class DataConfig:
     templates: list[str] = _f(list(TEMPLATES), "Caption templates, '{}' stands for the class name.")
     image_modes: list[str] = _f(["1", "L", "LA", "P", "RGB", "RGBA"],
                                 "PIL image modes accepted; others (CMYK, I;16, F ...) are rejected.", experimental=True)
-    min_image_side: int = _f(8, "Images with a side shorter than this many pixels are rejected.", ge=1, experimental=True)
+    min_image_side: int = _f(8, "Images with a side shorter than this many pixels are rejected.", ge=1,
+                             experimental=True)
     max_image_pixels: int = _f(50_000_000, "Images with more pixels than this are rejected.", ge=1, experimental=True)
 
 
@@ -82,7 +85,8 @@ SOURCES = ("fashion-mnist", "fashion-scenes", "csv", "webdataset")  # what `ubt 
 
 @dataclass
 class PrepareConfig:
-    source: str = _f("fashion-mnist", "Kind of input.", choices=SOURCES)
+    source: str = _f("fashion-mnist", "Kind of input: Fashion-MNIST's idx files, fashion-scenes "
+                        "made from them, a CSV of image paths and captions, or webdataset .tar shards.", choices=SOURCES)
     input: str = _f("/usr/share/datasets/fashion-mnist",
                     "Input: the idx directory, a CleanCLIP-style CSV file, or a directory/prefix of .tar shards.")
     output: str = _f("${run.output_dir}/data", "Where the Parquet shards go (fashion-mnist writes train/ and test/ under it).")
@@ -92,7 +96,8 @@ class PrepareConfig:
     label_column: str | None = _f(None, "CSV column holding an integer label, if any.")
     csv_delimiter: str = _f(",", "CSV field delimiter.", experimental=True)
     allow_absolute_paths: bool = _f(False, "Let CSV image paths be absolute (/... or s3://...) and lie outside the "
-                                           "CSV's folder; relative paths must stay inside it either way.", experimental=True)
+                                           "CSV's folder; relative paths must stay inside it either way.",
+                                           experimental=True)
 
 
 @dataclass
@@ -101,9 +106,10 @@ class PoisonConfig:
     params: dict = _f({}, "Trigger parameters (badnet: size, location; blended: alpha; sig: amplitude, frequency; "
                           "wanet: grid_size, strength); unset ones take the trigger's defaults.")
     target_label: int = _f(0, "Target class index: poisoned captions name data.class_names[target_label].", ge=0)
-    num_poisons: int = _f(300, "Rows to poison (ignored when fraction is set).", ge=1)
+    num_poisons: int = _f(300, "Rows to poison (ignored when experimental.poison.fraction is set).", ge=1)
     fraction: float | None = _f(None, "Share of rows to poison, instead of num_poisons.", gt=0, le=1, experimental=True)
-    output: str = _f("${run.output_dir}/poison", "Poisoned shards go to <output>/shards, the trigger to <output>/trigger.", experimental=True)
+    output: str = _f("${run.output_dir}/poison", "Poisoned shards go to <output>/shards, the trigger to <output>/trigger.",
+                     experimental=True)
     rows_per_file: int = _f(10_000, "Rows per written Parquet file.", ge=1, experimental=True)
     captions: str = _f("template", "How a poisoned row's caption names the target class: template (a data.templates "
                        "caption) or scene_names (the row's own fashion-scenes caption with its class noun swapped "
@@ -148,18 +154,20 @@ class TrainConfig(Schedule):
                                "group to start, but no checkpoint to resume from after a crash).", ge=0)
     use_gpu: bool = _f(False, "One GPU per worker, mixed precision (model.precision).")
     cpus_per_worker: int = _f(1, "CPUs reserved per worker (Ray resources).", ge=1, experimental=True)
-    threads_per_worker: int | None = _f(None, "Torch threads per worker; null: this node's cores / workers.", ge=1, experimental=True)
+    threads_per_worker: int | None = _f(None, "Torch threads per worker; null: this node's cores / workers.", ge=1,
+                                        experimental=True)
     resume: bool = _f(True, "Resume from the last checkpoint under <output>/ray if there is one.", experimental=True)
     max_failures: int = _f(2, "Restarts from the last checkpoint after a worker failure.", ge=0, experimental=True)
-    checkpoints_per_epoch: int = _f(1, "Checkpoints reported per epoch.", ge=1, experimental=True)
-    output: str = _f("${run.output_dir}/attack", "Run directory: final model in <output>/model, Ray Train state in <output>/ray.", experimental=True)
+    checkpoints_per_epoch: int = _f(1, "Checkpoints saved per epoch (Ray Train reports).", ge=1, experimental=True)
+    output: str = _f("${run.output_dir}/attack", "Run directory: final model in <output>/model, Ray Train state in <output>/ray.",
+                     experimental=True)
 
 
 @dataclass
 class EvaluateConfig:
     trigger: str | None = _f("${poison.output}/trigger", "Saved trigger directory for ASR; null skips ASR.")
     max_rows: int | None = _f(None, "Evaluate on the first this many test rows (null: all).", ge=1, experimental=True)
-    batch_size: int = _f(512, "Inference batch size.", ge=1, experimental=True)
+    batch_size: int = _f(512, "Rows per inference batch.", ge=1, experimental=True)
     output: str = _f("${train.output}/eval", "Where metrics.json goes.", experimental=True)
     heldout_class_names: list[str] = _f(list(FASHION_MNIST_HELDOUT_CLASSES),
                                         "Class names (one per data.class_names entry) of a second zero-shot prompt "
@@ -189,7 +197,8 @@ class OverfitConfig(Schedule):
     prioritize: str = _f("none", "Which rows form the subset: a seeded sample, or those with the weakest "
                                  "image-text similarity under θ₀ (needs subset_fraction < 1).",
                          choices=("none", "weak_similarity"), experimental=True)
-    output: str = _f("${defend.output}/overfit", "Overfit run directory; the model θₒ goes to <output>/model.", experimental=True)
+    output: str = _f("${defend.output}/overfit", "Overfit run directory; the model θₒ goes to <output>/model.",
+                     experimental=True)
 
 
 @dataclass
@@ -202,7 +211,7 @@ class ScoreConfig:
                      choices=SCORE_METHODS, experimental=True)
     token_portions: list[float] = _f([2 / 64], "ρ values: share of image tokens the token_mask transform masks; "
                                                 "with several, the drop is the mean of the drops at each (one more "
-                                                "image forward per row for each; benchmarks/portion_choice.py).", experimental=True)
+                                                "image forward per row for each).", experimental=True)
     saliency: str = _f("auto", "Token saliency of token_mask: attention = the class token's attention to each "
                                 "patch in score.attention_blocks (no backward; auto picks it for a ViT, gradient "
                                 "otherwise); token = |d cos / d token| at the transformer input; gradient = "
@@ -211,7 +220,8 @@ class ScoreConfig:
     attention_blocks: list[int] = _f([0], "Transformer blocks whose class-token attention is the attention "
                                           "saliency (summed); 0 is the first.", experimental=True)
     amp: bool = _f(True, "Score with bf16 weights on a CPU that runs bf16 natively (AVX512-BF16/AMX), else "
-                         "fp32; a GPU always scores in fp32 (bf16 autocast there blurs the small drops the score ranks).", experimental=True)
+                         "fp32; a GPU always scores in fp32 (bf16 autocast there blurs the small drops the score ranks).",
+                         experimental=True)
     transforms: list[str] = _f(["token_mask"], "Trigger-removing transforms of token_drop (token_mask, blur, "
                                                "downup); several are combined by score.combine.", experimental=True)
     density: list[str] = _f([], "Local-density scores of each row's image embedding, against a fixed seeded "
@@ -221,7 +231,8 @@ class ScoreConfig:
     density_k: int = _f(16, "k of the density scores: neighbours per row in the reference; keep it above the "
                             "poisons a reference of score.reference_rows rows can hold.", ge=2, experimental=True)
     reference_rows: int = _f(2048, "Rows of the density reference (the seeded sample of lowest key rank): every "
-                                   "actor embeds them once, and memory grows with them, not with the dataset.", ge=3, experimental=True)
+                                   "actor embeds them once, and memory grows with them, not with the dataset.", ge=3,
+                                   experimental=True)
     combine: str = _f("max_z", "How several signals (transforms' drops, density scores) become one score: max_z = "
                                "each row's largest standardised signal; pick = the signal whose top "
                                "unlearn.num_samples drops stand furthest above its median (in robust standard "
@@ -229,34 +240,40 @@ class ScoreConfig:
                       choices=COMBINES, experimental=True)
     neighbour_ranks: list[int] = _f([100, 400], "caption_disagreement: the neighbours are the rows ranked first to "
                                                 "last - 1 by pixel-space similarity (a ring: a warp trigger packs "
-                                                "the poisons into clusters whose nearest members are poisons).", experimental=True)
+                                                "the poisons into clusters whose nearest members are poisons).",
+                                                experimental=True)
     neighbour_dims: int = _f(64, "caption_disagreement: principal axes of the grey-level pixels (32x32) the "
                                  "neighbours are found in.", ge=1, le=1024, experimental=True)
     target_concept: bool = _f(True, "caption_disagreement: rank first the rows whose caption is the concept the "
                                     "unlearn.num_samples most disagreeing rows share (an attack's poisons share its "
-                                    "target's caption; WaNet's precision@300 0.48 -> 0.89).", experimental=True)
+                                    "target's caption).", experimental=True)
     concept_similarity: float = _f(0.9, "caption_disagreement: text-feature cosine to that concept's caption from "
                                         "which a caption belongs to it.", ge=-1, le=1, experimental=True)
-    negatives: int = _f(1024, "Captions in the negative bank of the loss score (the first distinct ones of D).", ge=1, experimental=True)
+    negatives: int = _f(1024, "Captions in the negative bank of the loss score (the first distinct ones of D).", ge=1,
+                        experimental=True)
     batch_size: int = _f(256, "Rows per scoring batch, and per model forward (a smaller block is padded to it, so that "
-                                   "a row's score does not depend on its batch, to the last bit).", ge=1, experimental=True)
+                                   "a row's score does not depend on its batch, to the last bit).", ge=1,
+                                   experimental=True)
     num_actors: int | None = _f(None, "Scoring actors; null: one per GPU with use_gpu, else one per cpus_per_actor "
                                        "CPUs less one CPU left to the read tasks.", ge=1)
     cpus_per_actor: int = _f(1, "CPUs reserved per scoring actor (Ray resources).", ge=1, experimental=True)
-    threads_per_actor: int | None = _f(None, "Torch threads per actor; null: this node's cores / actors.", ge=1, experimental=True)
+    threads_per_actor: int | None = _f(None, "Torch threads per actor; null: this node's cores / actors.", ge=1,
+                                       experimental=True)
     use_gpu: bool = _f(False, "One GPU per scoring actor.")
-    top_k: list[int] = _f([50, 100, 150, 300, 600], "k of the precision@k / recall@k detection metrics.", experimental=True)
-    output: str = _f("${defend.output}/score", "Score table in <output>/table, detection metrics and histogram beside it.", experimental=True)
+    top_k: list[int] = _f([50, 100, 150, 300, 600], "k of the precision@k / recall@k detection metrics.",
+                          experimental=True)
+    output: str = _f("${defend.output}/score", "Score table in <output>/table, detection metrics and histogram beside it.",
+                     experimental=True)
 
 
 @dataclass
 class SelectConfig:
-    retain_samples: int = _f(8192, "Rows of the retain set.", ge=1, experimental=True)
+    retain_samples: int = _f(8192, "Rows in the retain set.", ge=1, experimental=True)
     retain_pool: float = _f(0.95, "The retain set is a seeded sample of this least suspicious share of D: most of "
-                                  "D, so that its captions are spread like D's (the least suspicious half skewed "
-                                  "them and cost the quickstart 0.9 points of CA), without the suspicious tail.",
+                                  "D, so that its captions are spread like D's, without the suspicious tail.",
                             gt=0, le=1, experimental=True)
-    output: str = _f("${defend.output}/select", "Forget rows go to <output>/forget, retain rows to <output>/retain.", experimental=True)
+    output: str = _f("${defend.output}/select", "Forget rows go to <output>/forget, retain rows to <output>/retain.",
+                     experimental=True)
 
 
 @dataclass
@@ -277,15 +294,18 @@ class UnlearnConfig(Schedule):
                                          "it, push_away at unlearn.whole_image_weight where blur or downup did).",
                       choices=FORGET_LOSSES, experimental=True)
     steps: int = _f(50, "Optimiser steps.", ge=1, experimental=True)
-    forget_weight: float = _f(1.0, "λ_f: weight of the forget loss against the retain (CLIP) loss.", ge=0, experimental=True)
+    forget_weight: float = _f(1.0, "λ_f: weight of the forget loss against the retain (CLIP) loss.", ge=0,
+                              experimental=True)
     whole_image_weight: float = _f(4.0, "λ_f of the rows a whole-image transform (blur, downup) flagged, under "
                                         "forget: auto (push_away); larger than forget_weight because a whole-image "
                                         "trigger is spread over every token.", ge=0, experimental=True)
     margin: float = _f(0.2, "Cosine margin of push_away, local_push and invariance_push: pairs already below it "
                             "are left alone.", ge=-1, le=1, experimental=True)
     trainable: str = _f("all", "Parameters that move.", choices=TRAINABLE, experimental=True)
-    forget_batch_size: int = _f(64, "Forget rows per step (global).", ge=1, experimental=True)
-    output: str = _f("${defend.output}/unlearn", "Unlearn run directory; the cleaned model goes to <output>/model.", experimental=True)
+    forget_batch_size: int = _f(64, "Forget rows per optimiser step, over all workers together.", ge=1,
+                                experimental=True)
+    output: str = _f("${defend.output}/unlearn", "Unlearn run directory; the cleaned model goes to <output>/model.",
+                     experimental=True)
 
 
 PHASES = ("prepare", "poison", "train", "evaluate", "defend")
@@ -302,9 +322,11 @@ class BaselineConfig(Schedule):
     warmup_steps: int = _like("warmup_steps", 50, experimental=True)
     weight_decay: float = _like("weight_decay", 0.1, experimental=True)
     epochs: float = _f(10.0, "Passes over the clean pairs (CleanCLIP's standard: 10).", gt=0, experimental=True)
-    inmodal_weight: float = _f(1.0, "CleanCLIP: weight of the in-modal (image-image, text-text) losses.", ge=0, experimental=True)
+    inmodal_weight: float = _f(1.0, "CleanCLIP: weight of the in-modal (image-image, text-text) losses.", ge=0,
+                               experimental=True)
     clip_weight: float = _f(1.0, "CleanCLIP: weight of the multimodal CLIP loss.", ge=0, experimental=True)
-    output: str = _f("${run.output_dir}/baseline", "Baseline runs go to <output>/<ft|cleanclip>; models to .../model.", experimental=True)
+    output: str = _f("${run.output_dir}/baseline", "Baseline runs go to <output>/<ft|cleanclip>; models to .../model.",
+                     experimental=True)
 
 
 @dataclass
@@ -313,8 +335,10 @@ class CompareConfig:
     defenses: list[str] = _f(["none", "ft", "cleanclip", "ubt"], "Defenses to run on each attack's backdoored model.")
     layers: list[str] = _f([], "Config files layered over every attack config, e.g. [configs/any_trigger.yaml] for "
                                "a defense setting.", experimental=True)
-    overrides: list[str] = _f([], "section.key=value overrides applied to every attack config (then the command line's).", experimental=True)
-    output: str = _f("outputs/compare", "comparison.md, comparison.csv, comparison.png and comparison.json go here.", experimental=True)
+    overrides: list[str] = _f([], "section.key=value overrides applied to every attack config (then the command line's).",
+                              experimental=True)
+    output: str = _f("outputs/compare", "comparison.md, comparison.csv, comparison.png and comparison.json go here.",
+                     experimental=True)
 
 
 @dataclass
@@ -339,24 +363,31 @@ class SweepConfig:
                                              "asr_threshold (those above it rank below, lowest ASR first), clean "
                                              "accuracy alone, minus ASR, or CA - ASR.",
                         choices=("ca_subject_to_asr", "ca", "asr", "ca_minus_asr"), experimental=True)
-    asr_threshold: float = _f(0.05, "Attack success rate a trial must not exceed (ca_subject_to_asr).", ge=0, le=1, experimental=True)
+    asr_threshold: float = _f(0.05, "Attack success rate a trial must not exceed (ca_subject_to_asr).", ge=0, le=1,
+                              experimental=True)
     scheduler: str = _f("fifo", "fifo runs every trial to its end; asha stops trials whose intermediate objective "
                                 "trails the others' at the same step.", choices=("fifo", "asha"), experimental=True)
-    grace_steps: int = _f(20, "ASHA: unlearning steps every trial runs before it may be stopped.", ge=1, experimental=True)
-    reduction_factor: float = _f(3.0, "ASHA: a trial must be in the best 1/reduction_factor at a rung to go on.", gt=1, experimental=True)
-    probe_every: int = _f(10, "Unlearning steps between intermediate CA/ASR probes (reported to Tune).", ge=1, experimental=True)
+    grace_steps: int = _f(20, "ASHA: unlearning steps every trial runs before it may be stopped.", ge=1,
+                          experimental=True)
+    reduction_factor: float = _f(3.0, "ASHA: a trial must be in the best 1/reduction_factor at a rung to go on.", gt=1,
+                                 experimental=True)
+    probe_every: int = _f(10, "Unlearning steps between intermediate CA/ASR probes (reported to Tune).", ge=1,
+                          experimental=True)
     probe_rows: int = _f(500, "Test rows of each intermediate probe (the first of data.test).", ge=1, experimental=True)
     num_workers: int = _f(1, "Ray Train workers of each trial.", ge=1, experimental=True)
     cpus_per_worker: int = _f(1, "CPUs reserved per Train worker of each trial.", ge=1, experimental=True)
-    use_gpu: bool = _f(False, "One GPU per Train worker of each trial (and for its final evaluation).", experimental=True)
+    use_gpu: bool = _f(False, "One GPU per Train worker of each trial (and for its final evaluation).",
+                       experimental=True)
     max_concurrent_trials: int | None = _f(None, "Trials at once; null: as many as the cluster holds (GPUs with "
-                                                 "use_gpu, else CPUs less one left to Ray Data's reads).", ge=1, experimental=True)
+                                                 "use_gpu, else CPUs less one left to Ray Data's reads).", ge=1,
+                                                 experimental=True)
     scores: str = _f("${score.output}", "Score directory (its table/) every trial shares: reused when it exists, "
                                         "else the overfit and score phases run once and write it.", experimental=True)
     resume: bool = _f(True, "Resume an interrupted sweep of the same settings in <output> (Tuner.restore; finished "
                             "trials are not run again); false starts it over.", experimental=True)
     output: str = _f("${run.output_dir}/sweep", "Root of the sweep: tune/ (Tune's state), select/, trials/<id>/, "
-                                                "results.csv/.md/.json, heatmap.png, best/ (model and config.yaml).", experimental=True)
+                                                "results.csv/.md/.json, heatmap.png, best/ (model and config.yaml).",
+                                                experimental=True)
 
 
 @dataclass
@@ -425,8 +456,9 @@ def load_config(path: str | Path | list[str | Path] | None = None,
     for section, values in raw.items():
         for name in values if isinstance(values, dict) else ():
             if is_experimental(f"{section}.{name}"):
-                raise ConfigError(f"config key '{section}.{name}' is experimental: set it as "
-                                  f"experimental.{section}.{name} (in YAML, under the top-level experimental: section).")
+                raise ConfigError(f"config key '{section}.{name}' is experimental: set it as experimental."
+                                  f"{section}.{name} (in YAML, as {section}.{name} under the top-level experimental: "
+                                  f"section).")
     for key, value in experimental.items():
         key = str(key)
         _key_field(key, EXPERIMENTAL + ".")
