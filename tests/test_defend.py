@@ -247,10 +247,10 @@ def test_top_k_is_the_same_whatever_the_number_of_blocks(ray_local):
 # UBT settings for the small backdoored model below (see test_defend_removes_the_backdoor_and_keeps_clean_accuracy);
 # the quickstart's defaults differ (token_mask scoring alone, retain pool 0.95, forget weight 1).
 UBT = ["experimental.defend.overfit=false", "experimental.score.transforms=[token_mask, blur]",
-       "experimental.unlearn.forget=token_invariance",
-       "experimental.select.retain_pool=0.5", "unlearn.num_samples=300", "experimental.unlearn.lr=4e-4",
-       "experimental.unlearn.forget_weight=5", "experimental.unlearn.steps=40", "experimental.unlearn.warmup_steps=4", "experimental.unlearn.batch_size=128", "experimental.select.retain_samples=1500",
-       "experimental.score.top_k=[50, 150, 300]"]
+       "experimental.unlearn.forget=token_invariance", "experimental.select.retain_pool=0.5",
+       "unlearn.num_samples=300", "experimental.unlearn.lr=4e-4", "experimental.unlearn.forget_weight=5",
+       "experimental.unlearn.steps=40", "experimental.unlearn.warmup_steps=4", "experimental.unlearn.batch_size=128",
+       "experimental.select.retain_samples=1500", "experimental.score.top_k=[50, 150, 300]"]
 
 
 @pytest.fixture(scope="module")
@@ -369,13 +369,14 @@ def test_compare_runs_every_defense_on_the_backdoored_model(backdoored, tmp_path
     # UBT as the defend test ran it, which compare finds finished and reuses; brief baselines, from a config file
     # layered over the attack's (compare.layers).
     brief = tmp_path / "brief_baselines.yaml"
-    brief.write_text(yaml.safe_dump({"baseline": {"output": str(root / "compare-baseline"), "rows": 500, "epochs": 1,
-                                                  "batch_size": 64, "lr": 1e-4}}))
+    brief.write_text(yaml.safe_dump({"experimental": {
+        "baseline.output": str(root / "compare-baseline"), "baseline.rows": 500, "baseline.epochs": 1,
+        "baseline.batch_size": 64, "baseline.lr": 1e-4}}))
     defended = (root / "defend" / "report.json").exists()
     capsys.readouterr()
     compare_yaml = tmp_path / "compare.yaml"
-    compare_yaml.write_text(yaml.safe_dump({"compare": {"attacks": [str(attack_yaml)], "layers": [str(brief)],
-                                                        "overrides": UBT, "output": str(tmp_path / "cmp")}}))
+    compare_yaml.write_text(yaml.safe_dump({"compare": {"attacks": [str(attack_yaml)]}, "experimental": {
+        "compare.layers": [str(brief)], "compare.overrides": UBT, "compare.output": str(tmp_path / "cmp")}}))
     code = main(["compare", "--config", str(compare_yaml)])
     assert code == 0
     printed = capsys.readouterr()
