@@ -2,7 +2,7 @@
 residual agrees with the residual shared by the current top of the ranking.
 
     .venv/bin/python benchmarks/consensus_rescore.py --config configs/attacks/blended.yaml \
-        --column drop_blur score.output=outputs/attacks/blended/defend_multi/score
+        --column drop_blur experimental.score.output=outputs/attacks/blended/defend_multi/score
 
 Poisons of one attack share one trigger; when it is a fixed additive pattern, their residuals r = x - blur(x)
 agree where clean images' residuals (their own edges) do not. Each round takes the mean of the centred residuals

@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/oracle_forget.py --config configs/attacks/blended.yaml \
         --select outputs/attacks/blended/defend_multi/select --transform blur --out /tmp/oracle_blended \
-        score.output=outputs/attacks/blended/defend_multi/score
-    .venv/bin/ubt unlearn -c configs/attacks/blended.yaml select.output=/tmp/oracle_blended \
-        unlearn.output=/tmp/oracle_blended/unlearn unlearn.forget=push_away
+        experimental.score.output=outputs/attacks/blended/defend_multi/score
+    .venv/bin/ubt unlearn -c configs/attacks/blended.yaml experimental.select.output=/tmp/oracle_blended \
+        experimental.unlearn.output=/tmp/oracle_blended/unlearn experimental.unlearn.forget=push_away
     .venv/bin/ubt evaluate -c configs/attacks/blended.yaml --model /tmp/oracle_blended/unlearn/model
 
 Writes `<out>/forget` (the first `--count` poisons of the config's training shards, each with the score table's

@@ -53,7 +53,7 @@ def main() -> None:
         data = fashion_mnist_shards(tmp / "shards", rows=args.rows, files=args.files)
     ray.init(num_cpus=args.num_cpus, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cfgs = {r: load_config(None, [f"ray.parquet_reader={r}"]) for r in READERS}
+    cfgs = {r: load_config(None, [f"experimental.ray.parquet_reader={r}"]) for r in READERS}
     rows = read_shards(data, cfgs["v1"]).count()
     times: dict[str, dict[str, list[float]]] = {r: {"read": [], "read_map_write": []} for r in READERS}
     for i in range(args.repeats + 1):  # the first round warms the workers up and is not counted

@@ -5,7 +5,7 @@ held-out prompt sets and by ASR (docs/results.md).
         --variant NAME [key=value ...] [--variant NAME ...] [--name NAME] [--out DIR] [overrides...]
 
     e.g. benchmarks/unlearn_variants.py -c configs/quickstart.yaml run.output_dir=outputs/bench/quickstart
-         --defense outputs/bench/quickstart/defend --variant plain --variant anchor1 unlearn.anchor_weight=1
+         --defense outputs/bench/quickstart/defend --variant plain --variant anchor1 experimental.unlearn.anchor_weight=1
 
 For each variant, one after the other in its own process: `ubt unlearn` from defend.model on the forget and retain
 rows the defense selected (DIR/select, so every variant unlearns the same rows), with the variant's overrides, into
@@ -69,12 +69,12 @@ def main() -> None:
     resolved = {}
     for name, *variant in args.variant:
         out = defense / "variants" / name
-        common = [*configs, *overrides, *variant, f"select.output={defense / 'select'}"]
-        unlearn = [*common, f"unlearn.output={out}"]
+        common = [*configs, *overrides, *variant, f"experimental.select.output={defense / 'select'}"]
+        unlearn = [*common, f"experimental.unlearn.output={out}"]
         started = time.time()
         ubt("unlearn", *unlearn)
         took = round(time.time() - started, 1)
-        ubt("evaluate", *common, "--model", str(out / "model"), f"evaluate.output={out / 'eval'}")
+        ubt("evaluate", *common, "--model", str(out / "model"), f"experimental.evaluate.output={out / 'eval'}")
         rows.append({"variant": name, "overrides": variant, **metrics(out / "eval" / "metrics.json"),
                      "unlearn_time_s": took})
         resolved[name] = resolved_config(*unlearn)

@@ -35,11 +35,11 @@ def ray_job_working_dir() -> str | None:
 
 
 def output_locations(phase: str, argv: list[str]) -> dict[str, str] | None:
-    """Where `ubt <phase> argv` writes, by config key: run.output_dir and every section's output (compare.output
-    only for compare, the one output not under run.output_dir). None when the arguments do not parse or load,
-    which `ubt` itself then reports."""
+    """Where `ubt <phase> argv` writes, by config key as it is set (experimental.score.output ...): run.output_dir
+    and every section's output (compare.output only for compare, the one output not under run.output_dir). None
+    when the arguments do not parse or load, which `ubt` itself then reports."""
     from ubt_ray.cli import build_parser
-    from ubt_ray.config import load_config
+    from ubt_ray.config import is_experimental, load_config
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             args, extra = build_parser().parse_known_args([phase, *argv])
@@ -52,7 +52,8 @@ def output_locations(phase: str, argv: list[str]) -> dict[str, str] | None:
     for section, values in cfg.to_dict().items():
         if isinstance(values, dict) and isinstance(values.get("output"), str) and (
                 section != "compare" or phase == "compare"):
-            outputs[f"{section}.output"] = values["output"]
+            key = f"{section}.output"
+            outputs[f"experimental.{key}" if is_experimental(key) else key] = values["output"]  # named as it is set
     return outputs
 
 

@@ -37,8 +37,8 @@ def cli_error(capsys, argv: list[str], command: str) -> str:
 
 @pytest.mark.parametrize("override, shown", [
     ("train.epochs=.inf", "inf"), ("train.epochs=-.inf", "-inf"), ("train.lr=.nan", "nan"), ("train.lr=nan", "nan"),
-    ("storage.connect_timeout_s=Infinity", "inf"), ("train.epochs=1" + "0" * 400, "inf"),  # beyond float range
-    ("poison.fraction=.NaN", "nan"), ("score.token_portions=[0.03, .inf]", "inf"),
+    ("experimental.storage.connect_timeout_s=Infinity", "inf"), ("train.epochs=1" + "0" * 400, "inf"),  # beyond float range
+    ("experimental.poison.fraction=.NaN", "nan"), ("experimental.score.token_portions=[0.03, .inf]", "inf"),
 ])
 def test_non_finite_numbers_are_refused_in_overrides(capsys, override, shown):
     key = override.split("=")[0]
@@ -47,13 +47,14 @@ def test_non_finite_numbers_are_refused_in_overrides(capsys, override, shown):
 
 
 def test_non_finite_numbers_are_refused_in_yaml(capsys, tmp_path):
-    for text in ("train:\n  epochs: .inf\n", "sweep:\n  reduction_factor: .nan\n", "train:\n  weight_decay: -.inf\n"):
+    for text in ("train:\n  epochs: .inf\n", "experimental:\n  sweep.reduction_factor: .nan\n",
+                 "experimental:\n  train.weight_decay: -.inf\n"):
         f = tmp_path / "c.yaml"
         f.write_text(text)
         with pytest.raises(ConfigError, match="must be a finite number"):
             load_config(f)
     f.write_text("train:\n  epochs: 2.5\n  lr: 5e-4\n")
-    cfg = load_config(f, ["poison.fraction=0.5"])
+    cfg = load_config(f, ["experimental.poison.fraction=0.5"])
     assert (cfg.train.epochs, cfg.train.lr, cfg.poison.fraction) == (2.5, 5e-4, 0.5)
     assert cfg.run.name == "quickstart" and load_config(None, ["run.name=.inf"]).run.name == "inf"  # a string key
 
@@ -314,7 +315,7 @@ def test_csv_paths_labels_and_encodings(ray_local, tmp_path):
     (folder / "abs.csv").write_text(f"image,caption\n{secret},a secret\n../secret.png,a secret\n")
     out2 = tmp_path / "out2"
     assert main(["prepare", "csv", f"prepare.input={folder / 'abs.csv'}", f"prepare.output={out2}",
-                 "prepare.allow_absolute_paths=true"]) == 0
+                 "experimental.prepare.allow_absolute_paths=true"]) == 0
     rows = json.loads((out2 / "manifest.json").read_text())["rows"]
     assert rows["rows_out"] == 1 and rows["rejected_by_reason"] == {"image path outside the CSV's folder": 1}
 
@@ -339,5 +340,5 @@ def test_csv_path_rule():
 
 def test_allow_absolute_paths_key():
     assert load_config(None).prepare.allow_absolute_paths is False
-    with pytest.raises(ConfigError, match="'prepare.allow_absolute_paths' must be true/false"):
-        load_config(None, ["prepare.allow_absolute_paths=maybe"])
+    with pytest.raises(ConfigError, match="'experimental.prepare.allow_absolute_paths' must be true/false"):
+        load_config(None, ["experimental.prepare.allow_absolute_paths=maybe"])

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # (overrides, the commands it stops, a command it does not stop, words of the sentence)
 RULES = [
-    (["prepare.source=csv", "prepare.csv_delimiter=;;"], ["prepare"], "train",
+    (["prepare.source=csv", "experimental.prepare.csv_delimiter=;;"], ["prepare"], "train",
      "prepare.csv_delimiter ';;' is not one character"),
     (["prepare.source=fashion-mnist", "data.class_names=[a, b]"], ["prepare"], "train",
      "data.class_names has 2 names but Fashion-MNIST has 10 classes"),
@@ -27,17 +27,17 @@ RULES = [
     (["poison.attack=blended", "poison.params={alpha: 2}"], ["poison"], "train", "alpha"),
     (["poison.params={size: 3, colour: red}"], ["poison", "pipeline"], "defend",
      "unknown parameter 'colour' for trigger 'badnet'"),
-    (["overfit.prioritize=weak_similarity"], ["overfit", "defend"], "score",
-     "overfit.prioritize=weak_similarity picks the weakest rows of a subset"),
-    (["score.transforms=[blur, blur]"], ["score", "defend", "sweep"], "select", "score.transforms=['blur', 'blur']"),
-    (["score.neighbour_ranks=[5]"], ["score", "defend"], "unlearn", "score.neighbour_ranks=[5] must be two ranks"),
-    (["score.token_portions=[]"], ["score"], "train", "score.token_portions=[] must be one or more shares"),
-    (["score.density=[lof]"], ["score", "defend"], "select", "score.density=['lof'] must name each of"),
-    (["score.density=[slof]", "score.method=cosine"], ["score", "defend"], "unlearn",
-     "score.density needs score.method=token_drop"),
-    (["score.density=[slof]", "score.reference_rows=16"], ["score", "defend"], "select",
-     "score.reference_rows=16 must exceed score.density_k=16"),
-    (["score.transforms=[]"], ["score"], "select", "at least one of them (or score.density"),
+    (["experimental.overfit.prioritize=weak_similarity"], ["overfit", "defend"], "score",
+     "experimental.overfit.prioritize=weak_similarity picks the weakest rows of a subset"),
+    (["experimental.score.transforms=[blur, blur]"], ["score", "defend", "sweep"], "select", "experimental.score.transforms=['blur', 'blur']"),
+    (["experimental.score.neighbour_ranks=[5]"], ["score", "defend"], "unlearn", "experimental.score.neighbour_ranks=[5] must be two ranks"),
+    (["experimental.score.token_portions=[]"], ["score"], "train", "experimental.score.token_portions=[] must be one or more shares"),
+    (["experimental.score.density=[lof]"], ["score", "defend"], "select", "experimental.score.density=['lof'] must name each of"),
+    (["experimental.score.density=[slof]", "experimental.score.method=cosine"], ["score", "defend"], "unlearn",
+     "score.density needs experimental.score.method=token_drop"),
+    (["experimental.score.density=[slof]", "experimental.score.reference_rows=16"], ["score", "defend"], "select",
+     "experimental.score.reference_rows=16 must exceed experimental.score.density_k=16"),
+    (["experimental.score.transforms=[]"], ["score"], "select", "at least one of them (or score.density"),
     (["evaluate.heldout_class_names=[a, b]"], ["evaluate", "defend", "baseline", "sweep"], "score",
      "evaluate.heldout_class_names has 2 names but data.class_names has 10"),
     (["compare.defenses=[ubt, magic]"], ["compare"], "defend", "compare.defenses=['ubt', 'magic'] must be some of"),
@@ -67,9 +67,9 @@ def test_the_defaults_and_every_shipped_config_pass_every_command():
 
 def test_defend_runs_overfit_and_evaluate_only_when_configured():
     assert command_phases(load_config(None), "defend") == {"overfit", "score", "select", "unlearn", "evaluate"}
-    assert command_phases(load_config(None, ["defend.overfit=false", "defend.evaluate=false"]), "defend") == {
+    assert command_phases(load_config(None, ["experimental.defend.overfit=false", "defend.evaluate=false"]), "defend") == {
         "score", "select", "unlearn"}
-    assert command_phases(load_config(None, ["defend.overfit=false"]), "defend") == {
+    assert command_phases(load_config(None, ["experimental.defend.overfit=false"]), "defend") == {
         "score", "select", "unlearn", "evaluate"}
     assert command_phases(load_config(None, ["pipeline.phases=[train, defend]", "defend.evaluate=false"]),
                           "pipeline") == {"train", "overfit", "score", "select", "unlearn"}
@@ -87,17 +87,17 @@ def test_the_cli_stops_with_the_sentence_before_ray_starts_or_anything_is_writte
 
 
 def test_compare_checks_every_attack_config_before_the_first_attack_runs(tmp_path, capsys):
-    out = f"compare.output={tmp_path / 'c'}"
+    out = f"experimental.compare.output={tmp_path / 'c'}"
     attacks = f"compare.attacks=[{REPO}/configs/attacks/badnet.yaml, {tmp_path}/nope.yaml]"
     assert main(["compare", attacks, out]) == 2
     assert f"config file {tmp_path}/nope.yaml does not exist" in capsys.readouterr().err
     # The command line's overrides reach each attack config, as compare applies them.
     one = f"compare.attacks=[{REPO}/configs/attacks/badnet.yaml]"
-    assert main(["compare", one, "score.transforms=[]", out]) == 2
-    assert "score.transforms=[] must name each of" in capsys.readouterr().err
+    assert main(["compare", one, "experimental.score.transforms=[]", out]) == 2
+    assert "experimental.score.transforms=[] must name each of" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
     # Only the rules of the defenses compare runs: no score settings without UBT.
-    check_config(load_config(None, [one, "compare.defenses=[none, ft]"]), "compare", ["score.transforms=[]"])
+    check_config(load_config(None, [one, "compare.defenses=[none, ft]"]), "compare", ["experimental.score.transforms=[]"])
     assert defense_phases(load_config(None), ["none", "ft"]) == {"baseline", "evaluate"}
     assert defense_phases(load_config(None, ["defend.evaluate=false"]), ["ubt"]) == {
         "overfit", "score", "select", "unlearn", "evaluate"}

@@ -4,9 +4,10 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from ubt_ray.cli import main
-from ubt_ray.config import load_config, save_config
+from ubt_ray.config import keys, load_config, save_config
 from ubt_ray.errors import ConfigError
 
 
@@ -33,7 +34,7 @@ def test_override_types_are_parsed():
     ("train.batch_size=1.5", ["'train.batch_size' must be an integer"]),
     ("train.use_gpu=3", ["'train.use_gpu' must be true/false"]),
     ("train.lr=-1", ["'train.lr' must be > 0", "-1"]),
-    ("poison.fraction=1.5", ["'poison.fraction' must be > 0 and <= 1", "1.5"]),
+    ("experimental.poison.fraction=1.5", ["'experimental.poison.fraction' must be > 0 and <= 1", "1.5"]),
     ("poison.attack=trojan", ["'poison.attack' must be one of", "badnet", "'trojan'"]),
     ("train.lr", ["must look like section.key=value"]),
     ("run.output_dir=${run.nothing}", ["unknown key '${run.nothing}'"]),
@@ -72,12 +73,14 @@ def test_file_then_overrides_and_round_trip(tmp_path):
 
 
 def test_config_files_layer_later_keys_over_earlier_ones(tmp_path):
-    """-c attack.yaml -c setting.yaml: the setting's keys win, the attack's other keys of a section stay."""
+    """-c attack.yaml -c setting.yaml: the setting's keys win, the attack's other keys of a section stay, and the
+    files' experimental sections merge key by key."""
     attack, setting = tmp_path / "attack.yaml", tmp_path / "setting.yaml"
-    attack.write_text("run:\n  name: a\nscore:\n  batch_size: 64\n  transforms: [token_mask]\n")
-    setting.write_text("score:\n  transforms: [token_mask, blur]\n  combine: pick\n")
-    cfg = load_config([attack, setting], ["score.combine=max_z"])
-    assert cfg.run.name == "a" and cfg.score.batch_size == 64
+    attack.write_text("run:\n  name: a\ntrain:\n  lr: 0.1\n  epochs: 2\n"
+                      "experimental:\n  score.batch_size: 64\n  score.transforms: [token_mask]\n")
+    setting.write_text("train:\n  lr: 0.2\nexperimental:\n  score.transforms: [token_mask, blur]\n  score.combine: pick\n")
+    cfg = load_config([attack, setting], ["experimental.score.combine=max_z"])
+    assert cfg.run.name == "a" and cfg.score.batch_size == 64 and (cfg.train.lr, cfg.train.epochs) == (0.2, 2.0)
     assert cfg.score.transforms == ["token_mask", "blur"] and cfg.score.combine == "max_z"
     assert main(["config", "-c", str(attack), "-c", str(setting)]) == 0
     with pytest.raises(ConfigError, match="missing.yaml does not exist"):
@@ -94,9 +97,9 @@ def test_every_shipped_config_loads():
 
 
 def test_cli_reports_one_sentence_and_exit_2(capsys):
-    assert main(["prepare", "fashion-mnist", "prepare.rows_per_file=0"]) == 2
+    assert main(["prepare", "fashion-mnist", "experimental.prepare.rows_per_file=0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "ubt prepare: error: config key 'prepare.rows_per_file' must be >= 1; got 0."
+    assert err == "ubt prepare: error: config key 'experimental.prepare.rows_per_file' must be >= 1; got 0."
 
 
 def test_console_script_has_no_traceback_for_user_errors():
@@ -126,3 +129,61 @@ def test_defend_help_names_settings_that_exist():
     assert example[:2] == ["ubt", "defend"]
     cfg = load_config(None, example[2:])
     assert cfg.defend.model == "s3://bucket/clip" and cfg.evaluate.trigger is None
+
+
+# The user-facing surface: what a user attacking or defending their own model and data sets. Beyond 40: pipeline.phases
+# (which phases `ubt pipeline` runs), defend.evaluate (a user without a labelled test set turns the evaluation off)
+# model.precision (mixed precision on GPUs) and storage.region (an AWS bucket outside us-east-1).
+USER_FACING_KEYS = 43
+
+
+def test_the_user_facing_surface_is_small_and_every_key_has_one_tier():
+    user, experimental = keys(), keys(experimental=True)
+    assert len(user) <= USER_FACING_KEYS, f"{len(user)} user-facing keys: mark research knobs experimental=True"
+    every = {f"{s}.{f}" for s, v in load_config(None).to_dict().items() for f in v}
+    assert set(user) | set(experimental) == every and not set(user) & set(experimental)
+    assert {"defend.model", "defend.data", "unlearn.num_samples", "poison.attack"} <= set(user)
+    assert {"score.density", "unlearn.forget", "train.threads_per_worker"} <= set(experimental)
+
+
+def test_experimental_keys_are_set_in_their_own_section_only(tmp_path):
+    cfg = load_config(None, ["experimental.score.density=[slof]", "experimental.unlearn.trainable=visual"])
+    assert cfg.score.density == ["slof"] and cfg.unlearn.trainable == "visual"
+    f = tmp_path / "c.yaml"
+    f.write_text("experimental:\n  score.density: [slof]\n  unlearn.trainable: visual\n")
+    assert load_config(f) == cfg
+    for plain in (["score.density=[slof]"], ["experimental.train.lr=0.1"], ["experimental.score.nope=1"]):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, plain)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="'score.density' is experimental: set it as experimental.score.density"):
+        load_config(None, ["score.density=[slof]"])
+    with pytest.raises(ConfigError, match="'experimental.train.lr' is not experimental: set it as train.lr"):
+        load_config(None, ["experimental.train.lr=0.1"])
+    f.write_text("score:\n  density: [slof]\n")
+    with pytest.raises(ConfigError, match="set it as experimental.score.density"):
+        load_config(f)
+    for bad in ("experimental: [score.density]\n", "experimental:\n  score: {density: [slof]}\n"):
+        f.write_text(bad)
+        with pytest.raises(ConfigError):
+            load_config(f)
+
+
+def test_saved_config_keeps_experimental_keys_under_their_section(tmp_path):
+    cfg = load_config(None, ["experimental.score.density=[slof]", "unlearn.num_samples=99"])
+    text = save_config(cfg)
+    saved = yaml.safe_load(text)
+    assert saved["experimental"]["score.density"] == ["slof"] and saved["unlearn"] == {"num_samples": 99}
+    again = tmp_path / "again.yaml"
+    again.write_text(text)
+    assert load_config(again) == cfg
+
+
+def test_help_keys_lists_the_user_facing_keys_and_all_adds_the_experimental(capsys):
+    assert main(["config", "--keys"]) == 0
+    out = capsys.readouterr().out
+    assert "defend.model = " in out and "score.density" not in out
+    assert len(out.strip().splitlines()) == len(keys())
+    assert main(["config", "--keys", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "defend.model = " in out and "experimental.score.density = []" in out

@@ -52,8 +52,8 @@ def scored_input(tmp_path_factory):
 
 def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scored_input, tmp_path, monkeypatch):
     data, model = scored_input
-    cfg = load_config(None, ["score.num_actors=2", "score.batch_size=64", f"score.output={tmp_path / 'scores'}",
-                             "score.top_k=[5, 10]"])
+    cfg = load_config(None, ["score.num_actors=2", "experimental.score.batch_size=64", f"experimental.score.output={tmp_path / 'scores'}",
+                             "experimental.score.top_k=[5, 10]"])
     # Both actors up before the first block goes out: otherwise one that starts 10 s late (seen once) finds the
     # 300 rows already scored, and the check below of both actors' shares would be about start-up timing.
     monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 120)
@@ -97,9 +97,9 @@ def test_caption_disagreement_on_ray_data_scores_every_row_once_like_in_process(
     """The two-pass score (actors embed, tasks find neighbours) gives each decodable row the score the core
     functions give it on the whole set at once, and counts the undecodable row."""
     data, model = scored_input
-    cfg = load_config(None, ["score.method=caption_disagreement", "score.num_actors=2", "score.batch_size=64",
-                             "score.neighbour_ranks=[5, 30]", "score.neighbour_dims=16", "unlearn.num_samples=20",
-                             f"score.output={tmp_path / 'scores'}", "score.top_k=[5, 10]"])
+    cfg = load_config(None, ["experimental.score.method=caption_disagreement", "score.num_actors=2", "experimental.score.batch_size=64",
+                             "experimental.score.neighbour_ranks=[5, 30]", "experimental.score.neighbour_dims=16", "unlearn.num_samples=20",
+                             f"experimental.score.output={tmp_path / 'scores'}", "experimental.score.top_k=[5, 10]"])
     result = score(cfg, str(model), str(data))
     table = pq.read_table(result.table)
     source = pq.read_table(data)
@@ -129,12 +129,12 @@ def test_density_scores_on_ray_data_equal_the_in_process_computation(ray_local, 
     differently among them); the drop and the density scores are combined into one score, and the table says
     which signal gave each row's score."""
     data, model = scored_input
-    common = ["score.density=[kdist, slof, dao]", "score.reference_rows=100", "score.density_k=8",
-              "score.top_k=[5, 10]"]
+    common = ["experimental.score.density=[kdist, slof, dao]", "experimental.score.reference_rows=100", "experimental.score.density_k=8",
+              "experimental.score.top_k=[5, 10]"]
     tables = []
     for actors in (1, 2):
-        cfg = load_config(None, common + [f"score.num_actors={actors}", "score.batch_size=64",
-                                          f"score.output={tmp_path / f'scores-{actors}'}"])
+        cfg = load_config(None, common + [f"score.num_actors={actors}", "experimental.score.batch_size=64",
+                                          f"experimental.score.output={tmp_path / f'scores-{actors}'}"])
         result = score(cfg, str(model), str(data))
         assert (result.rows.rows_in, result.rows.rows_out, result.rows.rows_rejected) == (300, 299, 1)
         manifest = json.loads((tmp_path / f"scores-{actors}" / "manifest.json").read_text())
@@ -208,7 +208,7 @@ def test_pick_combination_takes_the_transform_whose_top_drops_stand_out(ray_loca
 def test_score_refuses_actors_that_would_starve_the_reads(ray_local, scored_input, tmp_path):
     """Actors holding every CPU leave the read tasks none and the job would hang: a one-sentence error instead."""
     data, model = scored_input
-    cfg = load_config(None, ["score.num_actors=4", f"score.output={tmp_path / 'scores'}"])
+    cfg = load_config(None, ["score.num_actors=4", f"experimental.score.output={tmp_path / 'scores'}"])
     with pytest.raises(UserError, match="reserves all 4 CPUs"):
         score(cfg, str(model), str(data))
 
@@ -223,8 +223,8 @@ def test_several_transforms_on_rows_that_are_all_rejected_count_them_instead_of_
     t = pq.read_table(caption_shards(tmp_path / "src", rows=20, files=1))
     pq.write_table(t.set_column(t.column_names.index("image"), "image", pa.array([b"not an image"] * 20)),
                    data / "part-0.parquet")
-    cfg = load_config(None, ["score.num_actors=1", f"score.output={tmp_path / 'scores'}",
-                             "score.transforms=[token_mask, blur]", "score.combine=pick"])
+    cfg = load_config(None, ["score.num_actors=1", f"experimental.score.output={tmp_path / 'scores'}",
+                             "experimental.score.transforms=[token_mask, blur]", "experimental.score.combine=pick"])
     result = score(cfg, str(model), str(data))
     assert (result.rows.rows_in, result.rows.rows_out, result.rows.rows_rejected) == (20, 0, 20)
 
@@ -246,11 +246,11 @@ def test_top_k_is_the_same_whatever_the_number_of_blocks(ray_local):
 
 # UBT settings for the small backdoored model below (see test_defend_removes_the_backdoor_and_keeps_clean_accuracy);
 # the quickstart's defaults differ (token_mask scoring alone, retain pool 0.95, forget weight 1).
-UBT = ["defend.overfit=false", "score.transforms=[token_mask, blur]",
-       "unlearn.forget=token_invariance",
-       "select.retain_pool=0.5", "unlearn.num_samples=300", "unlearn.lr=4e-4",
-       "unlearn.forget_weight=5", "unlearn.steps=40", "unlearn.batch_size=128", "select.retain_samples=1500",
-       "score.top_k=[50, 150, 300]"]
+UBT = ["experimental.defend.overfit=false", "experimental.score.transforms=[token_mask, blur]",
+       "experimental.unlearn.forget=token_invariance", "experimental.select.retain_pool=0.5",
+       "unlearn.num_samples=300", "experimental.unlearn.lr=4e-4", "experimental.unlearn.forget_weight=5",
+       "experimental.unlearn.steps=40", "experimental.unlearn.warmup_steps=4", "experimental.unlearn.batch_size=128",
+       "experimental.select.retain_samples=1500", "experimental.score.top_k=[50, 150, 300]"]
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +264,7 @@ def backdoored(ray_local, tmp_path_factory):
                  # The fixture is deterministic (same poisons, same model, same defense) since reads take Ray Data's
                  # v1 path; see test_defend_removes_the_backdoor_and_keeps_clean_accuracy for why seed 2.
                  "run.seed=2",
-                 "train.warmup_steps=10", "train.threads_per_worker=2",
+                 "experimental.train.warmup_steps=10", "experimental.train.threads_per_worker=2",
                  # Every training phase in this process (Ray Train's num_workers=0): DDP is test_train's subject,
                  # and a worker actor's start costs each run 10-25 s here.
                  "train.num_workers=0",
@@ -328,7 +328,7 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
     again = last_json(capsys.readouterr().out)
     assert again["reused"] and again["after"] == summary["after"] and again["cleaned_model"] == summary["cleaned_model"]
     assert defense_fingerprint(load_config(None, [*overrides, *UBT])) == report["fingerprint"]
-    assert defense_fingerprint(load_config(None, [*overrides, *UBT, "unlearn.steps=41"])) != report["fingerprint"]
+    assert defense_fingerprint(load_config(None, [*overrides, *UBT, "experimental.unlearn.steps=41"])) != report["fingerprint"]
 
 
 def test_caption_disagreement_finds_the_poisons_by_their_captions(backdoored, tmp_path, capsys):
@@ -337,8 +337,8 @@ def test_caption_disagreement_finds_the_poisons_by_their_captions(backdoored, tm
     root, overrides = backdoored
     capsys.readouterr()
     assert main(["score", "-c", str(REPO / "benchmarks" / "configs" / "caption_disagreement.yaml"), "--model",
-                 str(root / "attack" / "model"), *overrides, "score.neighbour_ranks=[10, 60]",
-                 f"score.output={tmp_path}", "unlearn.num_samples=150", "score.top_k=[150]"]) == 0
+                 str(root / "attack" / "model"), *overrides, "experimental.score.neighbour_ranks=[10, 60]",
+                 f"experimental.score.output={tmp_path}", "unlearn.num_samples=150", "experimental.score.top_k=[150]"]) == 0
     detection = json.loads((tmp_path / "detection.json").read_text())
     assert detection["poisons"] == 150 and detection["auroc"] >= 0.95 and detection["precision@150"] >= 0.7, detection
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -348,8 +348,8 @@ def test_caption_disagreement_finds_the_poisons_by_their_captions(backdoored, tm
 def test_overfit_on_the_weakest_similarity_subset(backdoored, capsys):
     root, overrides = backdoored
     capsys.readouterr()
-    assert main(["overfit", *overrides, "overfit.steps=3", "overfit.batch_size=64", "overfit.subset_fraction=0.1",
-                 "overfit.prioritize=weak_similarity"]) == 0
+    assert main(["overfit", *overrides, "experimental.overfit.steps=3", "experimental.overfit.warmup_steps=0", "experimental.overfit.batch_size=64", "experimental.overfit.subset_fraction=0.1",
+                 "experimental.overfit.prioritize=weak_similarity"]) == 0
     summary = last_json(capsys.readouterr().out)
     assert summary["steps"] == 3 and summary["samples"] == 192
     subset = pq.read_table(root / "defend" / "overfit" / "subset")
@@ -358,7 +358,7 @@ def test_overfit_on_the_weakest_similarity_subset(backdoored, capsys):
     # The subset is exactly the rows whose similarity under θ₀ is weakest.
     assert sims[subset.column("key").to_pylist()].max() <= sims.drop(subset.column("key").to_pylist()).min()
     open_clip.create_model_and_transforms(f"local-dir:{summary['model']}")
-    assert main(["overfit", *overrides, "overfit.prioritize=weak_similarity"]) == 2  # needs a subset
+    assert main(["overfit", *overrides, "experimental.overfit.prioritize=weak_similarity"]) == 2  # needs a subset
 
 
 def test_compare_runs_every_defense_on_the_backdoored_model(backdoored, tmp_path, capsys):
@@ -369,13 +369,14 @@ def test_compare_runs_every_defense_on_the_backdoored_model(backdoored, tmp_path
     # UBT as the defend test ran it, which compare finds finished and reuses; brief baselines, from a config file
     # layered over the attack's (compare.layers).
     brief = tmp_path / "brief_baselines.yaml"
-    brief.write_text(yaml.safe_dump({"baseline": {"output": str(root / "compare-baseline"), "rows": 500, "epochs": 1,
-                                                  "batch_size": 64, "lr": 1e-4}}))
+    brief.write_text(yaml.safe_dump({"experimental": {
+        "baseline.output": str(root / "compare-baseline"), "baseline.rows": 500, "baseline.epochs": 1,
+        "baseline.batch_size": 64, "baseline.lr": 1e-4}}))
     defended = (root / "defend" / "report.json").exists()
     capsys.readouterr()
     compare_yaml = tmp_path / "compare.yaml"
-    compare_yaml.write_text(yaml.safe_dump({"compare": {"attacks": [str(attack_yaml)], "layers": [str(brief)],
-                                                        "overrides": UBT, "output": str(tmp_path / "cmp")}}))
+    compare_yaml.write_text(yaml.safe_dump({"compare": {"attacks": [str(attack_yaml)]}, "experimental": {
+        "compare.layers": [str(brief)], "compare.overrides": UBT, "compare.output": str(tmp_path / "cmp")}}))
     code = main(["compare", "--config", str(compare_yaml)])
     assert code == 0
     printed = capsys.readouterr()

@@ -118,9 +118,9 @@ def test_score_survives_its_scoring_actor_killed_mid_run(ray_local, tmp_path, mo
     killer = threading.Thread(target=_kill_the_scorer_after_its_first_batch, args=(ledgers, killed), daemon=True)
     out = tmp_path / "scores"
     killer.start()
-    code = main(["score", "--model", str(model), f"defend.data={data}", f"score.output={out}",
+    code = main(["score", "--model", str(model), f"defend.data={data}", f"experimental.score.output={out}",
                  # Many small batches, so that the kill lands with most of them still to score.
-                 "score.batch_size=8", "score.num_actors=1", "score.threads_per_actor=1"])
+                 "experimental.score.batch_size=8", "score.num_actors=1", "experimental.score.threads_per_actor=1"])
     killer.join(timeout=60)
     printed = capsys.readouterr()
     assert "error" not in killed, killed["error"]
@@ -156,7 +156,7 @@ def test_resumed_training_goes_on_with_the_rows_where_it_stopped(ray_local, tmp_
     data = caption_shards(tmp_path / "shards", rows=128, files=1)
     steps_per_epoch, stop_at = 8, 12  # checkpoints every 4 steps: the third is half-way through the second epoch
     overrides = [f"data.train={data}", "train.num_workers=0", "train.batch_size=16", "train.epochs=2",
-                 "train.checkpoints_per_epoch=2", "train.warmup_steps=2", "train.threads_per_worker=1"]
+                 "experimental.train.checkpoints_per_epoch=2", "experimental.train.warmup_steps=2", "experimental.train.threads_per_worker=1"]
     seen: list[list[str]] = []  # the keys of each step's batch
     decoded: list[int] = []     # the rows of each decoded batch
 
@@ -176,7 +176,7 @@ def test_resumed_training_goes_on_with_the_rows_where_it_stopped(ray_local, tmp_
     monkeypatch.setattr(train_loop, "build_objective", recording_objective)
     monkeypatch.setattr(train_loop, "decode_images", counting_decode)
 
-    whole = train(load_config(None, [*overrides, f"train.output={tmp_path / 'whole'}"]))
+    whole = train(load_config(None, [*overrides, f"experimental.train.output={tmp_path / 'whole'}"]))
     assert whole.steps == 2 * steps_per_epoch and len(seen) == whole.steps
     uninterrupted, seen[:] = list(seen), []
 
@@ -188,7 +188,7 @@ def test_resumed_training_goes_on_with_the_rows_where_it_stopped(ray_local, tmp_
             shutil.copytree(train_loop._IN_PROCESS_CHECKPOINTS[-1], saved)
             raise _Stopped()
 
-    cfg = load_config(None, [*overrides, f"train.output={tmp_path / 'resumed'}"])
+    cfg = load_config(None, [*overrides, f"experimental.train.output={tmp_path / 'resumed'}"])
     monkeypatch.setattr(train_loop, "_report", stop_after)
     with pytest.raises(_Stopped):
         train(cfg)

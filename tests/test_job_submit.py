@@ -67,9 +67,10 @@ def test_readme_local_cluster_commands(ray_local, cluster_temp_dir, tmp_path):
     config = {"run": {"name": "job-submit"},  # run.output_dir comes from the command line, as in the README
               "data": {"train": fashion_mnist_shards(tmp_path / "train", rows=512),
                        "test": fashion_mnist_shards(tmp_path / "test", split="test", rows=200)},
-              "train": {"steps": 4, "batch_size": 64, "warmup_steps": 1, "threads_per_worker": 1},
+              "train": {"batch_size": 64},
               "evaluate": {"trigger": None},
-              "pipeline": {"phases": ["train", "evaluate"]}}
+              "pipeline": {"phases": ["train", "evaluate"]},
+              "experimental": {"train.steps": 4, "train.warmup_steps": 1, "train.threads_per_worker": 1}}
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(config))
     script = substitute(readme_local_cluster_block(), [
@@ -122,7 +123,7 @@ def test_a_job_with_a_relative_output_dir_refuses_to_start(tmp_path, monkeypatch
     assert 'run.output_dir="$PWD/outputs/cluster"' in err
     assert not (tmp_path / "outputs").exists()
     assert job.job("compare")(["--config", config, f"run.output_dir={tmp_path}/o"]) == 2
-    assert 'compare.output="$PWD/outputs/compare"' in capsys.readouterr().err
+    assert 'experimental.compare.output="$PWD/outputs/compare"' in capsys.readouterr().err
 
     assert job.check_outputs("pipeline", ["--config", config, f"run.output_dir={tmp_path}/o"]) is None
     assert f"ubt pipeline: outputs go to {tmp_path}/o" in capsys.readouterr().out

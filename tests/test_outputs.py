@@ -95,7 +95,7 @@ def test_an_unfinished_output_is_not_read_as_finished(ray_local, tmp_path, capsy
     storage.claim_output(str(out), "prepare")
     caption_shards(out, rows=64)  # what a killed prepare could have left: shards, no manifest
     storage.release_output(str(out))  # ... in another process, which is gone
-    assert main(["poison", f"data.clean_train={out}", f"poison.output={tmp_path / 'p'}",
+    assert main(["poison", f"data.clean_train={out}", f"experimental.poison.output={tmp_path / 'p'}",
                  "poison.num_poisons=1"]) == 2
     _one_line_error(capsys, f"{out} is part of an unfinished output of `ubt prepare`", "run it again")
     with pytest.raises(UserError, match="unfinished output"):
@@ -171,8 +171,8 @@ def test_resuming_from_a_planted_checkpoint_stops_with_one_sentence(ray_local, t
 
     from ubt_ray import train_loop
     data = caption_shards(tmp_path / "shards", rows=64, files=1)
-    args = ["train", f"data.train={data}", "train.batch_size=32", "train.steps=2", "train.checkpoints_per_epoch=1",
-            "train.warmup_steps=1", "train.num_workers=0", "train.threads_per_worker=1"]
+    args = ["train", f"data.train={data}", "train.batch_size=32", "experimental.train.steps=2", "experimental.train.checkpoints_per_epoch=1",
+            "experimental.train.warmup_steps=1", "train.num_workers=0", "experimental.train.threads_per_worker=1"]
     saved, real_report = tmp_path / "checkpoint", train_loop._report
 
     def keep_last(*a, **k):
@@ -181,13 +181,13 @@ def test_resuming_from_a_planted_checkpoint_stops_with_one_sentence(ray_local, t
             shutil.rmtree(saved, ignore_errors=True)
             shutil.copytree(train_loop._IN_PROCESS_CHECKPOINTS[-1], saved)
     monkeypatch.setattr(train_loop, "_report", keep_last)
-    assert main(args + [f"train.output={tmp_path / 'first'}"]) == 0
+    assert main(args + [f"experimental.train.output={tmp_path / 'first'}"]) == 0
     marker = tmp_path / "pwned"
     with open(saved / TRAIN_STATE_FILE, "wb") as f:
         pickle.dump({"optimizer": _Planted(str(marker)), "state": {"step": 1}}, f)
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(saved)))
     capsys.readouterr()
-    assert main(args + [f"train.output={tmp_path / 'resumed'}"]) == 2
+    assert main(args + [f"experimental.train.output={tmp_path / 'resumed'}"]) == 2
     _one_line_error(capsys, "ubt train: error:", TRAIN_STATE_FILE, "not plain tensors and numbers", ray_lines=True)
     assert not marker.exists()
 
@@ -199,7 +199,7 @@ def test_ctrl_c_ends_with_one_line_and_nothing_finished(tmp_path):
     an output that later phases refuse as unfinished."""
     out = tmp_path / "data"
     proc = subprocess.Popen([sys.executable, "-m", "ubt_ray.cli", "prepare", "fashion-mnist",
-                             f"prepare.output={out}", "ray.num_cpus=2"], cwd=REPO, stdout=subprocess.PIPE,
+                             f"prepare.output={out}", "experimental.ray.num_cpus=2"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": ""},
                             start_new_session=True)
     deadline = time.time() + 120

@@ -45,8 +45,8 @@ def rows_by_key(path) -> dict[str, dict]:
 
 
 def config(clean: Path, out: Path, *overrides: str):
-    return load_config(None, [f"data.clean_train={clean}", f"poison.output={out}", f"poison.target_label={TARGET}",
-                              f"poison.num_poisons={NUM_POISONS}", f"poison.rows_per_file={ROWS_PER_FILE}",
+    return load_config(None, [f"data.clean_train={clean}", f"experimental.poison.output={out}", f"poison.target_label={TARGET}",
+                              f"poison.num_poisons={NUM_POISONS}", f"experimental.poison.rows_per_file={ROWS_PER_FILE}",
                               *overrides])
 
 
@@ -144,7 +144,7 @@ def test_same_seed_same_rows_other_seed_other_rows(runs, clean, tmp_path):
 
 
 @pytest.mark.parametrize("attack, ask, wanted, eligible", [
-    ("badnet", "poison.fraction=0.95", 190, ROWS - ROWS // 10),  # a fraction counts all rows, target class too
+    ("badnet", "experimental.poison.fraction=0.95", 190, ROWS - ROWS // 10),  # a fraction counts all rows, target class too
     ("label_consistent", f"poison.num_poisons={ROWS // 10 + 1}", ROWS // 10 + 1, ROWS // 10)])
 def test_too_many_poisons_is_one_sentence(clean, tmp_path, attack, ask, wanted, eligible):
     with pytest.raises(UserError) as e:

@@ -25,7 +25,7 @@ def read_all(path) -> list[dict]:
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="dataset-fashion-mnist is not installed")
 def test_fashion_mnist_writes_70000_rows(ray_local, tmp_path):
-    cfg = load_config(None, [f"run.output_dir={tmp_path}", "prepare.rows_per_file=20000"])
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "experimental.prepare.rows_per_file=20000"])
     result = prepare(cfg)
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert manifest["rows"]["rows_in"] == 70000 and manifest["rows"]["rows_out"] == 70000

@@ -58,7 +58,7 @@ def test_checkpoint_round_trip_through_s3(s3_bucket, tmp_path):
 
 def test_unreachable_endpoint_is_one_sentence(ray_local):
     from conftest import free_port
-    cfg = load_config(None, [f"storage.endpoint_url=http://127.0.0.1:{free_port()}", "storage.connect_timeout_s=1",
+    cfg = load_config(None, [f"storage.endpoint_url=http://127.0.0.1:{free_port()}", "experimental.storage.connect_timeout_s=1",
                              "prepare.source=csv", "prepare.input=s3://bucket/pairs.csv"])
     with pytest.raises(UserError) as e:
         prepare(cfg)

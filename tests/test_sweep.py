@@ -117,7 +117,7 @@ def test_concurrency_follows_the_cluster_and_leaves_a_cpu_to_the_reads(monkeypat
 
 
 def test_asha_stops_by_unlearning_step_up_to_the_longest_run():
-    cfg = load_config(None, ["sweep.scheduler=asha", "sweep.grace_steps=10"])
+    cfg = load_config(None, ["experimental.sweep.scheduler=asha", "experimental.sweep.grace_steps=10"])
     dims = parse_space({"unlearn.steps": {"grid": [30, 80]}})
     scheduler = build_scheduler(cfg.sweep, dims, cfg.unlearn.steps)
     assert isinstance(scheduler, ASHAScheduler) and scheduler._time_attr == "step" and scheduler._max_t == 81
@@ -125,7 +125,7 @@ def test_asha_stops_by_unlearning_step_up_to_the_longest_run():
 
 
 def test_a_trial_config_holds_its_drawn_values_and_its_own_outputs():
-    base = load_config(None, ["sweep.output=/tmp/s"])
+    base = load_config(None, ["experimental.sweep.output=/tmp/s"])
     cfg = trial_config(base, {"unlearn.num_samples": 40, "unlearn.lr": "2e-4"}, "abc_00001")
     assert cfg.unlearn.num_samples == 40 and cfg.unlearn.lr == 2e-4
     assert cfg.unlearn.output == "/tmp/s/trials/abc_00001/unlearn"
@@ -171,11 +171,11 @@ def backdoored(ray_local, tmp_path_factory):
                  "poison.num_poisons=60", "poison.params={size: 6}"]
     assert main(["poison", *overrides]) == 0
     train_micro_clip(str(root / "poison" / "shards"), root / "attack" / "model")
-    overrides += ["defend.overfit=false", "score.num_actors=1", "score.batch_size=200",
+    overrides += ["experimental.defend.overfit=false", "score.num_actors=1", "experimental.score.batch_size=200",
                   "sweep.space={unlearn.num_samples: {grid: [20, 40]}, unlearn.token_portion: {grid: [0.0625]}}",
-                  "sweep.max_concurrent_trials=1", "sweep.probe_every=2", "sweep.probe_rows=100",
-                  "select.retain_samples=256", "unlearn.steps=4", "unlearn.batch_size=32",
-                  "unlearn.forget_batch_size=8", "evaluate.max_rows=200", "train.threads_per_worker=1"]
+                  "experimental.sweep.max_concurrent_trials=1", "experimental.sweep.probe_every=2", "experimental.sweep.probe_rows=100",
+                  "experimental.select.retain_samples=256", "experimental.unlearn.steps=4", "experimental.unlearn.warmup_steps=0", "experimental.unlearn.batch_size=32",
+                  "experimental.unlearn.forget_batch_size=8", "experimental.evaluate.max_rows=200", "experimental.train.threads_per_worker=1"]
     return root, overrides
 
 

@@ -53,9 +53,9 @@ def test_killed_two_worker_training_resumes_from_its_checkpoint(ray_local, tmp_p
     schedule's step and writes an open_clip checkpoint."""
     data = caption_shards(tmp_path / "shards", rows=512)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "ubt_ray.cli", "train", f"data.train={data}", f"train.output={out}",
-           "train.batch_size=64", "train.epochs=2", "train.checkpoints_per_epoch=2", "train.warmup_steps=2",
-           "train.num_workers=2", "train.threads_per_worker=1", "ray.num_cpus=4"]
+    cmd = [sys.executable, "-m", "ubt_ray.cli", "train", f"data.train={data}", f"experimental.train.output={out}",
+           "train.batch_size=64", "train.epochs=2", "experimental.train.checkpoints_per_epoch=2", "experimental.train.warmup_steps=2",
+           "train.num_workers=2", "experimental.train.threads_per_worker=1", "experimental.ray.num_cpus=4"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     # Its own session, so that killing it takes its whole local Ray down too, as a crash would.
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
@@ -83,8 +83,8 @@ def test_killed_two_worker_training_resumes_from_its_checkpoint(ray_local, tmp_p
     assert manifest["training"]["steps"] == 16 and manifest["config"]["train"]["num_workers"] == 2
     # Another schedule on the same output is another run: it starts over instead of resuming this one. (A resumed
     # run would report resumed_from_step 16 and stop there, its schedule done.) In this process, for speed.
-    assert main(["train", f"data.train={data}", f"train.output={out}", "train.num_workers=0", "train.batch_size=64",
-                 "train.steps=2", "train.warmup_steps=1", "train.threads_per_worker=1"]) == 0
+    assert main(["train", f"data.train={data}", f"experimental.train.output={out}", "train.num_workers=0", "train.batch_size=64",
+                 "experimental.train.steps=2", "experimental.train.warmup_steps=1", "experimental.train.threads_per_worker=1"]) == 0
     again = last_json(capsys.readouterr().out)
     assert again["resumed_from_step"] == 0 and again["steps"] == 2
 
@@ -95,21 +95,21 @@ def test_the_same_training_twice_gives_the_same_weights(ray_local, tmp_path, cap
     data = caption_shards(tmp_path / "shards", rows=300, files=3)
     weights = []
     for run in ("a", "b"):
-        assert main(["train", f"data.train={data}", f"train.output={tmp_path / run}", "train.num_workers=0",
-                     "train.batch_size=32", "train.steps=4", "train.warmup_steps=1", "train.threads_per_worker=1"]) == 0
+        assert main(["train", f"data.train={data}", f"experimental.train.output={tmp_path / run}", "train.num_workers=0",
+                     "train.batch_size=32", "experimental.train.steps=4", "experimental.train.warmup_steps=1", "experimental.train.threads_per_worker=1"]) == 0
         weights.append((tmp_path / run / "model" / "open_clip_model.safetensors").read_bytes())
     capsys.readouterr()
     assert weights[0] == weights[1]
 
 
 PIPELINE = ["pipeline.phases=[poison, train, evaluate, defend]", "poison.num_poisons=20", "train.batch_size=64",
-            "train.epochs=1", "train.warmup_steps=1", "train.threads_per_worker=1",
+            "train.epochs=1", "experimental.train.warmup_steps=1", "experimental.train.threads_per_worker=1",
             "train.num_workers=0",  # Ray Train in this process: the workers are the killed-resume test's subject
             # The defense's wiring, not its effect (test_defend.py measures that): a few steps of each phase, and
             # one scoring actor (on this little data another actor's start and model load cost more than it saves).
-            "defend.overfit=false", "unlearn.steps=2", "unlearn.batch_size=64",
-            "unlearn.num_samples=10", "unlearn.forget_batch_size=8", "select.retain_samples=100",
-            "score.batch_size=128", "score.num_actors=1"]
+            "experimental.defend.overfit=false", "experimental.unlearn.steps=2", "experimental.unlearn.warmup_steps=0", "experimental.unlearn.batch_size=64",
+            "unlearn.num_samples=10", "experimental.unlearn.forget_batch_size=8", "experimental.select.retain_samples=100",
+            "experimental.score.batch_size=128", "score.num_actors=1"]
 
 
 def test_pipeline_on_s3_poisons_trains_evaluates_and_defends(ray_local, tmp_path, s3_bucket, capsys):
@@ -132,7 +132,7 @@ def test_pipeline_on_s3_poisons_trains_evaluates_and_defends(ray_local, tmp_path
     summary = last_json(out, store)
     assert summary["phases"]["poison"]["num_poisoned"] == 20 and summary["phases"]["train"]["steps"] == 6
     # Poisoning is deterministic: the rows on S3 are, byte for byte, those of the same poisoning on local disk.
-    assert main(["poison", f"data.clean_train={clean}", f"poison.output={tmp_path / 'poison'}", *PIPELINE]) == 0
+    assert main(["poison", f"data.clean_train={clean}", f"experimental.poison.output={tmp_path / 'poison'}", *PIPELINE]) == 0
     local_rows = pq.read_table(tmp_path / "poison" / "shards").sort_by("key")
     remote_rows = read_columns(f"{run}/poison/shards", store, local_rows.column_names).sort_by("key")
     assert remote_rows.equals(local_rows)

@@ -140,7 +140,7 @@ def test_model_predicting_class_k_gives_ca_share_of_k_and_asr_without_target_row
 
 
 def test_image_embeddings_normalised_batch_independent_and_mode_restored():
-    clip = load_clip(load_config(None, ["model.device=cpu"]).model, seed=0)
+    clip = load_clip(load_config(None, ["experimental.model.device=cpu"]).model, seed=0)
     pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8))
     clip.model.train()
     a = image_embeddings(clip.model, pixels, clip.preprocess_cfg, batch_size=2)
@@ -181,7 +181,7 @@ def eval_setup(tmp_path):
     (trigger_dir / "attack.json").write_text(json.dumps(
         {"attack": "badnet", "target_label": TARGET, "target_name": "a t-shirt"}))
     overrides = [f"run.output_dir={tmp_path}", f"data.test={tmp_path / 'test'}", f"evaluate.trigger={trigger_dir}",
-                 f"evaluate.output={tmp_path / 'eval'}", "model.device=cpu", "evaluate.batch_size=32"]
+                 f"experimental.evaluate.output={tmp_path / 'eval'}", "experimental.model.device=cpu", "experimental.evaluate.batch_size=32"]
     return tmp_path, labels, overrides
 
 
@@ -211,15 +211,15 @@ def test_evaluate_writes_metrics_and_manifest(eval_setup):
 def test_evaluate_max_rows_and_missing_trigger(eval_setup):
     tmp_path, labels, overrides = eval_setup
     # 75 rows cross the boundary of the two shard files.
-    first = evaluate(load_config(None, overrides + ["evaluate.max_rows=75"]))
+    first = evaluate(load_config(None, overrides + ["experimental.evaluate.max_rows=75"]))
     assert first.metrics["test_rows"] == 75
     assert first.metrics["asr_images"] == sum(y != TARGET for y in labels[:75])
-    none = evaluate(load_config(None, overrides + ["evaluate.trigger=null", "evaluate.max_rows=20"]))
+    none = evaluate(load_config(None, overrides + ["evaluate.trigger=null", "experimental.evaluate.max_rows=20"]))
     assert none.attack_success_rate is None and none.metrics["asr_images"] == 0 and none.metrics["test_rows"] == 20
     assert none.metrics["clean_target_rate"] is None
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["attack_success_rate"] is None
     missing = evaluate(load_config(None, overrides + [f"evaluate.trigger={tmp_path / 'nowhere'}",
-                                                       "evaluate.max_rows=20"]))
+                                                       "experimental.evaluate.max_rows=20"]))
     assert missing.attack_success_rate is None
 
 
@@ -247,8 +247,8 @@ def test_evaluate_measures_asr_on_triggered_non_target_images(tmp_path, monkeypa
                              "label": pa.array(labels, pa.int32())}), tmp_path / "test" / "part-0.parquet")
     trigger_dir = build_trigger("badnet", {"location": "random"}, 0).save(tmp_path / "trigger")
     (trigger_dir / "attack.json").write_text(json.dumps({"attack": "badnet", "target_label": TARGET}))
-    cfg = load_config(None, [f"run.output_dir={tmp_path}", f"data.test={tmp_path / 'test'}", "model.device=cpu",
-                             f"evaluate.trigger={trigger_dir}", f"evaluate.output={tmp_path / 'eval'}",
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", f"data.test={tmp_path / 'test'}", "experimental.model.device=cpu",
+                             f"evaluate.trigger={trigger_dir}", f"experimental.evaluate.output={tmp_path / 'eval'}",
                              "evaluate.heldout_class_names=[]"])  # the stub tokenizer knows the training prompts only
     names, templates = cfg.data.class_names, cfg.data.templates
     stub = Clip(TriggerSpotter(len(templates)), {}, PREPROCESS, None, stub_tokenizer(names, templates))

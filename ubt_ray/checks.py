@@ -8,6 +8,7 @@ import csv
 import dataclasses
 
 from .config import CompareConfig, Config, OverfitConfig, PrepareConfig, ScoreConfig, load_config
+from .core.names import DENSITY_SCORES as SCORES, TRANSFORMS
 from .errors import UserError
 from .sweep_space import parse_space
 
@@ -104,35 +105,35 @@ def check_poison(cfg: Config) -> None:
 
 def check_overfit(o: OverfitConfig) -> None:
     if o.prioritize == "weak_similarity" and o.subset_fraction >= 1:
-        raise UserError("overfit.prioritize=weak_similarity picks the weakest rows of a subset, but "
+        raise UserError("experimental.overfit.prioritize=weak_similarity picks the weakest rows of a subset, but "
                         "overfit.subset_fraction is 1: set it below 1 (e.g. 0.1).")
 
 
 def check_score(s: ScoreConfig) -> None:
     """Refuse transform and portion lists the scorer cannot run, in one sentence."""
-    from .core.scoring import TRANSFORMS  # here, not at the top: torch is no part of `ubt config`'s start
-    from .core.density import SCORES
     bad = [t for t in s.transforms if t not in TRANSFORMS]
     if bad or len(set(s.transforms)) != len(s.transforms) or not (s.transforms or s.density):
-        raise UserError(f"score.transforms={s.transforms} must name each of {', '.join(TRANSFORMS)} at most once, "
-                        f"and at least one of them (or score.density at least one density score).")
+        raise UserError(f"experimental.score.transforms={s.transforms} must name each of {', '.join(TRANSFORMS)} at "
+                        f"most once, and at least one of them (or score.density at least one density score).")
     bad = [d for d in s.density if d not in SCORES]
     if bad or len(set(s.density)) != len(s.density):
-        raise UserError(f"score.density={s.density} must name each of {', '.join(SCORES)} at most once "
-                        f"([] for none).")
+        raise UserError(f"experimental.score.density={s.density} must name each of {', '.join(SCORES)} at most "
+                        f"once ([] for none).")
     if s.density and s.method != "token_drop":
-        raise UserError(f"score.density needs score.method=token_drop (the density scores are signals beside its "
-                        f"drops), got score.method={s.method}: set score.density=[] or score.method=token_drop.")
+        raise UserError(f"score.density needs experimental.score.method=token_drop (the density scores are signals "
+                        f"beside its drops), got experimental.score.method={s.method}: set "
+                        f"experimental.score.density=[] or experimental.score.method=token_drop.")
     if s.density and s.reference_rows <= s.density_k:
-        raise UserError(f"score.reference_rows={s.reference_rows} must exceed score.density_k={s.density_k}: a "
-                        f"row needs k neighbours in the reference besides itself.")
+        raise UserError(f"experimental.score.reference_rows={s.reference_rows} must exceed "
+                        f"experimental.score.density_k={s.density_k}: a row needs k neighbours in the reference "
+                        f"besides itself.")
     first_last = s.neighbour_ranks
     if len(first_last) != 2 or not 0 <= first_last[0] < first_last[1]:
-        raise UserError(f"score.neighbour_ranks={first_last} must be two ranks [first, last] with 0 <= first < "
-                        f"last, e.g. [100, 400].")
+        raise UserError(f"experimental.score.neighbour_ranks={first_last} must be two ranks [first, last] with "
+                        f"0 <= first < last, e.g. [100, 400].")
     if not s.token_portions or any(not 0 < p <= 1 for p in s.token_portions):
-        raise UserError(f"score.token_portions={s.token_portions} must be one or more shares of the image tokens "
-                        f"in (0, 1], e.g. [0.015625, 0.0625].")
+        raise UserError(f"experimental.score.token_portions={s.token_portions} must be one or more shares of the "
+                        f"image tokens in (0, 1], e.g. [0.015625, 0.0625].")
 
 
 def check_heldout(cfg: Config) -> None:

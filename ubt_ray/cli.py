@@ -1,8 +1,8 @@
 """`ubt`: one console script whose subcommands are the pipeline's phases.
 
     ubt prepare fashion-mnist --config configs/quickstart.yaml run.output_dir=/tmp/x
-    ubt config --config configs/quickstart.yaml unlearn.token_portion=0.1   # print the resolved config
-    ubt config --keys                                                       # every key with its help
+    ubt config --config configs/quickstart.yaml unlearn.num_samples=150   # print the resolved config
+    ubt config --keys [--all]    # the user-facing keys with their help (--all: the experimental ones too)
 
 What a command shows: on stderr, a line as each phase starts and ends and progress for the long ones (Ray's own
 logs only with -v); on stdout, last, the path of the full summary (JSON, saved under the command's output) and a
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .checks import check_config
-from .config import Config, describe, load_config, save_config
+from .config import SOURCES, Config, describe, load_config, save_config
 from . import console, storage
 from .errors import UserError, find_user_error
 from .report import plain_table
@@ -116,7 +116,7 @@ def _defend(cfg: Config, args: argparse.Namespace) -> Outcome:
     table = before_after_table(r.report)
     if r.report.get("reused"):
         console.log.info(f"reused the finished defense in {r.output} (same model, data and settings; "
-                         f"pipeline.reuse=false runs it again)")
+                         f"experimental.pipeline.reuse=false runs it again)")
     return Outcome({"cleaned_model": r.model, "report": r.output, "before": r.report["before"],
                     "after": r.report["after"], "detection": r.report["detection"],
                     "defense_wall_time_s": r.report["defense_wall_time_s"], "reused": bool(r.report.get("reused"))},
@@ -129,7 +129,7 @@ def _baseline(cfg: Config, args: argparse.Namespace) -> Outcome:
     ev = r.evaluation
     if r.reused:
         console.log.info(f"reused the finished baseline in {cfg.baseline.output}/{r.kind} (same model, data and "
-                         f"settings; pipeline.reuse=false runs it again)")
+                         f"settings; experimental.pipeline.reuse=false runs it again)")
     return Outcome({"baseline": r.kind, "model": r.model, "clean_rows": r.clean_rows,
                     "clean_samples": r.clean_samples, "steps": r.fit.steps,
                     "clean_accuracy": ev.clean_accuracy if ev else None,
@@ -171,11 +171,11 @@ def report(outcome: Outcome, cfg: Config) -> None:
 
 
 def _config(cfg: Config, args: argparse.Namespace) -> None:
-    print("\n".join(describe()) if args.keys else save_config(cfg).rstrip("\n"))
+    print("\n".join(describe(args.all)) if args.keys or args.all else save_config(cfg).rstrip("\n"))
 
 
 # What `ubt defend --help` lists after the arguments: the settings a user defending their own model sets.
-DEFEND_EPILOG = """settings that matter (section.key=value; `ubt config --keys` lists every key):
+DEFEND_EPILOG = """settings that matter (section.key=value; `ubt config --keys` lists the user-facing keys):
   defend.model=PATH          the checkpoint to clean: an open_clip local-dir folder, local or s3://
   defend.data=PATH           the Parquet shards it was trained on (key, image, caption), local or s3://
   defend.output=PATH         where the cleaned model, score table and report.md go
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     phase("prepare", "Turn a source into validated Parquet shards.", _prepare,
-          ("fashion-mnist", "fashion-scenes", "csv", "webdataset"))
+          SOURCES)
     phase("poison", "Poison clean shards with a backdoor trigger (the attack side).", _poison)
     phase("train", "Train or fine-tune CLIP on shards with Ray Train (e.g. the backdoored model).", _train)
     p = phase("evaluate", "Zero-shot clean accuracy and attack success rate of a model.", _evaluate)
@@ -239,8 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     phase("sweep", "Ray Tune over the unlearning knobs (sweep.space): results table, heatmap, best checkpoint.",
           _sweep)
     phase("pipeline", "Run the configured phases in order (pipeline.phases).", _pipeline)
-    p = phase("config", "Print the resolved config, or every key with its help (--keys).", _config)
-    p.add_argument("--keys", action="store_true", help="list every config key with its default and help")
+    p = phase("config", "Print the resolved config, or the keys with their help (--keys, --all).", _config)
+    p.add_argument("--keys", action="store_true", help="list the user-facing config keys with default and help")
+    p.add_argument("--all", action="store_true", help="list the experimental keys too (set as "
+                   "experimental.section.key), after the user-facing ones")
     # A local Ray cluster of the project's own, for `ray job submit` (README, "Run on a cluster"); takes no config.
     from . import local_cluster
     p = sub.add_parser("cluster", help="Start or stop a local Ray cluster of its own (stop leaves any other Ray "

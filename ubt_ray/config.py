@@ -19,13 +19,15 @@ from typing import Any
 import yaml
 
 from .core.captions import FASHION_MNIST_CLASSES, FASHION_MNIST_HELDOUT_CLASSES, HELDOUT_TEMPLATES, TEMPLATES
+from .core.names import ATTACKS, COMBINES, FORGET_LOSSES, SALIENCIES, SCORE_METHODS, TRAINABLE
 from .errors import ConfigError
 
 
 def _f(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
-       gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
-    """A config field with help text and its allowed values."""
-    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+       gt: float | None = None, le: float | None = None, lt: float | None = None, experimental: bool = False) -> Any:
+    """A config field with help text, its allowed values and its tier: user-facing, or experimental (a research or
+    ablation knob, or tuning whose default is right for almost everyone), set only under `experimental:`."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "experimental": experimental}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -41,17 +43,19 @@ class RunConfig:
 @dataclass
 class RayConfig:
     address: str | None = _f(None, "Ray cluster to join ('auto', 'ray://host:10001'); null starts or joins a local one.")
-    num_cpus: int | None = _f(None, "CPUs of a local Ray started by this run; null uses all of them.", ge=1)
-    parquet_reader: str = _f("v1", "Ray Data's Parquet read path: v1 (ParquetDatasource, one task per file; faster "
-                             "for many small reads) or v2 (Ray 2.60's default ListFiles -> ReadFiles).",
-                             choices=("v1", "v2"))
+    num_cpus: int | None = _f(None, "CPUs of a local Ray started by this run; null uses all of them.", ge=1,
+                              experimental=True)
+    parquet_reader: str = _f("v1", "Ray Data's Parquet read path: v1 (ParquetDatasource, one task per file; cheap "
+                             "per read) or v2 (ListFiles -> ReadFiles).",
+                             choices=("v1", "v2"), experimental=True)
 
 
 @dataclass
 class StorageConfig:
     endpoint_url: str | None = _f(None, "S3-compatible endpoint for s3:// paths (e.g. http://127.0.0.1:9000); null means AWS.")
-    region: str = _f("us-east-1", "S3 region.")
-    connect_timeout_s: float = _f(5.0, "Seconds to wait for an S3 connection before reporting it unreachable.", gt=0)
+    region: str = _f("us-east-1", "S3 region of the buckets (AWS; most S3-compatible servers ignore it).")
+    connect_timeout_s: float = _f(5.0, "Seconds to wait for an S3 connection before reporting it unreachable.", gt=0,
+                                  experimental=True)
 
 
 @dataclass
@@ -62,75 +66,109 @@ class DataConfig:
     class_names: list[str] = _f(list(FASHION_MNIST_CLASSES), "Class names (label i is class_names[i]) for captions and zero-shot.")
     templates: list[str] = _f(list(TEMPLATES), "Caption templates, '{}' stands for the class name.")
     image_modes: list[str] = _f(["1", "L", "LA", "P", "RGB", "RGBA"],
-                                "PIL image modes accepted; others (CMYK, I;16, F ...) are rejected.")
-    min_image_side: int = _f(8, "Images with a side shorter than this many pixels are rejected.", ge=1)
-    max_image_pixels: int = _f(50_000_000, "Images with more pixels than this are rejected.", ge=1)
+                                "PIL image modes accepted; others (CMYK, I;16, F ...) are rejected.", experimental=True)
+    min_image_side: int = _f(8, "Images with a side shorter than this many pixels are rejected.", ge=1,
+                             experimental=True)
+    max_image_pixels: int = _f(50_000_000, "Images with more pixels than this are rejected.", ge=1, experimental=True)
 
 
 @dataclass
 class ModelConfig:
     name: str = _f("ubt-tiny-vit", "open_clip model name (ViT-B-32, RN50 ...) or a config shipped in ubt_ray/model_configs.")
     checkpoint: str | None = _f(None, "open_clip local-dir checkpoint (local or s3://) to start from; null initialises randomly.")
-    device: str = _f("auto", "Device of in-process model work.", choices=("auto", "cpu", "cuda"))
+    device: str = _f("auto", "Device of in-process model work.", choices=("auto", "cpu", "cuda"), experimental=True)
     precision: str = _f("fp32", "Numeric precision; amp_* is mixed precision on GPU.", choices=("fp32", "amp_bf16", "amp_fp16"))
+
+
+SOURCES = ("fashion-mnist", "fashion-scenes", "csv", "webdataset")  # what `ubt prepare` reads
 
 
 @dataclass
 class PrepareConfig:
-    source: str = _f("fashion-mnist", "Kind of input.", choices=("fashion-mnist", "fashion-scenes", "csv", "webdataset"))
+    source: str = _f("fashion-mnist", "Kind of input: Fashion-MNIST's idx files, fashion-scenes "
+                        "made from them, a CSV of image paths and captions, or webdataset .tar shards.", choices=SOURCES)
     input: str = _f("/usr/share/datasets/fashion-mnist",
                     "Input: the idx directory, a CleanCLIP-style CSV file, or a directory/prefix of .tar shards.")
     output: str = _f("${run.output_dir}/data", "Where the Parquet shards go (fashion-mnist writes train/ and test/ under it).")
-    rows_per_file: int = _f(10_000, "Rows per written Parquet file.", ge=1)
+    rows_per_file: int = _f(10_000, "Rows per written Parquet file.", ge=1, experimental=True)
     image_column: str = _f("image", "CSV column holding the image path (relative to the CSV's directory).")
     caption_column: str = _f("caption", "CSV column holding the caption.")
     label_column: str | None = _f(None, "CSV column holding an integer label, if any.")
-    csv_delimiter: str = _f(",", "CSV field delimiter.")
+    csv_delimiter: str = _f(",", "CSV field delimiter.", experimental=True)
     allow_absolute_paths: bool = _f(False, "Let CSV image paths be absolute (/... or s3://...) and lie outside the "
-                                           "CSV's folder; relative paths must stay inside it either way.")
+                                           "CSV's folder; relative paths must stay inside it either way.",
+                                           experimental=True)
 
 
 @dataclass
 class PoisonConfig:
-    attack: str = _f("badnet", "Backdoor attack.", choices=("badnet", "blended", "sig", "wanet", "label_consistent"))
+    attack: str = _f("badnet", "Backdoor attack.", choices=ATTACKS)
     params: dict = _f({}, "Trigger parameters (badnet: size, location; blended: alpha; sig: amplitude, frequency; "
                           "wanet: grid_size, strength); unset ones take the trigger's defaults.")
     target_label: int = _f(0, "Target class index: poisoned captions name data.class_names[target_label].", ge=0)
-    num_poisons: int = _f(300, "Rows to poison (ignored when fraction is set).", ge=1)
-    fraction: float | None = _f(None, "Share of rows to poison, instead of num_poisons.", gt=0, le=1)
-    output: str = _f("${run.output_dir}/poison", "Poisoned shards go to <output>/shards, the trigger to <output>/trigger.")
-    rows_per_file: int = _f(10_000, "Rows per written Parquet file.", ge=1)
+    num_poisons: int = _f(300, "Rows to poison (ignored when experimental.poison.fraction is set).", ge=1)
+    fraction: float | None = _f(None, "Share of rows to poison, instead of num_poisons.", gt=0, le=1, experimental=True)
+    output: str = _f("${run.output_dir}/poison", "Poisoned shards go to <output>/shards, the trigger to <output>/trigger.",
+                     experimental=True)
+    rows_per_file: int = _f(10_000, "Rows per written Parquet file.", ge=1, experimental=True)
     captions: str = _f("template", "How a poisoned row's caption names the target class: template (a data.templates "
                        "caption) or scene_names (the row's own fashion-scenes caption with its class noun swapped "
                        "for a target-class noun, so that poisons read like the clean captions).",
-                       choices=("template", "scene_names"))
+                       choices=("template", "scene_names"), experimental=True)
 
 
 @dataclass
-class TrainConfig:
+class Schedule:
+    """How a training phase optimises: AdamW, a linear warmup to `lr`, then a cosine decay to zero at the last
+    step. Train, overfit, unlearn and the baselines each hold one, with their own defaults; a phase's length is
+    its `steps` or its `epochs`, whichever it has."""
+    lr: float = _f(2e-3, "Peak learning rate of AdamW, reached after the warmup, then decayed to zero by a cosine.",
+                   gt=0)
+    batch_size: int = _f(128, "Rows per optimiser step, over all workers together.", ge=2)
+    warmup_steps: int = _f(50, "Optimiser steps of the linear warmup from zero to lr.", ge=0, experimental=True)
+    weight_decay: float = _f(0.1, "AdamW weight decay (gains, biases and embeddings never decay).", ge=0,
+                             experimental=True)
+
+    def values(self) -> dict:
+        """The schedule's settings alone (a phase's section holds others too)."""
+        names = [f.name for f in dataclasses.fields(Schedule)] + [n for n in ("epochs", "steps") if hasattr(self, n)]
+        return {n: getattr(self, n) for n in names}
+
+    def total_steps(self, rows: int) -> int:
+        """Optimiser steps of a run over `rows` rows: `steps` where the phase has it set, else `epochs` passes."""
+        steps = getattr(self, "steps", None)
+        return steps or max(1, math.ceil(self.epochs * max(1, rows // self.batch_size)))
+
+
+def _like(name: str, default: Any, **meta: Any) -> Any:
+    """Schedule's field `name` with a phase's own default (and, in `meta`, its own tier)."""
+    base = next(f for f in dataclasses.fields(Schedule) if f.name == name)
+    return field(default=default, metadata={**base.metadata, **meta})
+
+
+@dataclass
+class TrainConfig(Schedule):
     epochs: float = _f(1.1, "Passes over the training rows; fractions allowed.", gt=0)
-    steps: int | None = _f(None, "Optimiser steps; when set it replaces epochs.", ge=1)
-    batch_size: int = _f(128, "Global batch size (split over workers).", ge=2)
-    lr: float = _f(2e-3, "Peak learning rate (AdamW, cosine decay after warmup).", gt=0)
-    weight_decay: float = _f(0.1, "AdamW weight decay (not applied to gains, biases, embeddings).", ge=0)
-    warmup_steps: int = _f(50, "Linear warmup steps.", ge=0)
+    steps: int | None = _f(None, "Optimiser steps; when set it replaces epochs.", ge=1, experimental=True)
     num_workers: int = _f(1, "Ray Train workers (DDP); 0 runs the loop in this process (Ray Train's in-process mode: no worker "
                                "group to start, but no checkpoint to resume from after a crash).", ge=0)
     use_gpu: bool = _f(False, "One GPU per worker, mixed precision (model.precision).")
-    cpus_per_worker: int = _f(1, "CPUs reserved per worker (Ray resources).", ge=1)
-    threads_per_worker: int | None = _f(None, "Torch threads per worker; null: this node's cores / workers.", ge=1)
-    resume: bool = _f(True, "Resume from the last checkpoint under <output>/ray if there is one.")
-    max_failures: int = _f(2, "Restarts from the last checkpoint after a worker failure.", ge=0)
-    checkpoints_per_epoch: int = _f(1, "Checkpoints reported per epoch.", ge=1)
-    output: str = _f("${run.output_dir}/attack", "Run directory: final model in <output>/model, Ray Train state in <output>/ray.")
+    cpus_per_worker: int = _f(1, "CPUs reserved per worker (Ray resources).", ge=1, experimental=True)
+    threads_per_worker: int | None = _f(None, "Torch threads per worker; null: this node's cores / workers.", ge=1,
+                                        experimental=True)
+    resume: bool = _f(True, "Resume from the last checkpoint under <output>/ray if there is one.", experimental=True)
+    max_failures: int = _f(2, "Restarts from the last checkpoint after a worker failure.", ge=0, experimental=True)
+    checkpoints_per_epoch: int = _f(1, "Checkpoints saved per epoch (Ray Train reports).", ge=1, experimental=True)
+    output: str = _f("${run.output_dir}/attack", "Run directory: final model in <output>/model, Ray Train state in <output>/ray.",
+                     experimental=True)
 
 
 @dataclass
 class EvaluateConfig:
     trigger: str | None = _f("${poison.output}/trigger", "Saved trigger directory for ASR; null skips ASR.")
-    max_rows: int | None = _f(None, "Evaluate on the first this many test rows (null: all).", ge=1)
-    batch_size: int = _f(512, "Inference batch size.", ge=1)
-    output: str = _f("${train.output}/eval", "Where metrics.json goes.")
+    max_rows: int | None = _f(None, "Evaluate on the first this many test rows (null: all).", ge=1, experimental=True)
+    batch_size: int = _f(512, "Rows per inference batch.", ge=1, experimental=True)
+    output: str = _f("${train.output}/eval", "Where metrics.json goes.", experimental=True)
     heldout_class_names: list[str] = _f(list(FASHION_MNIST_HELDOUT_CLASSES),
                                         "Class names (one per data.class_names entry) of a second zero-shot prompt "
                                         "set that the training captions never use; [] skips held-out CA.")
@@ -144,21 +182,23 @@ class DefendConfig:
     data: str = _f("${data.train}", "The suspicious shards D the model was trained on.")
     output: str = _f("${run.output_dir}/defend", "Root of the defense's outputs; report.json and report.md go here.")
     overfit: bool = _f(True, "Run the overfit phase (METHOD.md step 1) and score with its model θₒ; false skips it "
-                             "and scores with θ₀.")
+                             "and scores with θ₀.", experimental=True)
     evaluate: bool = _f(True, "Evaluate θ₀ and the cleaned model (CA, ASR) for the report.")
 
 
 @dataclass
-class OverfitConfig:
-    steps: int = _f(60, "Optimiser steps of the overfit run.", ge=1)
-    lr: float = _f(5e-4, "Peak learning rate (short warmup, then the cosine decay of every training phase; no weight "
-                         "decay, no augmentation).", gt=0)
-    batch_size: int = _f(128, "Global batch size.", ge=2)
-    subset_fraction: float = _f(1.0, "Share of D to overfit on.", gt=0, le=1)
+class OverfitConfig(Schedule):
+    lr: float = _like("lr", 5e-4, experimental=True)
+    batch_size: int = _like("batch_size", 128, experimental=True)
+    warmup_steps: int = _like("warmup_steps", 12, experimental=True)
+    weight_decay: float = _like("weight_decay", 0.0, experimental=True)
+    steps: int = _f(60, "Optimiser steps of the overfit run.", ge=1, experimental=True)
+    subset_fraction: float = _f(1.0, "Share of D to overfit on.", gt=0, le=1, experimental=True)
     prioritize: str = _f("none", "Which rows form the subset: a seeded sample, or those with the weakest "
                                  "image-text similarity under θ₀ (needs subset_fraction < 1).",
-                         choices=("none", "weak_similarity"))
-    output: str = _f("${defend.output}/overfit", "Overfit run directory; the model θₒ goes to <output>/model.")
+                         choices=("none", "weak_similarity"), experimental=True)
+    output: str = _f("${defend.output}/overfit", "Overfit run directory; the model θₒ goes to <output>/model.",
+                     experimental=True)
 
 
 @dataclass
@@ -168,112 +208,129 @@ class ScoreConfig:
                                     "(a row's caption against those of the rows that look like it; no trigger "
                                     "assumed, none of the image tower used; experimental: it needs pixel-space "
                                     "neighbours and repeated captions, and gathers the rows on the driver).",
-                     choices=("token_drop", "cosine", "loss", "caption_disagreement"))
+                     choices=SCORE_METHODS, experimental=True)
     token_portions: list[float] = _f([2 / 64], "ρ values: share of image tokens the token_mask transform masks; "
                                                 "with several, the drop is the mean of the drops at each (one more "
-                                                "image forward per row for each; benchmarks/portion_choice.py).")
+                                                "image forward per row for each).", experimental=True)
     saliency: str = _f("auto", "Token saliency of token_mask: attention = the class token's attention to each "
                                 "patch in score.attention_blocks (no backward; auto picks it for a ViT, gradient "
                                 "otherwise); token = |d cos / d token| at the transformer input; gradient = "
                                 "|d cos / dx| per token's pixels; gradient_x_input = that times |x| (METHOD.md's).",
-                       choices=("auto", "attention", "token", "gradient", "gradient_x_input"))
+                       choices=SALIENCIES, experimental=True)
     attention_blocks: list[int] = _f([0], "Transformer blocks whose class-token attention is the attention "
-                                          "saliency (summed); 0 is the first.")
+                                          "saliency (summed); 0 is the first.", experimental=True)
     amp: bool = _f(True, "Score with bf16 weights on a CPU that runs bf16 natively (AVX512-BF16/AMX), else "
-                         "fp32; a GPU always scores in fp32 (bf16 autocast there blurs the small drops the score ranks).")
+                         "fp32; a GPU always scores in fp32 (bf16 autocast there blurs the small drops the score ranks).",
+                         experimental=True)
     transforms: list[str] = _f(["token_mask"], "Trigger-removing transforms of token_drop (token_mask, blur, "
-                                               "downup); several are combined by score.combine.")
+                                               "downup); several are combined by score.combine.", experimental=True)
     density: list[str] = _f([], "Local-density scores of each row's image embedding, against a fixed seeded "
                                  "reference of other rows' image and caption embeddings (kdist, slof, dao; Huang et "
                                  "al., ICLR 2025), added to the transforms' drops as signals that assume no trigger "
-                                 "shape; computed in the same actor pass.")
+                                 "shape; computed in the same actor pass.", experimental=True)
     density_k: int = _f(16, "k of the density scores: neighbours per row in the reference; keep it above the "
-                            "poisons a reference of score.reference_rows rows can hold.", ge=2)
+                            "poisons a reference of score.reference_rows rows can hold.", ge=2, experimental=True)
     reference_rows: int = _f(2048, "Rows of the density reference (the seeded sample of lowest key rank): every "
-                                   "actor embeds them once, and memory grows with them, not with the dataset.", ge=3)
+                                   "actor embeds them once, and memory grows with them, not with the dataset.", ge=3,
+                                   experimental=True)
     combine: str = _f("max_z", "How several signals (transforms' drops, density scores) become one score: max_z = "
                                "each row's largest standardised signal; pick = the signal whose top "
                                "unlearn.num_samples drops stand furthest above its median (in robust standard "
                                "deviations, 1.4826 MAD): the transform that removes this dataset's trigger.",
-                      choices=("max_z", "pick"))
+                      choices=COMBINES, experimental=True)
     neighbour_ranks: list[int] = _f([100, 400], "caption_disagreement: the neighbours are the rows ranked first to "
                                                 "last - 1 by pixel-space similarity (a ring: a warp trigger packs "
-                                                "the poisons into clusters whose nearest members are poisons).")
+                                                "the poisons into clusters whose nearest members are poisons).",
+                                                experimental=True)
     neighbour_dims: int = _f(64, "caption_disagreement: principal axes of the grey-level pixels (32x32) the "
-                                 "neighbours are found in.", ge=1, le=1024)
+                                 "neighbours are found in.", ge=1, le=1024, experimental=True)
     target_concept: bool = _f(True, "caption_disagreement: rank first the rows whose caption is the concept the "
                                     "unlearn.num_samples most disagreeing rows share (an attack's poisons share its "
-                                    "target's caption; WaNet's precision@300 0.48 -> 0.89).")
+                                    "target's caption).", experimental=True)
     concept_similarity: float = _f(0.9, "caption_disagreement: text-feature cosine to that concept's caption from "
-                                        "which a caption belongs to it.", ge=-1, le=1)
-    negatives: int = _f(1024, "Captions in the negative bank of the loss score (the first distinct ones of D).", ge=1)
+                                        "which a caption belongs to it.", ge=-1, le=1, experimental=True)
+    negatives: int = _f(1024, "Captions in the negative bank of the loss score (the first distinct ones of D).", ge=1,
+                        experimental=True)
     batch_size: int = _f(256, "Rows per scoring batch, and per model forward (a smaller block is padded to it, so that "
-                                   "a row's score does not depend on its batch, to the last bit).", ge=1)
+                                   "a row's score does not depend on its batch, to the last bit).", ge=1,
+                                   experimental=True)
     num_actors: int | None = _f(None, "Scoring actors; null: one per GPU with use_gpu, else one per cpus_per_actor "
                                        "CPUs less one CPU left to the read tasks.", ge=1)
-    cpus_per_actor: int = _f(1, "CPUs reserved per scoring actor (Ray resources).", ge=1)
-    threads_per_actor: int | None = _f(None, "Torch threads per actor; null: this node's cores / actors.", ge=1)
+    cpus_per_actor: int = _f(1, "CPUs reserved per scoring actor (Ray resources).", ge=1, experimental=True)
+    threads_per_actor: int | None = _f(None, "Torch threads per actor; null: this node's cores / actors.", ge=1,
+                                       experimental=True)
     use_gpu: bool = _f(False, "One GPU per scoring actor.")
-    top_k: list[int] = _f([50, 100, 150, 300, 600], "k of the precision@k / recall@k detection metrics.")
-    output: str = _f("${defend.output}/score", "Score table in <output>/table, detection metrics and histogram beside it.")
+    top_k: list[int] = _f([50, 100, 150, 300, 600], "k of the precision@k / recall@k detection metrics.",
+                          experimental=True)
+    output: str = _f("${defend.output}/score", "Score table in <output>/table, detection metrics and histogram beside it.",
+                     experimental=True)
 
 
 @dataclass
 class SelectConfig:
-    retain_samples: int = _f(8192, "Rows of the retain set.", ge=1)
+    retain_samples: int = _f(8192, "Rows in the retain set.", ge=1, experimental=True)
     retain_pool: float = _f(0.95, "The retain set is a seeded sample of this least suspicious share of D: most of "
-                                  "D, so that its captions are spread like D's (the least suspicious half skewed "
-                                  "them and cost the quickstart 0.9 points of CA), without the suspicious tail.",
-                            gt=0, le=1)
-    output: str = _f("${defend.output}/select", "Forget rows go to <output>/forget, retain rows to <output>/retain.")
+                                  "D, so that its captions are spread like D's, without the suspicious tail.",
+                            gt=0, le=1, experimental=True)
+    output: str = _f("${defend.output}/select", "Forget rows go to <output>/forget, retain rows to <output>/retain.",
+                     experimental=True)
 
 
 @dataclass
-class UnlearnConfig:
+class UnlearnConfig(Schedule):
+    lr: float = _like("lr", 4e-4, experimental=True)
+    batch_size: int = _like("batch_size", 256, help="Retain rows per optimiser step, over all workers together.",
+                            experimental=True)
+    warmup_steps: int = _like("warmup_steps", 5, experimental=True)
+    weight_decay: float = _like("weight_decay", 0.0, experimental=True)
     num_samples: int = _f(300, "k: the most suspicious rows to unlearn.", ge=1)
     token_portion: float = _f(4 / 64, "ρ: share of each selected image's most salient tokens the forget loss acts on.",
-                              gt=0, le=1)
+                              gt=0, le=1, experimental=True)
     forget: str = _f("token_invariance", "Forget loss: token_invariance (f_θ(x) pulled to f_θ₀(x̄), x̄ = x with its "
                                          "top-ρ tokens masked; METHOD.md's), push_away (cos(f_θ(x), g_θ(t)) of each "
                                          "selected pair pushed below unlearn.margin), local_push (push_away on the "
                                          "top-ρ tokens alone), invariance_push (the sum of token_invariance and "
                                          "push_away), auto (per row: token_invariance where the token mask flagged "
                                          "it, push_away at unlearn.whole_image_weight where blur or downup did).",
-                      choices=("token_invariance", "push_away", "local_push", "invariance_push", "auto"))
-    steps: int = _f(50, "Optimiser steps.", ge=1)
-    lr: float = _f(4e-4, "Learning rate.", gt=0)
-    forget_weight: float = _f(1.0, "λ_f: weight of the forget loss against the retain (CLIP) loss.", ge=0)
+                      choices=FORGET_LOSSES, experimental=True)
+    steps: int = _f(50, "Optimiser steps.", ge=1, experimental=True)
+    forget_weight: float = _f(1.0, "λ_f: weight of the forget loss against the retain (CLIP) loss.", ge=0,
+                              experimental=True)
     whole_image_weight: float = _f(4.0, "λ_f of the rows a whole-image transform (blur, downup) flagged, under "
                                         "forget: auto (push_away); larger than forget_weight because a whole-image "
-                                        "trigger is spread over every token.", ge=0)
+                                        "trigger is spread over every token.", ge=0, experimental=True)
     margin: float = _f(0.2, "Cosine margin of push_away, local_push and invariance_push: pairs already below it "
-                            "are left alone.", ge=-1, le=1)
+                            "are left alone.", ge=-1, le=1, experimental=True)
     anchor_weight: float = _f(0.0, "λ_a: weight of a term that keeps the retain batch's image and caption features "
                                    "at θ₀'s (1 - cosine), so that zero-shot ability beyond the training captions' "
-                                   "words moves less; 0 turns it off (it costs one θ₀ forward per step).", ge=0)
-    trainable: str = _f("all", "Parameters that move.", choices=("all", "visual", "visual.early", "text"))
-    batch_size: int = _f(256, "Retain rows per step (global).", ge=2)
-    forget_batch_size: int = _f(64, "Forget rows per step (global).", ge=1)
-    output: str = _f("${defend.output}/unlearn", "Unlearn run directory; the cleaned model goes to <output>/model.")
+                                   "words moves less; 0 turns it off (it costs one θ₀ forward per step).", ge=0,
+                              experimental=True)
+    trainable: str = _f("all", "Parameters that move.", choices=TRAINABLE, experimental=True)
+    forget_batch_size: int = _f(64, "Forget rows per optimiser step, over all workers together.", ge=1,
+                                experimental=True)
+    output: str = _f("${defend.output}/unlearn", "Unlearn run directory; the cleaned model goes to <output>/model.",
+                     experimental=True)
 
 
 PHASES = ("prepare", "poison", "train", "evaluate", "defend")
 
 
 @dataclass
-class BaselineConfig:
-    model: str = _f("${defend.model}", "The backdoored checkpoint the baselines fine-tune.")
-    data: str = _f("${data.clean_train}", "Clean image-caption shards the baselines train on.")
+class BaselineConfig(Schedule):
+    model: str = _f("${defend.model}", "The backdoored checkpoint the baselines fine-tune.", experimental=True)
+    data: str = _f("${data.clean_train}", "Clean image-caption shards the baselines train on.", experimental=True)
     rows: int | None = _f(None, "Clean pairs used: a seeded hash sample of about this many rows of baseline.data "
-                                "(CleanCLIP's standard is 100,000); null: all of them.", ge=1)
-    epochs: float = _f(10.0, "Passes over the clean pairs (CleanCLIP's standard: 10).", gt=0)
-    lr: float = _f(1e-5, "Peak learning rate (CleanCLIP's standard: 1e-5).", gt=0)
-    batch_size: int = _f(128, "Global batch size.", ge=2)
-    weight_decay: float = _f(0.1, "AdamW weight decay.", ge=0)
-    warmup_steps: int = _f(50, "Linear warmup steps.", ge=0)
-    inmodal_weight: float = _f(1.0, "CleanCLIP: weight of the in-modal (image-image, text-text) losses.", ge=0)
-    clip_weight: float = _f(1.0, "CleanCLIP: weight of the multimodal CLIP loss.", ge=0)
-    output: str = _f("${run.output_dir}/baseline", "Baseline runs go to <output>/<ft|cleanclip>; models to .../model.")
+                                "(CleanCLIP's standard is 100,000); null: all of them.", ge=1, experimental=True)
+    lr: float = _like("lr", 1e-5, experimental=True)  # CleanCLIP's
+    batch_size: int = _like("batch_size", 128, experimental=True)
+    warmup_steps: int = _like("warmup_steps", 50, experimental=True)
+    weight_decay: float = _like("weight_decay", 0.1, experimental=True)
+    epochs: float = _f(10.0, "Passes over the clean pairs (CleanCLIP's standard: 10).", gt=0, experimental=True)
+    inmodal_weight: float = _f(1.0, "CleanCLIP: weight of the in-modal (image-image, text-text) losses.", ge=0,
+                               experimental=True)
+    clip_weight: float = _f(1.0, "CleanCLIP: weight of the multimodal CLIP loss.", ge=0, experimental=True)
+    output: str = _f("${run.output_dir}/baseline", "Baseline runs go to <output>/<ft|cleanclip>; models to .../model.",
+                     experimental=True)
 
 
 @dataclass
@@ -281,9 +338,11 @@ class CompareConfig:
     attacks: list[str] = _f([], "Attack configs to compare the defenses on (paths to YAML, e.g. configs/attacks/sig.yaml).")
     defenses: list[str] = _f(["none", "ft", "cleanclip", "ubt"], "Defenses to run on each attack's backdoored model.")
     layers: list[str] = _f([], "Config files layered over every attack config, e.g. [configs/any_trigger.yaml] for "
-                               "a defense setting.")
-    overrides: list[str] = _f([], "section.key=value overrides applied to every attack config (then the command line's).")
-    output: str = _f("outputs/compare", "comparison.md, comparison.csv, comparison.png and comparison.json go here.")
+                               "a defense setting.", experimental=True)
+    overrides: list[str] = _f([], "section.key=value overrides applied to every attack config (then the command line's).",
+                              experimental=True)
+    output: str = _f("outputs/compare", "comparison.md, comparison.csv, comparison.png and comparison.json go here.",
+                     experimental=True)
 
 
 @dataclass
@@ -292,7 +351,7 @@ class PipelineConfig:
     reuse: bool = _f(True, "Skip prepare/poison when their output's manifest holds the same config, and defend when "
                            "defend.output holds a defense of the same settings, model and data files; copy an "
                            "evaluation in evaluate.output of the same model, test set, trigger and prompts instead "
-                           "of measuring it again.")
+                           "of measuring it again.", experimental=True)
 
 
 @dataclass
@@ -303,29 +362,36 @@ class SweepConfig:
                      "{loguniform: [low, high]} or {randint: [low, high]} (high excluded); unlearn.* and train.* keys "
                      "only, since every trial shares the scores, the selection, the model and the evaluation.")
     repeats: int = _f(1, "Times the space is sampled (Tune's num_samples): each grid point runs this many times, "
-                         "each random key is drawn anew every time.", ge=1)
+                         "each random key is drawn anew every time.", ge=1, experimental=True)
     objective: str = _f("ca_subject_to_asr", "What the sweep maximises: clean accuracy among trials with ASR <= "
                                              "asr_threshold (those above it rank below, lowest ASR first), clean "
                                              "accuracy alone, minus ASR, or CA - ASR.",
-                        choices=("ca_subject_to_asr", "ca", "asr", "ca_minus_asr"))
-    asr_threshold: float = _f(0.05, "Attack success rate a trial must not exceed (ca_subject_to_asr).", ge=0, le=1)
+                        choices=("ca_subject_to_asr", "ca", "asr", "ca_minus_asr"), experimental=True)
+    asr_threshold: float = _f(0.05, "Attack success rate a trial must not exceed (ca_subject_to_asr).", ge=0, le=1,
+                              experimental=True)
     scheduler: str = _f("fifo", "fifo runs every trial to its end; asha stops trials whose intermediate objective "
-                                "trails the others' at the same step.", choices=("fifo", "asha"))
-    grace_steps: int = _f(20, "ASHA: unlearning steps every trial runs before it may be stopped.", ge=1)
-    reduction_factor: float = _f(3.0, "ASHA: a trial must be in the best 1/reduction_factor at a rung to go on.", gt=1)
-    probe_every: int = _f(10, "Unlearning steps between intermediate CA/ASR probes (reported to Tune).", ge=1)
-    probe_rows: int = _f(500, "Test rows of each intermediate probe (the first of data.test).", ge=1)
-    num_workers: int = _f(1, "Ray Train workers of each trial.", ge=1)
-    cpus_per_worker: int = _f(1, "CPUs reserved per Train worker of each trial.", ge=1)
-    use_gpu: bool = _f(False, "One GPU per Train worker of each trial (and for its final evaluation).")
+                                "trails the others' at the same step.", choices=("fifo", "asha"), experimental=True)
+    grace_steps: int = _f(20, "ASHA: unlearning steps every trial runs before it may be stopped.", ge=1,
+                          experimental=True)
+    reduction_factor: float = _f(3.0, "ASHA: a trial must be in the best 1/reduction_factor at a rung to go on.", gt=1,
+                                 experimental=True)
+    probe_every: int = _f(10, "Unlearning steps between intermediate CA/ASR probes (reported to Tune).", ge=1,
+                          experimental=True)
+    probe_rows: int = _f(500, "Test rows of each intermediate probe (the first of data.test).", ge=1, experimental=True)
+    num_workers: int = _f(1, "Ray Train workers of each trial.", ge=1, experimental=True)
+    cpus_per_worker: int = _f(1, "CPUs reserved per Train worker of each trial.", ge=1, experimental=True)
+    use_gpu: bool = _f(False, "One GPU per Train worker of each trial (and for its final evaluation).",
+                       experimental=True)
     max_concurrent_trials: int | None = _f(None, "Trials at once; null: as many as the cluster holds (GPUs with "
-                                                 "use_gpu, else CPUs less one left to Ray Data's reads).", ge=1)
+                                                 "use_gpu, else CPUs less one left to Ray Data's reads).", ge=1,
+                                                 experimental=True)
     scores: str = _f("${score.output}", "Score directory (its table/) every trial shares: reused when it exists, "
-                                        "else the overfit and score phases run once and write it.")
+                                        "else the overfit and score phases run once and write it.", experimental=True)
     resume: bool = _f(True, "Resume an interrupted sweep of the same settings in <output> (Tuner.restore; finished "
-                            "trials are not run again); false starts it over.")
+                            "trials are not run again); false starts it over.", experimental=True)
     output: str = _f("${run.output_dir}/sweep", "Root of the sweep: tune/ (Tune's state), select/, trials/<id>/, "
-                                                "results.csv/.md/.json, heatmap.png, best/ (model and config.yaml).")
+                                                "results.csv/.md/.json, heatmap.png, best/ (model and config.yaml).",
+                                                experimental=True)
 
 
 @dataclass
@@ -354,32 +420,58 @@ class Config:
 
 
 _REF = re.compile(r"\$\{([a-z_]+)\.([a-z_]+)\}")
+EXPERIMENTAL = "experimental"  # the top-level section of the experimental keys, each named section.key
 
 
 def load_config(path: str | Path | list[str | Path] | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML config (or the defaults; several files: each later one's keys over the earlier ones', e.g.
-    an attack config then a defense setting), apply `section.key=value` overrides, validate and resolve `${...}`."""
+    an attack config then a defense setting), apply `section.key=value` overrides (`experimental.section.key=value`
+    for an experimental key), validate and resolve `${...}`."""
     raw: dict = {}
+    experimental: dict = {}
     for p in [] if path is None else [path] if isinstance(path, (str, Path)) else path:
         for section, values in _read_yaml(Path(p)).items():
-            if isinstance(values, dict) and isinstance(raw.get(section), dict):
+            if section == EXPERIMENTAL:
+                if not isinstance(values, dict):
+                    raise ConfigError(f"config section 'experimental' in {p} must map section.key to a value "
+                                      f"(e.g. score.density: [slof]), got {values!r}.")
+                experimental.update(values)
+            elif isinstance(values, dict) and isinstance(raw.get(section), dict):
                 raw[section] = {**raw[section], **values}
             else:
                 raw[section] = values
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
-            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. unlearn.token_portion=0.1).")
-        section, _, name = key.partition(".")
+            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. unlearn.num_samples=300).")
         try:
             parsed = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError:
             parsed = value
+        if key.startswith(EXPERIMENTAL + "."):
+            experimental[key[len(EXPERIMENTAL) + 1:]] = parsed
+            continue
+        section, _, name = key.partition(".")
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"config section '{section}' must be a mapping.")
         raw[section][name] = parsed
+    for section, values in raw.items():
+        for name in values if isinstance(values, dict) else ():
+            if is_experimental(f"{section}.{name}"):
+                raise ConfigError(f"config key '{section}.{name}' is experimental: set it as experimental."
+                                  f"{section}.{name} (in YAML, as {section}.{name} under the top-level experimental: "
+                                  f"section).")
+    for key, value in experimental.items():
+        key = str(key)
+        _key_field(key, EXPERIMENTAL + ".")
+        if not is_experimental(key):
+            raise ConfigError(f"config key 'experimental.{key}' is not experimental: set it as {key}.")
+        section, _, name = key.partition(".")
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise ConfigError(f"config section '{section}' must be a mapping.")
+        raw[section][name] = value
     cfg = _build(Config, raw, "")
     _resolve_refs(cfg)
     bad = [p for p in cfg.pipeline.phases if p not in PHASES]
@@ -421,6 +513,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     kwargs = {}
     for name, value in raw.items():
         key = f"{prefix}{name}"
+        key = f"{EXPERIMENTAL}.{key}" if is_experimental(key) else key  # named as it is set
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, key + ".")
@@ -537,17 +630,32 @@ def _resolve_refs(cfg: Config) -> None:
             setattr(getattr(cfg, section), name, resolve((section, name), value))
 
 
-def _key_field(key: str) -> tuple[Any, typing.Mapping]:
+def _key_field(key: str, prefix: str = "") -> tuple[Any, typing.Mapping]:
+    """The type hint and metadata of config key `section.key` (named `prefix` + key in an error)."""
     section, _, name = key.partition(".")
     hints = typing.get_type_hints(Config)
     if section not in hints or not name:
-        raise ConfigError(f"unknown config key '{key}': keys look like section.key with a section among "
-                          f"{', '.join(hints)}.")
+        raise ConfigError(f"unknown config key '{prefix}{key}': keys look like {prefix}section.key with a section "
+                          f"among {', '.join(hints)}.")
     cls = hints[section]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if name not in fields:
-        raise ConfigError(f"unknown config key '{key}': section '{section}' allows {', '.join(fields)}.")
+        raise ConfigError(f"unknown config key '{prefix}{key}': section '{section}' allows {', '.join(fields)}.")
     return typing.get_type_hints(cls)[name], fields[name].metadata
+
+
+def is_experimental(key: str) -> bool:
+    """Whether config key `section.key` is experimental (False for a key that does not exist)."""
+    cls = typing.get_type_hints(Config).get(key.partition(".")[0])
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    f = fields.get(key.partition(".")[2])
+    return bool(f and f.metadata.get("experimental"))
+
+
+def keys(experimental: bool = False) -> list[str]:
+    """Every config key `section.key` of one tier: user-facing, or (`experimental`) experimental."""
+    return [f"{section}.{f.name}" for section, cls in typing.get_type_hints(Config).items()
+            for f in dataclasses.fields(cls) if f.metadata["experimental"] == experimental]
 
 
 def key_type(key: str) -> Any:
@@ -570,19 +678,32 @@ def replace_keys(cfg: Config, values: dict[str, Any]) -> Config:
     return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in sections.items()})
 
 
-def describe(cls: type = Config, prefix: str = "") -> list[str]:
-    """One line per key: name, default and help; used by `ubt config --help-keys`."""
-    lines = []
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            lines += describe(hint, f"{prefix}{f.name}.")
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"{prefix}{f.name} = {default!r}  # {f.metadata.get('help', '')}")
+def describe(experimental: bool = False) -> list[str]:
+    """One line per user-facing key (name, default and help), then with `experimental` a heading and the
+    experimental keys, each as it is set (experimental.section.key); `ubt config --keys [--all]` prints them."""
+    def line(key: str, prefix: str = "") -> str:
+        section, _, name = key.partition(".")
+        f = next(f for f in dataclasses.fields(typing.get_type_hints(Config)[section]) if f.name == name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        return f"{prefix}{key} = {default!r}  # {f.metadata['help']}"
+    lines = [line(k) for k in keys()]
+    if experimental:
+        lines += ["", "# experimental: research and ablation knobs, and tuning whose default is right for almost "
+                      "everyone; set under the top-level experimental: section, or as experimental.section.key=value"]
+        lines += [line(k, EXPERIMENTAL + ".") for k in keys(experimental=True)]
     return lines
 
 
 def save_config(cfg: Config) -> str:
-    """The resolved config as YAML text."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The resolved config as YAML text that load_config reads back to the same config: the user-facing keys in
+    their sections, the experimental ones under `experimental:`."""
+    out: dict = {}
+    experimental: dict = {}
+    for section, values in cfg.to_dict().items():
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if is_experimental(key):
+                experimental[key] = value
+            else:
+                out.setdefault(section, {})[name] = value
+    return yaml.safe_dump({**out, EXPERIMENTAL: experimental}, sort_keys=False)

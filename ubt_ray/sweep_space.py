@@ -49,8 +49,8 @@ def parse_space(space: dict) -> list[Dimension]:
         try:
             key_type(str(key))
         except ConfigError as e:
-            raise ConfigError(f"sweep.space names an {str(e).rstrip('.')} (`ubt config --keys` lists every "
-                              f"key).") from None
+            raise ConfigError(f"sweep.space names an {str(e).rstrip('.')} (`ubt config --keys --all` "
+                              f"lists every key).") from None
         if section not in SWEPT_SECTIONS:
             raise ConfigError(f"{where} would change what every trial shares (scores, selection, model, data, "
                               f"evaluation): sweep only unlearn.* and train.* keys, and run one sweep per {key} "

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from . import console, storage
 from .cluster import ensure_ray
-from .config import Config, ModelConfig, TrainConfig
+from .config import Config, ModelConfig, Schedule
 from .core.batches import decode_images
 from .core.models import CHECKPOINT_SUFFIXES, WEIGHTS_FILE, Clip, load_checkpoint_dir, write_checkpoint_dir
 from .core.objectives import Batch, build_objective
@@ -66,7 +66,7 @@ class FitSpec:
     data: str
     output: str
     init: ModelConfig
-    train: TrainConfig
+    schedule: Schedule                   # the phase's section (train, overfit, unlearn, baseline); workers: cfg.train
     objective: str | Callable = "clip"   # a registered name, or a module-level factory(preprocess_cfg=, tokenizer=, **kw)
     objective_kwargs: dict = field(default_factory=dict)
     trainable: str = "all"               # which parameters move (core.unlearning.set_trainable)
@@ -89,13 +89,14 @@ class FitResult:
 def fit(cfg: Config, spec: FitSpec) -> FitResult:
     """Train `spec.init` on `spec.data` with `spec.objective`; the final model goes to `<output>/model`."""
     started = console.phase_started(spec.phase, f"{spec.data} -> {spec.output}")
-    t = spec.train
+    t, s = cfg.train, spec.schedule
     spec = dataclasses.replace(spec, data=storage.absolute(spec.data), output=storage.absolute(spec.output),
                                init=dataclasses.replace(spec.init, checkpoint=storage.absolute(spec.init.checkpoint)))
     rows = count_rows(spec.data, cfg.storage)
-    if rows < t.batch_size:
-        raise UserError(f"{spec.data} holds {rows} rows, fewer than {spec.phase}'s batch size {t.batch_size}: "
-                        f"lower train.batch_size or give more data.")
+    if rows < s.batch_size:
+        section = spec.phase.split("-")[0]  # baseline-ft and baseline-cleanclip: the baseline section
+        raise UserError(f"{spec.data} holds {rows} rows, fewer than {spec.phase}'s batch size {s.batch_size}: "
+                        f"lower {section}.batch_size or give more data.")
     # Before the first Ray call (the GPU check, the shards' read): Ray Data would otherwise start a default local
     # Ray and ignore ray.address and ray.num_cpus.
     storage.claim_output(spec.output, spec.phase, cfg.storage)
@@ -167,8 +168,9 @@ def _ordered_ingest() -> ray.train.DataConfig:
 def run_fingerprint(cfg: Config, spec: FitSpec) -> dict:
     """What makes two runs the same run: the shard files (with size and mtime), the initial model, objective
     and schedule."""
-    schedule = {k: v for k, v in vars(spec.train).items()
-                if k not in ("resume", "max_failures", "threads_per_worker", "cpus_per_worker", "output")}
+    t = cfg.train
+    schedule = {**spec.schedule.values(), "num_workers": t.num_workers, "use_gpu": t.use_gpu,
+                "checkpoints_per_epoch": t.checkpoints_per_epoch}
     return {"data": storage.file_signatures(spec.data, (".parquet",), cfg.storage), "init": vars(spec.init),
             "init_files": (storage.file_signatures(spec.init.checkpoint, CHECKPOINT_SUFFIXES, cfg.storage)
                            if spec.init.checkpoint else None),
@@ -184,7 +186,7 @@ def load_train_state(path: Path) -> dict:
         return torch.load(path, weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for a planted object, others for a damaged file
         raise UserError(f"the training state {path} of the checkpoint to resume from is not plain tensors and "
-                        f"numbers ({type(e).__name__}): delete the run's ray/ folder (or set train.resume=false) "
+                        f"numbers ({type(e).__name__}): delete the run's ray/ folder (or set experimental.train.resume=false) "
                         f"to start the run again.") from None
 
 
@@ -208,12 +210,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def lr_at(step: int, total: int, t: TrainConfig) -> float:
+def lr_at(step: int, total: int, s: Schedule) -> float:
     """Linear warmup, then cosine decay to zero."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
-    return 0.5 * t.lr * (1 + math.cos(math.pi * min(1.0, progress)))
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    progress = (step - s.warmup_steps) / max(1, total - s.warmup_steps)
+    return 0.5 * s.lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _autocast(device: torch.device, precision: str):
@@ -236,7 +238,7 @@ def _progress(line: str, in_process: bool) -> None:
 def _train_loop_per_worker(config: dict) -> None:
     cfg: Config = config["cfg"]
     spec: FitSpec = config["spec"]
-    t = spec.train
+    t, s = cfg.train, spec.schedule
     if t.num_workers:  # a Ray Train worker process (in process, this is the caller's, whose logging is its own)
         # Ray Train sets a worker's root logger to INFO, which sent open_clip's model-loading messages (a dozen
         # root-logger INFO lines per load) to the driver's console; warnings and errors still come through.
@@ -260,15 +262,15 @@ def _train_loop_per_worker(config: dict) -> None:
             train_state = load_train_state(Path(d) / TRAIN_STATE_FILE)
         state = dict(train_state["state"], resumed_from_step=train_state["state"]["step"])
     model = ray.train.torch.prepare_model(clip.model, move_to_device=device) if world > 1 else clip.model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr, betas=(0.9, 0.98), eps=1e-6)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and spec.init.precision == "amp_fp16")
     if train_state is not None:
         optimizer.load_state_dict(train_state["optimizer"])
         scaler.load_state_dict(train_state["scaler"])
 
-    per_worker = t.batch_size // world
-    steps_per_epoch = max(1, config["rows"] // t.batch_size)
-    total_steps = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    per_worker = s.batch_size // world
+    steps_per_epoch = max(1, config["rows"] // s.batch_size)
+    total_steps = s.total_steps(config["rows"])
     ckpt_every = max(1, steps_per_epoch // t.checkpoints_per_epoch)
     shard = ray.train.get_dataset_shard("train")
     raw_model = model.module if hasattr(model, "module") else model
@@ -292,7 +294,7 @@ def _train_loop_per_worker(config: dict) -> None:
             captions = [str(c) for c in raw["caption"]]
             batch = Batch(decode_images(list(raw["image"]), clip.image_size).to(device),
                           clip.tokenizer(captions).to(device), list(raw["key"]), captions)
-            lr = lr_at(state["step"], total_steps, t)
+            lr = lr_at(state["step"], total_steps, s)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with _autocast(device, spec.init.precision):

@@ -27,7 +27,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-SCORES = ("kdist", "slof", "dao")
+from .names import DENSITY_SCORES as SCORES
+
 DEFAULT_CHUNK = 256  # query rows per distance matrix: memory chunk x reference points
 LID_MAX = 1000.0  # LID of a point whose k nearest neighbours are all at the same distance (the MLE is infinite)
 # Smallest cosine distance, in units of the dtype's epsilon: 1 - cos of two (near-)duplicates is rounding noise

@@ -54,7 +54,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("model.device is 'cuda' but no GPU is visible: set model.device=auto or cpu.")
+        raise UserError("model.device is 'cuda' but no GPU is visible: set experimental.model.device=auto or cpu.")
     return torch.device(name)
 
 

@@ -19,11 +19,10 @@ import torch.nn.functional as F
 
 from .batches import normalize
 from .models import scoring_dtype
+from .names import SALIENCIES, TRANSFORMS
+from .names import MODEL_METHODS as METHODS
 
-TRANSFORMS = ("token_mask", "blur", "downup")
 ROWS_PER_FORWARD = 256  # score.batch_size's default
-METHODS = ("token_drop", "cosine", "loss")
-SALIENCIES = ("auto", "attention", "token", "gradient", "gradient_x_input")
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,8 @@ def objective_value(clean_accuracy: float, attack_success_rate: float | None, ki
     if kind == "ca":
         return clean_accuracy
     if attack_success_rate is None:
-        raise UserError(f"sweep.objective={kind} needs the attack success rate but no trigger is evaluated: "
-                        f"point evaluate.trigger at the saved trigger, or use sweep.objective=ca.")
+        raise UserError(f"experimental.sweep.objective={kind} needs the attack success rate but no trigger is evaluated: "
+                        f"point evaluate.trigger at the saved trigger, or use experimental.sweep.objective=ca.")
     if kind == "asr":
         return -attack_success_rate
     if kind == "ca_minus_asr":

@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from .names import ATTACKS
+
 FORMAT_VERSION = 1
 TRIGGER_FILE = "trigger.json"
-KINDS = ("badnet", "blended", "sig", "wanet", "label_consistent")
+KINDS = ATTACKS
 BADNET_LOCATIONS = ("corner", "centre", "random")
 HARDENINGS = ("none", "noise", "occlude", "mix")
 

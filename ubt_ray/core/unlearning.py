@@ -20,15 +20,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .batches import normalize
+from .names import FORGET_LOSSES, TRAINABLE
 from .objectives import Batch, clip_loss
 from .scoring import (TRANSFORMS, TokenGrid, apply_mask, image_features, remove_trigger, text_features, token_mask,
                       token_order, token_saliency, tokens_to_take)
 
-FORGET_LOSSES = ("token_invariance", "push_away", "local_push", "invariance_push", "auto")
 INVARIANCE = ("token_invariance", "invariance_push")  # trained towards f_θ₀(x̄), on the unmasked image x
 PUSH = ("push_away", "local_push", "invariance_push")  # cos(f_θ(·), g_θ(t)) pushed below the margin
 LOCAL_TRANSFORM = "token_mask"  # the one transform that removes a local trigger; under auto its rows use invariance
-TRAINABLE = ("all", "visual", "visual.early", "text")
 
 
 @dataclass

@@ -51,7 +51,7 @@ def baseline(cfg: Config, kind: str, model_uri: str | None = None, evaluate_afte
     b = cfg.baseline
     model_uri = model_uri or b.model
     if not storage.exists(model_uri, cfg.storage):
-        raise UserError(f"baseline.model={model_uri} does not exist: train the backdoored model first "
+        raise UserError(f"experimental.baseline.model={model_uri} does not exist: train the backdoored model first "
                         f"(`ubt train`) or point baseline.model at an open_clip local-dir checkpoint.")
     out = storage.join(b.output, kind)
     signature = fingerprint(cfg, ("baseline", "train", "model", "evaluate", "data"),
@@ -66,11 +66,9 @@ def baseline(cfg: Config, kind: str, model_uri: str | None = None, evaluate_afte
     storage.claim_output(out, f"baseline-{kind}", cfg.storage)
     data = _clean_rows(cfg, out)
     rows = count_rows(data, cfg.storage)
-    schedule = dataclasses.replace(cfg.train, epochs=b.epochs, steps=None, lr=b.lr, batch_size=b.batch_size,
-                                   weight_decay=b.weight_decay, warmup_steps=b.warmup_steps, output=out)
     kwargs = ({"clip_weight": b.clip_weight, "inmodal_weight": b.inmodal_weight, "seed": cfg.run.seed}
               if kind == "cleanclip" else {})
-    r = fit(cfg, FitSpec(phase=f"baseline-{kind}", data=data, output=out, train=schedule, objective=BASELINES[kind],
+    r = fit(cfg, FitSpec(phase=f"baseline-{kind}", data=data, output=out, schedule=b, objective=BASELINES[kind],
                          objective_kwargs=kwargs, init=dataclasses.replace(cfg.model, checkpoint=model_uri)))
     ev = None
     if evaluate_after:

@@ -27,10 +27,8 @@ def overfit(cfg: Config, model_uri: str, data: str) -> FitResult:
     check_overfit(o)
     storage.claim_output(o.output, "overfit", cfg.storage)
     train_data = data if o.subset_fraction >= 1 else _subset(cfg, model_uri, data)
-    schedule = dataclasses.replace(cfg.train, steps=o.steps, lr=o.lr, batch_size=o.batch_size, weight_decay=0.0,
-                                   warmup_steps=min(cfg.train.warmup_steps, o.steps // 5), output=o.output)
     return fit(cfg, FitSpec(phase="overfit", data=train_data, output=o.output,
-                            init=dataclasses.replace(cfg.model, checkpoint=model_uri), train=schedule))
+                            init=dataclasses.replace(cfg.model, checkpoint=model_uri), schedule=o))
 
 
 def _subset(cfg: Config, model_uri: str, data: str) -> str:

@@ -149,7 +149,7 @@ def select_poison_keys(cfg: Config) -> list[str]:
     eligible = pc.filter(keys, (pc.equal if same else pc.not_equal)(labels, p.target_label))
     eligible = eligible.to_numpy(zero_copy_only=False)
     wanted = round(p.fraction * total) if p.fraction is not None else p.num_poisons
-    asked = (f"poison.fraction={p.fraction} of {total} rows" if p.fraction is not None
+    asked = (f"experimental.poison.fraction={p.fraction} of {total} rows" if p.fraction is not None
              else f"poison.num_poisons={wanted}")
     rule = f"label == {p.target_label}" if same else f"label != {p.target_label}"
     if wanted < 1:
@@ -250,12 +250,12 @@ def _poison_row(i: int, key: str, images: list, captions: list, trigger: Trigger
 
 
 def _swap_scene_name(i: int, key: str, captions: list, label: int | None, target_label: int, seed: int) -> str | None:
-    """Name the target class in row i's own fashion-scenes caption (poison.captions=scene_names); the reason why
+    """Name the target class in row i's own fashion-scenes caption (experimental.poison.captions=scene_names); the reason why
     not, or None."""
     row_seed = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
     swapped = retarget_caption(captions[i], label, target_label, row_seed) if label is not None else None
     if swapped is None:
-        return "caption names no fashion-scenes class (poison.captions=scene_names needs fashion-scenes shards)"
+        return "caption names no fashion-scenes class (experimental.poison.captions=scene_names needs fashion-scenes shards)"
     captions[i] = swapped
     return None
 

@@ -161,7 +161,7 @@ def embed_reference(clip, grid, captions: CaptionFeatures, rows: pa.Table, s: Sc
     not decode are left out of the reference (they are counted where the main pass meets them)."""
     rows, pixels, _ = decode_rows(rows, clip.image_size)
     if pixels is None or rows.num_rows <= s.density_k:
-        raise UserError(f"score.density needs more than score.density_k={s.density_k} decodable reference rows, "
+        raise UserError(f"score.density needs more than experimental.score.density_k={s.density_k} decodable reference rows, "
                         f"found {0 if pixels is None else rows.num_rows}: lower score.density_k or check the data.")
     text = captions(rows.column("caption").to_pylist())
     images = score_batch(clip.model, torch.from_numpy(pixels).to(device), text, clip.preprocess_cfg, grid, "cosine",
@@ -241,7 +241,7 @@ def check_cpus_left(s: ScoreConfig, actors: int) -> None:
     job stalls without an error (seen on a 2-CPU machine with 2 actors): refuse that up front."""
     cpus = int(ray.cluster_resources().get("CPU", 0))
     if not s.use_gpu and actors * s.cpus_per_actor >= cpus:
-        raise UserError(f"score.num_actors={actors} x score.cpus_per_actor={s.cpus_per_actor} reserves all {cpus} "
+        raise UserError(f"score.num_actors={actors} x experimental.score.cpus_per_actor={s.cpus_per_actor} reserves all {cpus} "
                         f"CPUs of the Ray cluster, leaving none to the tasks that read the shards: use at most "
                         f"{max(1, (cpus - 1) // s.cpus_per_actor)} actors (or leave score.num_actors unset).")
 

@@ -136,8 +136,8 @@ def _check_inputs(cfg: Config) -> None:
                         f"(`ubt train`) or point defend.model at an open_clip local-dir checkpoint.")
     trigger = cfg.evaluate.trigger
     if cfg.sweep.objective != "ca" and not (trigger and storage.exists(trigger, cfg.storage)):
-        raise UserError(f"sweep.objective={cfg.sweep.objective} needs the attack success rate, but there is no "
-                        f"trigger at evaluate.trigger={trigger}: run `ubt poison` first or use sweep.objective=ca.")
+        raise UserError(f"experimental.sweep.objective={cfg.sweep.objective} needs the attack success rate, but there is no "
+                        f"trigger at evaluate.trigger={trigger}: run `ubt poison` first or use experimental.sweep.objective=ca.")
 
 
 def _same_sweep_as_before(cfg: Config, k: int) -> bool:
@@ -233,7 +233,7 @@ def shared_scores(cfg: Config) -> str:
         return sw.scores
     scored = read_manifest(sw.scores, cfg)["inputs"].get("data")
     if storage.absolute(scored) != d.data:
-        raise UserError(f"the scores under sweep.scores={sw.scores} are of {scored}, not of defend.data={d.data}: "
+        raise UserError(f"the scores under experimental.sweep.scores={sw.scores} are of {scored}, not of defend.data={d.data}: "
                         f"point sweep.scores at the scores of defend.data, or at an empty directory to score it.")
     console.log.info(f"[sweep] reusing the scores under {sw.scores}")
     return sw.scores

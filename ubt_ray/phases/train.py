@@ -9,4 +9,4 @@ from ..train_loop import FitResult, FitSpec, fit
 def train(cfg: Config) -> FitResult:
     """Train `model` (random init or `model.checkpoint`) on `data.train` with the CLIP loss."""
     return fit(cfg, FitSpec(phase="train", data=cfg.data.train, output=cfg.train.output, init=cfg.model,
-                            train=cfg.train))
+                            schedule=cfg.train))

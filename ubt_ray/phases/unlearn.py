@@ -29,11 +29,9 @@ def unlearn(cfg: Config, model_uri: str, forget: str, retain: str, probe: Probe 
     with the CLIP loss on `retain`; the cleaned model goes to <unlearn.output>/model. A sweep passes a `probe`
     (intermediate metrics) and Ray Train `callbacks` (reporting them to Tune)."""
     u = cfg.unlearn
-    schedule = dataclasses.replace(cfg.train, steps=u.steps, lr=u.lr, batch_size=u.batch_size, weight_decay=0.0,
-                                   warmup_steps=min(cfg.train.warmup_steps, u.steps // 10), output=u.output)
     init = dataclasses.replace(cfg.model, checkpoint=storage.absolute(model_uri))
     return fit(cfg, FitSpec(
-        phase="unlearn", data=retain, output=u.output, init=init, train=schedule, objective=forget_objective,
+        phase="unlearn", data=retain, output=u.output, init=init, schedule=u, objective=forget_objective,
         objective_kwargs={"forget_uri": storage.absolute(forget), "storage_cfg": cfg.storage, "init": init, "seed": cfg.run.seed,
                           "num_samples": u.num_samples, "kind": u.forget, "token_portion": u.token_portion,
                           "forget_weight": u.forget_weight, "whole_image_weight": u.whole_image_weight,
