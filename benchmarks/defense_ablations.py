@@ -60,7 +60,7 @@ class Bench:
     def scored(self, name: str, cfg: Config, model: str) -> tuple[str, dict, float]:
         if name not in self.scores:
             out = f"{self.root}/score-{name}"
-            r = score(replace(cfg, "score", output=out), model, cfg.defend.data)
+            r = score(replace(cfg, "score", output=out), model, cfg.defend.data, k=cfg.unlearn.num_samples)
             self.scores[name] = (out, r.detection or {}, r.wall_time_s)
         return self.scores[name]
 
@@ -76,7 +76,7 @@ class Bench:
         tag = f"{score_name}-{variant}".replace("/", "_").replace(" ", "_")
         cfg = replace(cfg, "select", output=f"{self.root}/select-{tag}")
         cfg = replace(cfg, "unlearn", output=f"{self.root}/unlearn-{tag}")
-        sel = select(cfg, score_dir, cfg.defend.data)
+        sel = select(cfg, score_dir, cfg.defend.data, k=cfg.unlearn.num_samples)
         u = unlearn(cfg, cfg.defend.model, sel.forget, sel.retain)
         ev = evaluate(replace(cfg, "evaluate", output=f"{self.root}/eval-{tag}"), u.model)
         self.rows.append({"group": group, "variant": variant, "auroc": det.get("auroc"),

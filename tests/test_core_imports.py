@@ -54,3 +54,32 @@ def test_importing_the_core_loads_no_program_module():
     loaded = run.stdout.split()
     assert set(names) <= set(loaded)
     assert [m for m in loaded if m != "ubt_ray" and not m.startswith("ubt_ray.core")] == []
+
+
+# Each single phase reads its own config section and the shared ones (where the run lives, the cluster, storage,
+# the data and the model, whether finished outputs are reused); what it needs from elsewhere, its caller passes
+# in (the selection size k, the model and data paths). The composite commands (defend, sweep, compare) assemble
+# phases and read their sections by design. Overfit's weak-similarity subset runs the score phase, so it may
+# hand on the score section.
+PHASES = Path(__file__).resolve().parent.parent / "ubt_ray" / "phases"
+SHARED = {"run", "ray", "storage", "data", "model", "pipeline"}
+OWN = {"prepare": {"prepare"}, "poison": {"poison"}, "train": {"train"}, "evaluate": {"evaluate"},
+       "overfit": {"overfit", "score"}, "score": {"score"}, "disagreement": {"score"}, "select": {"select"},
+       "unlearn": {"unlearn"}, "baseline": {"baseline"}}
+
+
+def sections_read(path: Path) -> set[str]:
+    """The Config sections that `path` reads as `cfg.<section>` (any variable named cfg)."""
+    from ubt_ray.config import Config
+    sections = set(Config.__dataclass_fields__)
+    return {node.attr for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg"
+            and node.attr in sections}
+
+
+def test_single_phases_read_only_their_own_config_section():
+    bad = {name: sorted(sections_read(PHASES / f"{name}.py") - own - SHARED) for name, own in OWN.items()}
+    bad = {name: s for name, s in bad.items() if s}
+    assert not bad, f"phases reading other phases' config sections (pass the value in instead): {bad}"
+    # The scan sees a cross-section read.
+    assert "unlearn" in sections_read(PHASES / "defend.py")

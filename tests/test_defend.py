@@ -57,7 +57,7 @@ def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scor
     # Both actors up before the first block goes out: otherwise one that starts 10 s late (seen once) finds the
     # 300 rows already scored, and the check below of both actors' shares would be about start-up timing.
     monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 120)
-    result = score(cfg, str(model), str(data))
+    result = score(cfg, str(model), str(data), k=cfg.unlearn.num_samples)
     table = pq.read_table(result.table)
     keys = table.column("key").to_pylist()
     source = pq.read_table(data)
@@ -100,7 +100,7 @@ def test_caption_disagreement_on_ray_data_scores_every_row_once_like_in_process(
     cfg = load_config(None, ["experimental.score.method=caption_disagreement", "score.num_actors=2", "experimental.score.batch_size=64",
                              "experimental.score.neighbour_ranks=[5, 30]", "experimental.score.neighbour_dims=16", "unlearn.num_samples=20",
                              f"experimental.score.output={tmp_path / 'scores'}", "experimental.score.top_k=[5, 10]"])
-    result = score(cfg, str(model), str(data))
+    result = score(cfg, str(model), str(data), k=cfg.unlearn.num_samples)
     table = pq.read_table(result.table)
     source = pq.read_table(data)
     expected = [k for k in source.column("key").to_pylist() if k != BROKEN_KEY]
@@ -135,7 +135,7 @@ def test_density_scores_on_ray_data_equal_the_in_process_computation(ray_local, 
     for actors in (1, 2):
         cfg = load_config(None, common + [f"score.num_actors={actors}", "experimental.score.batch_size=64",
                                           f"experimental.score.output={tmp_path / f'scores-{actors}'}"])
-        result = score(cfg, str(model), str(data))
+        result = score(cfg, str(model), str(data), k=cfg.unlearn.num_samples)
         assert (result.rows.rows_in, result.rows.rows_out, result.rows.rows_rejected) == (300, 299, 1)
         manifest = json.loads((tmp_path / f"scores-{actors}" / "manifest.json").read_text())
         assert manifest["density_reference_rows"] == 100
@@ -210,7 +210,7 @@ def test_score_refuses_actors_that_would_starve_the_reads(ray_local, scored_inpu
     data, model = scored_input
     cfg = load_config(None, ["score.num_actors=4", f"experimental.score.output={tmp_path / 'scores'}"])
     with pytest.raises(UserError, match="reserves all 4 CPUs"):
-        score(cfg, str(model), str(data))
+        score(cfg, str(model), str(data), k=cfg.unlearn.num_samples)
 
 
 def test_several_transforms_on_rows_that_are_all_rejected_count_them_instead_of_crashing(ray_local, scored_input,
@@ -225,7 +225,7 @@ def test_several_transforms_on_rows_that_are_all_rejected_count_them_instead_of_
                    data / "part-0.parquet")
     cfg = load_config(None, ["score.num_actors=1", f"experimental.score.output={tmp_path / 'scores'}",
                              "experimental.score.transforms=[token_mask, blur]", "experimental.score.combine=pick"])
-    result = score(cfg, str(model), str(data))
+    result = score(cfg, str(model), str(data), k=cfg.unlearn.num_samples)
     assert (result.rows.rows_in, result.rows.rows_out, result.rows.rows_rejected) == (20, 0, 20)
 
 

@@ -88,7 +88,7 @@ def _score(cfg: Config, args: argparse.Namespace) -> Outcome:
     from . import storage
     from .phases.score import score
     model = args.model or (storage.join(cfg.overfit.output, "model") if cfg.defend.overfit else cfg.defend.model)
-    r = score(cfg, model, cfg.defend.data)
+    r = score(cfg, model, cfg.defend.data, k=cfg.unlearn.num_samples)
     return Outcome({"table": r.table, "model": model, "rows_in": r.rows.rows_in, "rows_out": r.rows.rows_out,
                     "rows_rejected": r.rows.rows_rejected, "detection": r.detection,
                     "wall_time_s": round(r.wall_time_s, 1)}, _parent(r.table))
@@ -96,7 +96,7 @@ def _score(cfg: Config, args: argparse.Namespace) -> Outcome:
 
 def _select(cfg: Config, args: argparse.Namespace) -> Outcome:
     from .phases.select import select
-    r = select(cfg, cfg.score.output, cfg.defend.data)
+    r = select(cfg, cfg.score.output, cfg.defend.data, k=cfg.unlearn.num_samples)
     return Outcome({"forget": r.forget, "retain": r.retain, **r.stats, "wall_time_s": round(r.wall_time_s, 1)},
                    _parent(r.forget))
 

@@ -57,7 +57,7 @@ def defend(cfg: Config) -> DefendResult:
     before = evaluate_to(cfg, d.model, storage.join(d.output, "eval_before")) if d.evaluate else None
 
     s, phases = find_suspicious(cfg)
-    sel = select(cfg, cfg.score.output, d.data)
+    sel = select(cfg, cfg.score.output, d.data, k=cfg.unlearn.num_samples)
     phases["select"] = {"wall_time_s": sel.wall_time_s, "rows": sel.stats["scored_rows"],
                         "num_forget": sel.num_forget, "num_retain": sel.num_retain}
     u = unlearn(cfg, d.model, sel.forget, sel.retain)
@@ -93,7 +93,7 @@ def find_suspicious(cfg: Config, output: str | None = None) -> tuple[ScoreResult
         scoring_model = r.model
         phases["overfit"] = {"wall_time_s": r.wall_time_s, "rows": r.rows, "steps": r.steps,
                              "sample_passes": r.samples, "model": r.model}
-    s = score(cfg, scoring_model, d.data, output)
+    s = score(cfg, scoring_model, d.data, output, k=cfg.unlearn.num_samples)
     phases["score"] = {"wall_time_s": s.wall_time_s, "rows": s.rows.rows_in, "rows_rejected": s.rows.rows_rejected,
                        "sample_passes": s.rows.rows_out, "model": scoring_model, "table": s.table}
     return s, phases

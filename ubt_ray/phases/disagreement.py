@@ -70,7 +70,7 @@ def _disagreement(batch: dict, space_ref, text_ref, first: int, last: int) -> di
 
 
 def caption_disagreement(cfg: Config, model: ModelConfig, data: str, columns: list[str], actors: int,
-                         threads: int, ledger) -> tuple[ray.data.Dataset | None, dict]:
+                         threads: int, ledger, k: int) -> tuple[ray.data.Dataset | None, dict]:
     """The score dataset (key, score, disagreement, target_similarity[, is_poison]) of every decodable row of
     `data`, and what the manifest should say about it; None when no row could be decoded."""
     s = cfg.score
@@ -97,8 +97,7 @@ def caption_disagreement(cfg: Config, model: ModelConfig, data: str, columns: li
     score, cos = torch.from_numpy(disagreement), torch.zeros(rows)
     if s.target_concept:
         # The caption concept of the most suspicious rows: an attack's poisons share its target's caption.
-        score, cos, medoid = target_concept_first(score, torch.from_numpy(text), cfg.unlearn.num_samples,
-                                                  s.concept_similarity)
+        score, cos, medoid = target_concept_first(score, torch.from_numpy(text), k, s.concept_similarity)
         info.update({"target_caption": table.column("caption")[medoid].as_py(),
                      "rows_in_target_concept": int((cos >= s.concept_similarity).sum())})
     columns = {"key": table.column("key"), "score": pa.array(score.numpy()),

@@ -21,6 +21,9 @@ from ..shards import read_columns, read_shards, validate_and_write, write_hash_s
 from ..train_loop import FitResult, FitSpec, fit
 from .score import TABLE, score
 
+SUBSET_ROWS_PER_FILE = 10_000  # rows per Parquet file of the overfit subset
+
+
 def overfit(cfg: Config, model_uri: str, data: str) -> FitResult:
     """Overfit the checkpoint at `model_uri` on `data` (or its configured subset); θₒ goes to <output>/model."""
     o = cfg.overfit
@@ -38,12 +41,12 @@ def _subset(cfg: Config, model_uri: str, data: str) -> str:
     if o.prioritize == "weak_similarity":
         sim = storage.join(o.output, "similarity")
         weak = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, method="cosine"))
-        score(weak, model_uri, data, output=sim)
+        score(weak, model_uri, data, output=sim, k=None)
         cos = read_columns(storage.join(sim, TABLE), cfg.storage, ["key", "cos"])
         threshold = float(np.quantile(cos.column("cos").to_numpy(), o.subset_fraction))
         keys = frozenset(cos.column("key").filter(pc.less_equal(cos.column("cos"), threshold)).to_pylist())
         ds = read_shards(data, cfg).map_batches(_keep_keys, batch_format="pyarrow", fn_kwargs={"keys": keys})
-        validate_and_write(ds, out, cfg, rows_per_file=cfg.poison.rows_per_file)
+        validate_and_write(ds, out, cfg, rows_per_file=SUBSET_ROWS_PER_FILE)
         return out
     return write_hash_sample(data, out, o.subset_fraction, cfg)
 

@@ -40,6 +40,8 @@ from .disagreement import caption_disagreement
 
 DETECTION_FILE = "detection.json"
 HISTOGRAM_FILE = "score_histogram.png"
+# The top rows the pick combine and the target concept judge when no selection size is given (score alone).
+TAIL_ROWS = 300
 TABLE_ROWS_PER_FILE = 100_000  # score rows are small: no image, a key, a few floats, a 64-entry token order
 
 
@@ -246,11 +248,13 @@ def check_cpus_left(s: ScoreConfig, actors: int) -> None:
                         f"{max(1, (cpus - 1) // s.cpus_per_actor)} actors (or leave score.num_actors unset).")
 
 
-@console.phase("score", lambda cfg, model_uri, data, output=None: f"{cfg.score.method} of every row of {data} "
+@console.phase("score", lambda cfg, model_uri, data, output=None, *, k: f"{cfg.score.method} of every row of {data} "
                f"with {model_uri}", lambda r: f"{r.rows.rows_out} rows scored" + (
                    f", AUROC {r.detection['auroc']:.3f}" if r.detection and "auroc" in r.detection else ""))
-def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> ScoreResult:
-    """Score every row of `data` with the checkpoint at `model_uri`; the table goes to `<output>/table`."""
+def score(cfg: Config, model_uri: str, data: str, output: str | None = None, *, k: int | None) -> ScoreResult:
+    """Score every row of `data` with the checkpoint at `model_uri`; the table goes to `<output>/table`. `k` is
+    the number of rows the selection will take (None: no selection follows): the pick combine judges each
+    signal's top k, and the detection metrics and histogram mark the k-th score as the cut-off."""
     started = time.time()
     s = cfg.score
     check_score(s)
@@ -273,11 +277,11 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
     # materialize of several transforms' drops, or in the table's write).
     with console.watch("score", count_rows(data, cfg.storage), lambda: ray.get(ledger.rows_done.remote())):
         if s.method == "caption_disagreement":
-            ds, extra = caption_disagreement(cfg, model, data, columns, actors, threads, ledger)
+            ds, extra = caption_disagreement(cfg, model, data, columns, actors, threads, ledger, k or TAIL_ROWS)
             if ds is None:  # every image undecodable: the counts say so, the table is empty
                 ds = ray.data.from_arrow(_empty_output(pa.table({c: [] for c in columns}), s))
         else:
-            ds, extra = _drop_scores(cfg, model, data, columns, negatives, actors, threads, ledger)
+            ds, extra = _drop_scores(cfg, model, data, columns, negatives, actors, threads, ledger, k or TAIL_ROWS)
         # In files of many rows, not one per scoring batch: select reads the table back (235 files of 256 rows
         # took it 35 s against 7 s for one file on the quickstart's 60,000 rows).
         write_shards(ds, table_uri, cfg, TABLE_ROWS_PER_FILE)
@@ -289,7 +293,7 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
         raise RuntimeError(f"score: {rows.rows_out} rows scored but {written} written; this is a bug in ubt_ray.")
     detection = None
     if "is_poison" in columns and rows.rows_out:
-        detection = detection_metrics(table_uri, cfg, s.top_k, output)
+        detection = detection_metrics(table_uri, cfg, s.top_k, output, k)
     manifest = write_manifest(output, "score", cfg, inputs={"data": data, "model": model_uri}, rows=rows,
                               started=started, extra={"table": table_uri, "method": s.method,
                                                       "transforms": s.transforms, "density": s.density,
@@ -301,7 +305,7 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None) -> 
 
 
 def _drop_scores(cfg: Config, model: ModelConfig, data: str, columns: list[str], negatives: list[str], actors: int,
-                 threads: int, ledger) -> tuple[ray.data.Dataset, dict]:
+                 threads: int, ledger, k: int) -> tuple[ray.data.Dataset, dict]:
     """The token_drop / cosine / loss score dataset, and for the manifest (several transforms) the drops'
     statistics, and with `pick` their robust statistics, tail strengths and the picked transform."""
     s = cfg.score
@@ -324,16 +328,16 @@ def _drop_scores(cfg: Config, model: ModelConfig, data: str, columns: list[str],
             picked = None
             if s.combine == "pick":
                 robust = robust_stats(ds, signals, cfg.run.seed)
-                strengths = tail_strengths(ds, robust, cfg.unlearn.num_samples)
+                strengths = tail_strengths(ds, robust, k)
                 picked = max(strengths, key=strengths.get)
                 extra.update(signal_robust_stats=robust, tail_strengths=strengths, picked_signal=picked)
             ds = ds.map_batches(_combine, batch_format="pyarrow", fn_kwargs={"stats": stats, "picked": picked})
     return ds, extra
 
 
-def detection_metrics(table_uri: str, cfg: Config, ks: list[int], output: str) -> dict:
+def detection_metrics(table_uri: str, cfg: Config, ks: list[int], output: str, k: int | None) -> dict:
     """AUROC and precision/recall@k of the scores against `is_poison`, the clean rows above the selection's
-    cut-off (the unlearn.num_samples-th score), plus the histogram PNG."""
+    cut-off (the k-th score), plus the histogram PNG."""
     t = read_columns(table_uri, cfg.storage, ["score", "is_poison"])
     scores = t.column("score").to_numpy().astype(np.float64)
     truth = t.column("is_poison").to_numpy(zero_copy_only=False).astype(bool)
@@ -341,7 +345,7 @@ def detection_metrics(table_uri: str, cfg: Config, ks: list[int], output: str) -
     if 0 < truth.sum() < len(truth):
         metrics["auroc"] = auroc(scores, truth)
         metrics.update(precision_recall_at_k(scores, truth, [k for k in ks if k <= len(scores)]))
-    cutoff = selection_cutoff(scores, cfg.unlearn.num_samples)
+    cutoff = selection_cutoff(scores, k) if k else None
     if cutoff is not None:
         metrics.update(cutoff=cutoff, clean_above_cutoff=int(((scores >= cutoff) & ~truth).sum()),
                        poisons_above_cutoff=int(((scores >= cutoff) & truth).sum()))

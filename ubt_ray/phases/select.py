@@ -70,16 +70,15 @@ def _candidates(table: pa.Table, k: int, sample_size: int, seed: int) -> pa.Tabl
     return pa.concat_tables([top, hashed], promote_options="permissive")
 
 
-@console.phase("select", lambda cfg, scores, data, output=None, k=None: f"the {k or cfg.unlearn.num_samples} "
+@console.phase("select", lambda cfg, scores, data, output=None, *, k: f"the {k} "
                f"most suspicious rows under {scores} and a retain set",
                lambda r: f"{r.num_forget} forget rows, {r.num_retain} retain rows")
-def select(cfg: Config, scores: str, data: str, output: str | None = None, k: int | None = None) -> SelectResult:
+def select(cfg: Config, scores: str, data: str, output: str | None = None, *, k: int) -> SelectResult:
     """Write the top-k rows of the score table under `scores` (with their images) to `<output>/forget`,
     and a retain set to `<output>/retain`."""
     started = time.time()
     sel = cfg.select
     output = output or sel.output
-    k = k or cfg.unlearn.num_samples
     storage.claim_output(output, "select", cfg.storage)
     ensure_ray(cfg.ray)
     table_uri = storage.join(scores, TABLE)

@@ -159,7 +159,7 @@ def shared_selection(cfg: Config, scores: str, k: int, reuse: bool) -> tuple[str
     k samples takes the top k of these ranked rows); an earlier selection of the same sweep is reused."""
     out = storage.join(cfg.sweep.output, SELECT_DIR)
     if not (reuse and storage.exists(storage.join(out, "manifest.json"), cfg.storage)):
-        select(replace_keys(cfg, {"unlearn.num_samples": k}), scores, cfg.defend.data, output=out, k=k)
+        select(cfg, scores, cfg.defend.data, output=out, k=k)
     return storage.join(out, FORGET), storage.join(out, RETAIN)
 
 
