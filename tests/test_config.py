@@ -1,6 +1,7 @@
 """Config loading: every user mistake stops with one sentence naming the key and what is allowed."""
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -144,6 +145,9 @@ def test_the_user_facing_surface_is_small_and_every_key_has_one_tier():
     assert set(user) | set(experimental) == every and not set(user) & set(experimental)
     assert {"defend.model", "defend.data", "unlearn.num_samples", "poison.attack"} <= set(user)
     assert {"score.density", "unlearn.forget", "train.threads_per_worker"} <= set(experimental)
+    # The README states the count; it must stay true.
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"lists the {len(user)} user-facing keys" in readme
 
 
 def test_experimental_keys_are_set_in_their_own_section_only(tmp_path):
