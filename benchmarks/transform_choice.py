@@ -9,7 +9,7 @@ how far its top k drops stand above the rest (`tail_strength`, what `score.combi
 standard deviations above the mean; and in robust ones above the median); plus the detection of the max of
 standardised drops (the `max_z` combination). A rule is good when the transform with the strongest tail is the one that detects best.
 `--extra NAME TABLE` adds another run's drops of the same rows to table NAME, e.g. the 2/64 token-mask drop of
-`benchmarks/portion_choice.py --counts 2 --table T` (as `drop_mask2`; results/transform_choice_mask2.md).
+`benchmarks/portion_choice.py --counts 2 --table T` (as `drop_mask2`).
 """
 
 from __future__ import annotations

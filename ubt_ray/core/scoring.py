@@ -368,8 +368,7 @@ MAD_TO_STD = 1.4826  # a normal distribution's standard deviation over its media
 def robust_center_scale(values: np.ndarray) -> tuple[float, float]:
     """The median of `values` and their robust standard deviation (1.4826 x the median absolute deviation), which
     the outlying tail of a few hundred poisons cannot move, unlike the mean and std: `pick` compares transforms'
-    tails in these units (measured: with the plain z the 2/64 token mask's tail beat blur's on SIG although it
-    detected nothing; with the robust one blur's won, benchmarks/results/transform_choice_mask2.md)."""
+    tails in these units, so that a poisoned tail does not inflate its own yardstick."""
     values = np.asarray(values, dtype=np.float64)
     median = float(np.median(values))
     return median, MAD_TO_STD * float(np.median(np.abs(values - median)))
