@@ -67,6 +67,7 @@ class Scorer:
         self.grid = token_grid(self.clip.model, self.clip.image_size)
         self.captions = CaptionFeatures(self.clip.model, self.clip.tokenizer, self.device)
         self.s, self.ledger = settings, ledger
+        self.signals = signal_columns(settings)
         self.negatives = None
         if settings.method == "loss":
             with torch.no_grad():
@@ -96,10 +97,11 @@ class Scorer:
             embedded = out.pop("image_embedding")
             for name, values in density_scores(embedded.double(), keys, self.reference, which=self.s.density).items():
                 out[f"density_{name}"] = values
-            if len(signal_columns(self.s)) > 1:
+            signals = self.signals
+            if len(signals) > 1:
                 out.pop("score", None)  # several signals: combined over the whole dataset afterwards
             else:
-                out["score"] = out[signal_columns(self.s)[0]]
+                out["score"] = out[signals[0]]
         columns = {"key": table.column("key")}
         for name, values in out.items():
             if name == "token_order":  # (N, T) -> list<int16> from offsets, without a Python list per row
