@@ -339,6 +339,10 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
                                                          for p in report["phases"].values())
     assert report["cost"]["reserved_cpu_seconds"] == pytest.approx(sum(
         p["cost"]["reserved_cpu_seconds"] for p in report["phases"].values()), abs=0.2)
+    # `ubt plan` on this finished defense: the scoring at ten times the rows takes ten times as long.
+    assert main(["plan", "--defense", str(root / "defend"), "--rows", "30000"]) == 0
+    planned = capsys.readouterr().out
+    assert "| score | 30,000 |" in planned and "assumptions:" in planned and "unlearn.steps=40" in planned
     # The cleaned model is a plain open_clip checkpoint, and differs from the backdoored one.
     cleaned, _, _ = open_clip.create_model_and_transforms(f"local-dir:{summary['cleaned_model']}")
     original, _, _ = open_clip.create_model_and_transforms(f"local-dir:{root / 'attack' / 'model'}")
