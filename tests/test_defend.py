@@ -319,6 +319,30 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
     assert set(report["phases"]) == {"score", "select", "unlearn"}
     assert report["selection"]["num_forget"] == 300 and report["selection"]["num_retain"] == 1500
     assert (root / "defend" / "report.md").read_text().startswith("# UBT defense report")
+    # Every phase's manifest carries the same cost block (cost.py); the report sums the defense's phases.
+    from ubt_ray.cost import FIELDS
+    manifests = {p.parent.relative_to(root).as_posix(): json.loads(p.read_text())
+                 for p in root.glob("**/manifest.json") if "ray" not in p.parts}
+    assert {"poison", "attack", "defend", "defend/score", "defend/select", "defend/unlearn",
+            "defend/eval_before", "defend/eval_after"} <= set(manifests)
+    assert all(list(m["cost"]) == list(FIELDS) for m in manifests.values()), manifests.keys()
+    unlearned = manifests["defend/unlearn"]["cost"]
+    # 40 steps of 128 retain + 64 forget rows, forward and backward; θ₀'s targets of the 300 forget rows once.
+    assert (unlearned["forward_sample_passes"], unlearned["backward_sample_passes"]) == (40 * 192 + 300, 40 * 192)
+    scored = manifests["defend/score"]["cost"]
+    rows_per_forward = load_config(None, [*overrides, *UBT]).score.batch_size
+    assert scored["forward_sample_passes"] >= 3 * 3000 and scored["forward_sample_passes"] % rows_per_forward == 0
+    assert scored["backward_sample_passes"] == 0 and scored["reserved_cpus"] == 1 and scored["reserved_gpus"] == 0
+    evaluated_after = json.loads((root / "defend" / "eval_after" / "metrics.json").read_text())
+    assert manifests["defend/eval_after"]["cost"]["forward_sample_passes"] == evaluated_after["sample_passes"] > 0
+    assert report["cost"]["forward_sample_passes"] == sum(p["cost"]["forward_sample_passes"]
+                                                         for p in report["phases"].values())
+    assert report["cost"]["reserved_cpu_seconds"] == pytest.approx(sum(
+        p["cost"]["reserved_cpu_seconds"] for p in report["phases"].values()), abs=0.2)
+    # `ubt plan` on this finished defense: the scoring at ten times the rows takes ten times as long.
+    assert main(["plan", "--defense", str(root / "defend"), "--rows", "30000"]) == 0
+    planned = capsys.readouterr().out
+    assert "| score | 30,000 |" in planned and "assumptions:" in planned and "unlearn.steps=40" in planned
     # The cleaned model is a plain open_clip checkpoint, and differs from the backdoored one.
     cleaned, _, _ = open_clip.create_model_and_transforms(f"local-dir:{summary['cleaned_model']}")
     original, _, _ = open_clip.create_model_and_transforms(f"local-dir:{root / 'attack' / 'model'}")
@@ -392,6 +416,12 @@ def test_compare_runs_every_defense_on_the_backdoored_model(backdoored, tmp_path
     for kind in ("ft", "cleanclip"):  # on clean pairs only: the layer's ~500 for one epoch, not 3,000 for ten
         assert 0 < rows[kind]["clean_samples"] <= 1000 and rows[kind]["suspicious_samples"] == 0
     assert rows["ubt"]["clean_samples"] == 0 and rows["ubt"]["suspicious_samples"] > 3000
+    # The defenses' costs: CleanCLIP forwards and back-propagates each row and its augmented view.
+    assert rows["ft"]["forward_passes"] == rows["ft"]["backward_passes"] == rows["ft"]["clean_samples"]
+    assert rows["cleanclip"]["forward_passes"] == rows["cleanclip"]["backward_passes"] == \
+        2 * rows["cleanclip"]["clean_samples"]
+    assert rows["ubt"]["forward_passes"] == report["cost"]["forward_sample_passes"] > 3000
+    assert rows["none"]["forward_passes"] == 0 and all(r["reserved_cpu_s"] >= 0 for r in rows.values())
     for kind in ("ft", "cleanclip"):
         open_clip.create_model_and_transforms(f"local-dir:{root / 'compare-baseline' / kind / 'model'}")
     csv_rows = (tmp_path / "cmp" / "comparison.csv").read_text().splitlines()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import open_clip
+import pytest
 import pyarrow.parquet as pq
 import torch
 
@@ -81,6 +82,11 @@ def test_killed_two_worker_training_resumes_from_its_checkpoint(ray_local, tmp_p
     assert sum(moved) > len(moved) // 2  # training changed the weights of the seeded initial model
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["training"]["steps"] == 16 and manifest["config"]["train"]["num_workers"] == 2
+    # Its cost: each of the 1,024 samples once forward and once back (the steps before the checkpoint it resumed
+    # from counted once, those redone after it once), on the 2 workers' reserved CPUs.
+    cost = manifest["cost"]
+    assert cost["forward_sample_passes"] == cost["backward_sample_passes"] == manifest["training"]["samples"] == 1024
+    assert cost["reserved_cpus"] == 2 and cost["reserved_cpu_seconds"] == pytest.approx(2 * cost["wall_time_s"], abs=0.2)
     # Another schedule on the same output is another run: it starts over instead of resuming this one. (A resumed
     # run would report resumed_from_step 16 and stop there, its schedule done.) In this process, for speed.
     assert main(["train", f"data.train={data}", f"experimental.train.output={out}", "train.num_workers=0", "train.batch_size=64",

@@ -3,6 +3,7 @@
     ubt prepare fashion-mnist --config configs/quickstart.yaml run.output_dir=/tmp/x
     ubt config --config configs/quickstart.yaml unlearn.num_samples=150   # print the resolved config
     ubt config --keys [--all]    # the user-facing keys with their help (--all: the experimental ones too)
+    ubt plan --defense DIR --rows 3000000 --gpus 8   # a finished defense's time and cost at another size
 
 What a command shows: on stderr, a line as each phase starts and ends and progress for the long ones (Ray's own
 logs only with -v); on stdout, last, the path of the full summary (JSON, saved under the command's output) and a
@@ -170,6 +171,20 @@ def report(outcome: Outcome, cfg: Config) -> None:
     print(outcome.table if outcome.table is not None else plain_table(outcome.summary), flush=True)
 
 
+def _plan(cfg: Config, args: argparse.Namespace) -> None:
+    """`ubt plan`: the finished defense under --defense at --rows rows on the given cluster (plan.py)."""
+    from .phases.defend import REPORT_JSON
+    from .plan import assumptions, estimate, plan_table, planned_cluster
+    uri = storage.join(args.defense, REPORT_JSON)
+    if not storage.exists(uri, cfg.storage):
+        raise UserError(f"{args.defense} has no {REPORT_JSON}: give the output folder of a finished `ubt defend`.")
+    report = storage.read_json(uri, cfg.storage)
+    cluster = planned_cluster(report, args.actors, args.workers, args.gpus, args.cpus)
+    table = plan_table(estimate(report, args.rows, cluster), args.gpu_hour_price, args.cpu_hour_price)
+    print(f"UBT on {args.rows:,} rows, planned from {uri}\n\n{table}\n\nassumptions:\n"
+          + "\n".join(f"- {line}" for line in assumptions(report, args.rows, cluster)), flush=True)
+
+
 def _config(cfg: Config, args: argparse.Namespace) -> None:
     print("\n".join(describe(args.all)) if args.keys or args.all else save_config(cfg).rstrip("\n"))
 
@@ -243,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", action="store_true", help="list the user-facing config keys with default and help")
     p.add_argument("--all", action="store_true", help="list the experimental keys too (set as "
                    "experimental.section.key), after the user-facing ones")
+    from . import plan
+    p = sub.add_parser("plan", help="The time and cost of a finished defense at another size and cluster, from "
+                       "its measured throughput.", description=plan.__doc__.split("\n\n")[0], epilog="storage.* overrides (section.key=value) reach an s3:// report.")
+    p.add_argument("--defense", required=True, metavar="DIR", help="the output folder of a finished `ubt defend` "
+                   "(defend.output: report.json)")
+    p.add_argument("--rows", required=True, type=int, help="the rows of the dataset to plan for")
+    p.add_argument("--gpus", type=int, help="one GPU per scoring actor and training worker, this many of each "
+                   "(unless --actors, --workers)")
+    p.add_argument("--cpus", type=float, help="the cluster's CPUs: select's tasks, and without --gpus or --actors "
+                   "the CPU scoring actors (default: as measured)")
+    p.add_argument("--actors", type=int, help="scoring actors (default: as measured, or from --gpus, --cpus)")
+    p.add_argument("--workers", type=int, help="training workers (default: as measured, or --gpus)")
+    p.add_argument("--gpu-hour-price", type=float, help="price of a reserved GPU-hour: adds a cost column")
+    p.add_argument("--cpu-hour-price", type=float, help="price of a reserved CPU-hour: adds a cost column")
+    p.set_defaults(run=_plan, config=None)
     # A local Ray cluster of the project's own, for `ray job submit` (README, "Run on a cluster"); takes no config.
     from . import local_cluster
     p = sub.add_parser("cluster", help="Start or stop a local Ray cluster of its own (stop leaves any other Ray "

@@ -1,4 +1,5 @@
-"""`manifest.json` beside every output: resolved config, inputs, row accounting, wall time, versions."""
+"""`manifest.json` beside every output: resolved config, inputs, row accounting, wall time, cost (cost.py),
+versions."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from importlib import metadata
 
 from .config import Config
+from .cost import Usage, cost_block
 from .core.rows import RowCounts
 from .errors import UserError
 from . import storage
@@ -24,15 +26,18 @@ def versions() -> dict[str, str]:
 
 
 def write_manifest(out_uri: str, phase: str, cfg: Config, *, inputs: dict, rows: RowCounts | None,
-                   started: float, extra: dict | None = None, signature: dict | None = None) -> dict:
+                   started: float, usage: Usage, extra: dict | None = None, signature: dict | None = None) -> dict:
     """Write `<out_uri>/manifest.json`, which marks the output finished (storage.require_finished), and return
-    its content; `signature` (the phase's `fingerprint`) lets `finished_output` reuse it."""
+    its content; `usage` (the phase's sample-passes and reservation) becomes its `cost` block (cost.py), with the
+    same wall time; `signature` (the phase's `fingerprint`) lets `finished_output` reuse it."""
+    wall = round(time.time() - started, 3)
     manifest = {
         "phase": phase,
         "output": out_uri,
         "inputs": inputs,
         "rows": rows.to_dict() if rows is not None else None,
-        "wall_time_s": round(time.time() - started, 3),
+        "wall_time_s": wall,
+        "cost": cost_block(usage, wall),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": versions(),
         "config": cfg.to_dict(),

@@ -90,11 +90,21 @@ def format_report(report: dict) -> str:
         lines += [f"Forget set: {sel['num_forget']} rows, {sel['forget_poisons']} poisoned "
                   f"({percent(sel['forget_precision'])}); retain set: {sel['num_retain']} rows, "
                   f"{sel['retain_poisons']} poisoned.", ""]
-    lines += ["| phase | rows | wall time |", "|---|---|---|"]
+    lines += ["| phase | rows | wall time | forward / backward passes | reserved CPU-s | reserved GPU-s |",
+              "|---|---|---|---|---|---|"]
     for name, p in report["phases"].items():
-        lines.append(f"| {name} | {p.get('rows', '')} | {p['wall_time_s']:.1f} s |")
-    lines += [f"| **defense total** | | **{report['defense_wall_time_s']:.1f} s** |", ""]
+        lines.append(f"| {name} | {p.get('rows', '')} | {p['wall_time_s']:.1f} s | {_cost_cells(p.get('cost'))}")
+    lines += [f"| **defense total** | | **{report['defense_wall_time_s']:.1f} s** | "
+              f"{_cost_cells(report.get('cost'))}", ""]
     return "\n".join(lines)
+
+
+def _cost_cells(cost: dict | None) -> str:
+    """The cost columns of a report row (cost.py's block), blank without one."""
+    if not cost:
+        return " | | |"
+    return (f"{cost['forward_sample_passes']:,} / {cost['backward_sample_passes']:,} | "
+            f"{cost['reserved_cpu_seconds']:,.0f} | {cost['reserved_gpu_seconds']:,.0f} |")
 
 
 def selection_cutoff(scores: np.ndarray, k: int) -> float | None:
@@ -131,13 +141,14 @@ def comparison_markdown(rows: list[dict]) -> str:
     for attack in dict.fromkeys(r["attack"] for r in rows):
         lines += [f"### {attack}", "",
                   "| defense | CA | CA (held-out prompts) | ASR | clean samples | suspicious samples | wall time "
-                  "| device-seconds |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| forward / backward passes | reserved CPU-s | reserved GPU-s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["attack"] == attack):
             lines.append(f"| {LABELS[r['defense']]} | {percent(r['clean_accuracy'])} "
                          f"| {percent(r.get('clean_accuracy_heldout'))} | {percent(r['attack_success_rate'])} "
                          f"| {r['clean_samples']:,} | {r['suspicious_samples']:,} | {r['wall_time_s']:.0f} s "
-                         f"| {r['device_s']:.0f} |")
+                         f"| {r['forward_passes']:,} / {r['backward_passes']:,} | {r['reserved_cpu_s']:,.0f} "
+                         f"| {r['reserved_gpu_s']:,.0f} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -244,11 +244,23 @@ class RowLedger:
 
     def __init__(self) -> None:
         self.batches: dict[str, tuple[RowCounts, list[str], str | None]] = {}
+        self.passes: dict[str, tuple[int, int]] = {}
 
-    def add(self, batch: str, counts: RowCounts, keys: list[str] | None = None, source: str | None = None) -> None:
+    def add(self, batch: str, counts: RowCounts, keys: list[str] | None = None, source: str | None = None,
+            passes: tuple[int, int] | None = None) -> None:
         """File one batch's `counts` (and `keys`) under its identity `batch`; `source` (e.g. an actor id) tallies
-        the rows each one took."""
+        the rows each one took; `passes` are the (forward, backward) sample-passes the batch cost (cost.py)."""
         self.batches[batch] = (counts, list(keys or []), source)
+        if passes is not None:
+            self.passes[batch] = (int(passes[0]), int(passes[1]))
+
+    def add_passes(self, name: str, passes: tuple[int, int]) -> None:
+        """Sample-passes of work outside any batch (e.g. an actor's set-up), filed under `name` like a batch's."""
+        self.passes[name] = (int(passes[0]), int(passes[1]))
+
+    def total_passes(self) -> tuple[int, int]:
+        """(forward, backward) sample-passes of every batch and set-up filed (a retried one counted once)."""
+        return (sum(f for f, _ in self.passes.values()), sum(b for _, b in self.passes.values()))
 
     def rows_by_source(self) -> list[int]:
         """Rows taken by each source, most first (a retried batch counts for the source that reported it last)."""

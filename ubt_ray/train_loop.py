@@ -4,6 +4,13 @@
 to each worker with `get_dataset_shard`, images decoded in the worker, a checkpoint (an open_clip local-dir
 plus the optimiser state) reported `train.checkpoints_per_epoch` times per epoch. A rerun with the same
 output resumes from the last checkpoint, and so does Ray after a worker failure (`train.max_failures`).
+
+Sample-passes (the manifest's `cost`, see cost.py) are counted by the loop as it steps: an objective with a
+`sample_passes(rows_per_worker, world)` method says what one step forwards and back-propagates over all workers
+(CleanCLIP: each row and its augmented view; unlearning: the retain batch, the forget mini-batch, and with an
+anchor the frozen reference on the retain batch), else a step of B rows is B forward and B backward passes; an
+objective's `setup_passes` (forward, backward per worker, e.g. unlearning's targets computed with θ₀) are
+added each time the workers start.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from safetensors.torch import load_file
 from . import console, storage
 from .cluster import ensure_ray
 from .config import Config, ModelConfig, Schedule
+from .cost import Usage, devices_text
 from .core.batches import decode_images
 from .core.models import CHECKPOINT_SUFFIXES, WEIGHTS_FILE, Clip, load_checkpoint_dir, write_checkpoint_dir
 from .core.objectives import Batch, build_objective
@@ -84,6 +92,8 @@ class FitResult:
     wall_time_s: float
     metrics: dict
     manifest: dict
+    forward_passes: int = 0    # the manifest's cost: image-tower sample-passes (the module's docstring)
+    backward_passes: int = 0
 
 
 def fit(cfg: Config, spec: FitSpec) -> FitResult:
@@ -142,8 +152,9 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
         while _IN_PROCESS_CHECKPOINTS:
             shutil.rmtree(_IN_PROCESS_CHECKPOINTS.pop(), ignore_errors=True)
     m = result.metrics
+    forward, backward = int(m.get("forward_passes", 0)), int(m.get("backward_passes", 0))
     manifest = write_manifest(spec.output, spec.phase, cfg, inputs={"data": spec.data, "init": vars(spec.init)},
-                              rows=None, started=started,
+                              rows=None, started=started, usage=fit_usage(cfg, forward, backward),
                               extra={"training": {"rows_available": rows, "steps": m.get("step"),
                                                   "samples": m.get("samples"),
                                                   "resumed_from_step": m.get("resumed_from_step"),
@@ -152,7 +163,27 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
     console.phase_done(spec.phase, started, f"{int(m['step'])} steps, final loss {m.get('loss', float('nan')):.4f} "
                                             f"-> {model_uri}")
     return FitResult(model_uri, rows, int(m["step"]), int(m["samples"]), int(m["resumed_from_step"]),
-                     time.time() - started, dict(m), manifest)
+                     time.time() - started, dict(m), manifest, forward, backward)
+
+
+def fit_usage(cfg: Config, forward: int, backward: int) -> Usage:
+    """A training run's reservation: its Ray Train workers' CPUs and GPUs (train.num_workers=0: one worker, in
+    the driver's process). The Ray Data tasks that feed them are not reserved by the run and not counted."""
+    t = cfg.train
+    workers = max(1, t.num_workers)
+    gpus = 1 if t.use_gpu else 0
+    return Usage(forward, backward, cpus=workers * t.cpus_per_worker, gpus=workers * gpus,
+                 devices=devices_text(workers, "worker" if t.num_workers else "in-process worker",
+                                      t.cpus_per_worker, gpus))
+
+
+def step_passes(objective, rows_per_worker: int, world: int) -> tuple[int, int]:
+    """(forward, backward) sample-passes of one step of `objective` over all workers, `rows_per_worker` rows each:
+    the objective's own `sample_passes` where it has one, else each row once forward and once backward."""
+    count = getattr(objective, "sample_passes", None)
+    if count is not None:
+        return count(rows_per_worker, world)
+    return rows_per_worker * world, rows_per_worker * world
 
 
 def _ordered_ingest() -> ray.train.DataConfig:
@@ -261,6 +292,11 @@ def _train_loop_per_worker(config: dict) -> None:
             clip.model.load_state_dict(load_file(str(Path(d) / WEIGHTS_FILE)))
             train_state = load_train_state(Path(d) / TRAIN_STATE_FILE)
         state = dict(train_state["state"], resumed_from_step=train_state["state"]["step"])
+    # Passes before a checkpoint come back with it (none in a checkpoint written before they were counted); the
+    # objective's setup ran again in every worker just now.
+    setup_forward, setup_backward = getattr(objective, "setup_passes", (0, 0))
+    state["forward_passes"] = int(state.get("forward_passes", 0)) + setup_forward * world
+    state["backward_passes"] = int(state.get("backward_passes", 0)) + setup_backward * world
     model = ray.train.torch.prepare_model(clip.model, move_to_device=device) if world > 1 else clip.model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr, betas=(0.9, 0.98), eps=1e-6)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and spec.init.precision == "amp_fp16")
@@ -269,6 +305,7 @@ def _train_loop_per_worker(config: dict) -> None:
         scaler.load_state_dict(train_state["scaler"])
 
     per_worker = s.batch_size // world
+    forward_per_step, backward_per_step = step_passes(objective, per_worker, world)
     steps_per_epoch = max(1, config["rows"] // s.batch_size)
     total_steps = s.total_steps(config["rows"])
     ckpt_every = max(1, steps_per_epoch // t.checkpoints_per_epoch)
@@ -307,6 +344,8 @@ def _train_loop_per_worker(config: dict) -> None:
                 raw_model.logit_scale.clamp_(0, math.log(100))
             state["step"] += 1
             state["samples"] += per_worker * world
+            state["forward_passes"] += forward_per_step
+            state["backward_passes"] += backward_per_step
             if state["step"] % LOG_EVERY_STEPS == 0 or state["step"] == total_steps:
                 rate = (state["samples"] - tic_samples) / max(1e-9, time.time() - tic)
                 metrics.update(lr=lr, samples_per_s=rate)

@@ -68,6 +68,12 @@ class CleanClipObjective:
         self.clip_weight, self.inmodal_weight, self.seed = clip_weight, inmodal_weight, seed
         self.step = 0
 
+    def sample_passes(self, rows_per_worker: int, world: int) -> tuple[int, int]:
+        """(forward, backward) image-tower sample-passes of one step over all workers: each row and its augmented
+        view go through the model, and the loss back through both."""
+        rows = 2 * rows_per_worker * world
+        return rows, rows
+
     def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         if batch.captions is None:
             raise ValueError("CleanCLIP needs the batch's captions (Batch.captions)")

@@ -305,6 +305,23 @@ def score_batch(model: torch.nn.Module, pixels: torch.Tensor, text: torch.Tensor
     return {name: v if v.dtype == torch.int64 else v.float() for name, v in out.items()}
 
 
+def score_passes(rows: int, method: str, token_portion: float | Sequence[float], transforms: Sequence[str],
+                 saliency: str, grid: TokenGrid, rows_per_forward: int = ROWS_PER_FORWARD) -> tuple[int, int]:
+    """(forward, backward) image-tower sample-passes of `score_batch` on `rows` rows, `saliency` resolved
+    (resolve_saliency): the rows are forwarded in chunks of `rows_per_forward`, the last one padded, and each
+    chunk goes once through the tower (with the saliency for token_mask, back-propagated unless it is attention),
+    then once more per distinct token count of the portions under token_mask and once per other transform."""
+    forwarded = -(-max(rows, 1) // rows_per_forward) * rows_per_forward if rows else 0
+    per_row, backward = 1, 0
+    if method == "token_drop":
+        portions = [token_portion] if isinstance(token_portion, (int, float)) else list(token_portion)
+        per_row += sum(len({tokens_to_take(p, grid) for p in portions}) if t == "token_mask" else 1
+                       for t in transforms)
+        if "token_mask" in transforms and saliency != "attention":
+            backward = forwarded
+    return forwarded * per_row, backward
+
+
 def _score_batch(model, pixels, text, preprocess_cfg, grid, method, token_portion, transforms, negatives,
                  logit_scale, saliency, attention_blocks, embeddings) -> dict[str, torch.Tensor]:
     x = normalize(pixels, preprocess_cfg).to(next(model.parameters()).dtype)

@@ -8,8 +8,9 @@ evaluated with the same evaluation (a finished one of the same model, data and s
 attack and defense) and comparison.png (CA and ASR per defense, grouped by attack).
 
 Columns: CA, ASR, clean samples used (sample passes over trusted clean pairs: the baselines'), suspicious
-samples used (sample passes over the suspicious set D: UBT's overfit, scoring, unlearning), wall time, and
-device-seconds (wall time x the Ray workers each training phase reserves, GPUs with use_gpu else CPU workers).
+samples used (sample passes over the suspicious set D: UBT's overfit, scoring, unlearning), wall time, and the
+defense's cost (cost.py, from its phases' manifests; the evaluations not included): forward and backward
+image-tower sample-passes, and reserved CPU- and GPU-seconds (reservation x wall time, summed over its phases).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from .. import console, storage
 from ..checks import check_compare
 from ..config import Config, load_config
+from ..cost import empty_cost, summed
 from ..manifest import write_manifest
 from ..report import LABELS, comparison_markdown, comparison_png, percent, write_report_files
 from .baseline import baseline
@@ -28,7 +30,7 @@ from .defend import defend
 from .evaluate import evaluate_to
 
 COLUMNS = ("attack", "defense", "clean_accuracy", "clean_accuracy_heldout", "attack_success_rate", "clean_samples", "suspicious_samples",
-           "wall_time_s", "device_s")
+           "wall_time_s", "forward_passes", "backward_passes", "reserved_cpu_s", "reserved_gpu_s")
 
 
 @dataclass
@@ -49,7 +51,7 @@ def compare(cfg: Config, overrides: list[str] | None = None) -> CompareResult:
         rows += compare_attack(attack_cfg, list(c.defenses), c.output)
     write_comparison(rows, c.output, cfg)
     write_manifest(c.output, "compare", cfg, inputs={"attacks": list(c.attacks)}, rows=None, started=started,
-                   extra={"defenses": list(c.defenses)})
+                   usage=summed(r["cost"] for r in rows), extra={"defenses": list(c.defenses)})
     return CompareResult(rows, c.output)
 
 
@@ -58,7 +60,6 @@ def compare_attack(cfg: Config, defenses: list[str], output: str) -> list[dict]:
     evaluation goes to <output>/<run.name>/none."""
     _ensure_backdoored(cfg)
     name = cfg.run.name
-    workers = max(1, cfg.train.num_workers)
     out = []
     for d in defenses:
         started = time.time()
@@ -66,6 +67,7 @@ def compare_attack(cfg: Config, defenses: list[str], output: str) -> list[dict]:
             ev = evaluate_to(cfg, cfg.defend.model, storage.join(output, name, "none"))
             ca, asr, clean, suspicious, wall = ev.clean_accuracy, ev.attack_success_rate, 0, 0, 0.0
             ca_heldout = ev.clean_accuracy_heldout
+            cost = empty_cost()
         elif d == "ubt":
             r = defend(dataclasses.replace(cfg, defend=dataclasses.replace(cfg.defend, evaluate=True)))
             ca, asr = r.report["after"]["clean_accuracy"], r.report["after"]["attack_success_rate"]
@@ -73,6 +75,7 @@ def compare_attack(cfg: Config, defenses: list[str], output: str) -> list[dict]:
             clean = 0
             suspicious = sum(int(p.get("sample_passes", 0)) for p in r.report["phases"].values())
             wall = r.report["defense_wall_time_s"]
+            cost = r.report.get("cost") or empty_cost()  # a report written before costs were recorded: none
             if r.report.get("reused"):
                 console.log.info(f"[compare] {name} UBT: reused the finished defense in {r.output}")
         else:
@@ -80,13 +83,16 @@ def compare_attack(cfg: Config, defenses: list[str], output: str) -> list[dict]:
             ca, asr = r.evaluation.clean_accuracy, r.evaluation.attack_success_rate
             ca_heldout = r.evaluation.clean_accuracy_heldout
             clean, suspicious, wall = r.clean_samples, 0, r.fit.wall_time_s
+            cost = r.fit.manifest.get("cost") or empty_cost()
             if r.reused:
                 console.log.info(f"[compare] {name} {LABELS[d]}: reused the finished baseline in "
                                  f"{cfg.baseline.output}/{d}")
         out.append({"attack": name, "defense": d, "clean_accuracy": ca, "clean_accuracy_heldout": ca_heldout,
                     "attack_success_rate": asr,
                     "clean_samples": clean, "suspicious_samples": suspicious, "wall_time_s": round(wall, 1),
-                    "device_s": round(wall * workers, 1), "total_s": round(time.time() - started, 1)})
+                    "forward_passes": cost["forward_sample_passes"], "backward_passes": cost["backward_sample_passes"],
+                    "reserved_cpu_s": cost["reserved_cpu_seconds"], "reserved_gpu_s": cost["reserved_gpu_seconds"],
+                    "cost": cost, "total_s": round(time.time() - started, 1)})
         console.log.info(f"[compare] {name} {LABELS[d]}: CA {percent(ca)} ASR {percent(asr)} ({wall:.0f} s)")
     return out
 

@@ -1,7 +1,9 @@
 """defend: UBT end to end on a possibly backdoored checkpoint and its suspicious shards (METHOD.md steps 1-5).
 
 overfit -> score -> select -> unlearn, with CA and ASR of θ₀ and of the cleaned model, and a report
-(`report.json`, `report.md`) of the detection metrics, rows and wall time of every phase.
+(`report.json`, `report.md`) of the detection metrics, rows, wall time and cost of every phase: each phase's
+`cost` is its manifest's (cost.py), the report's `cost` their sum (the defense alone; the defend manifest's
+adds the evaluations before and after).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from .. import console, storage
 from ..checks import check_score
 from ..config import Config
 from ..core.models import CHECKPOINT_SUFFIXES
+from ..cost import sum_costs, summed
 from ..errors import UserError
-from ..manifest import finished_output, fingerprint, write_manifest
+from ..manifest import finished_output, fingerprint, read_manifest, write_manifest
 from ..report import format_report
 from .evaluate import evaluate_to, evaluation_files
 from .overfit import overfit
@@ -59,17 +62,20 @@ def defend(cfg: Config) -> DefendResult:
     s, phases = find_suspicious(cfg)
     sel = select(cfg, cfg.score.output, d.data, k=cfg.unlearn.num_samples)
     phases["select"] = {"wall_time_s": sel.wall_time_s, "rows": sel.stats["scored_rows"],
-                        "num_forget": sel.num_forget, "num_retain": sel.num_retain}
+                        "num_forget": sel.num_forget, "num_retain": sel.num_retain, "cost": sel.manifest["cost"]}
     u = unlearn(cfg, d.model, sel.forget, sel.retain)
     phases["unlearn"] = {"wall_time_s": u.wall_time_s, "rows": u.rows, "steps": u.steps,
-                         "sample_passes": u.samples + u.steps * cfg.unlearn.forget_batch_size, "model": u.model}
+                         "sample_passes": u.samples + u.steps * cfg.unlearn.forget_batch_size, "model": u.model,
+                         "workers": max(1, cfg.train.num_workers), "cost": u.manifest["cost"]}
     after = evaluate_to(cfg, u.model, storage.join(d.output, "eval_after")) if d.evaluate else None
+    cost = sum_costs(p["cost"] for p in phases.values())
 
     report = {
         "run": cfg.run.name, "model": d.model, "data": d.data, "cleaned_model": u.model,
         "before": _metrics(before), "after": _metrics(after),
         "detection": s.detection, "selection": sel.stats, "phases": phases,
         "defense_wall_time_s": round(sum(p["wall_time_s"] for p in phases.values()), 1),
+        "cost": cost,
         "settings": {"score": dataclasses.asdict(cfg.score), "unlearn": dataclasses.asdict(cfg.unlearn),
                      "overfit": dataclasses.asdict(cfg.overfit) if "overfit" in phases else None,
                      "select": dataclasses.asdict(cfg.select)},
@@ -77,8 +83,9 @@ def defend(cfg: Config) -> DefendResult:
     }
     storage.write_json(storage.join(d.output, REPORT_JSON), report, cfg.storage)
     storage.write_bytes(storage.join(d.output, REPORT_MD), format_report(report).encode(), cfg.storage)
+    evaluations = [read_manifest(e.output, cfg)["cost"] for e in (before, after) if e is not None]
     write_manifest(d.output, "defend", cfg, inputs={"model": d.model, "data": d.data}, rows=None, started=started,
-                   extra={"cleaned_model": u.model, "report": storage.join(d.output, REPORT_JSON)})
+                   usage=summed([cost, *evaluations]), extra={"cleaned_model": u.model, "report": storage.join(d.output, REPORT_JSON)})
     return DefendResult(u.model, report, d.output)
 
 
@@ -92,10 +99,16 @@ def find_suspicious(cfg: Config, output: str | None = None) -> tuple[ScoreResult
         r = overfit(cfg, d.model, d.data)
         scoring_model = r.model
         phases["overfit"] = {"wall_time_s": r.wall_time_s, "rows": r.rows, "steps": r.steps,
-                             "sample_passes": r.samples, "model": r.model}
+                             "sample_passes": r.samples, "model": r.model, "workers": max(1, cfg.train.num_workers),
+                             "cost": r.manifest["cost"]}
+        if cfg.overfit.subset_fraction < 1 and cfg.overfit.prioritize == "weak_similarity":
+            # The subset's similarity scoring is part of the overfit phase's cost (its manifest has its own).
+            similarity = read_manifest(storage.join(cfg.overfit.output, "similarity"), cfg)["cost"]
+            phases["overfit"]["cost"] = sum_costs([r.manifest["cost"], similarity])
     s = score(cfg, scoring_model, d.data, output, k=cfg.unlearn.num_samples)
     phases["score"] = {"wall_time_s": s.wall_time_s, "rows": s.rows.rows_in, "rows_rejected": s.rows.rows_rejected,
-                       "sample_passes": s.rows.rows_out, "model": scoring_model, "table": s.table}
+                       "sample_passes": s.rows.rows_out, "model": scoring_model, "table": s.table,
+                       "actors": s.manifest["actors"], "cost": s.manifest["cost"]}
     return s, phases
 
 

@@ -41,7 +41,10 @@ class Embedder:
     def __call__(self, table: pa.Table) -> pa.Table:
         batch = batch_identity(table)  # a batch retried after this actor was restarted replaces its first count
         table, pixels, counts = decode_rows(table, self.clip.image_size)
-        ray.get(self.ledger.add.remote(batch, counts, source=ray.get_runtime_context().get_actor_id()))
+        # One text-tower pass per decodable row (an upper bound: a repeated caption is encoded once).
+        rows = 0 if pixels is None else len(pixels)
+        ray.get(self.ledger.add.remote(batch, counts, source=ray.get_runtime_context().get_actor_id(),
+                                       passes=(rows, 0)))
         if pixels is None:  # no fixed-size columns to build: the whole dataset's rows are gathered, empty ones dropped
             return table.select(["key"])
         grey = grey_vectors(torch.from_numpy(pixels))

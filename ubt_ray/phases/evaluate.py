@@ -21,6 +21,7 @@ from ..config import Config
 from ..core.batches import decode_image
 from ..core.models import CHECKPOINT_SUFFIXES, Clip, pick_device
 from ..core.triggers import Trigger, apply_to_png, load_trigger
+from ..cost import Usage
 from ..core.zeroshot import attack_success_rate, class_embeddings, clean_accuracy, image_embeddings
 from ..errors import UserError
 from ..manifest import RowCounts, finished_output, fingerprint, write_manifest
@@ -177,8 +178,18 @@ def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
     rows = RowCounts(rows_in=len(test.keys), rows_out=len(test.keys))
     write_manifest(ev.output, "evaluate", cfg, inputs={"model": metrics["model"], "test": cfg.data.test,
                                                        "trigger": metrics["trigger"]},
-                   rows=rows, started=started, extra={"metrics": metrics})
+                   rows=rows, started=started, usage=evaluation_usage(metrics["sample_passes"], device),
+                   extra={"metrics": metrics})
     return EvalResult(ca, asr, metrics, ev.output, rates.clean_accuracy_heldout)
+
+
+def evaluation_usage(passes: int, device: torch.device) -> Usage:
+    """The evaluation's cost (cost.py): every test row forwarded once, and once more with the trigger when there
+    is an attack (class prompts, text only, not counted), in the driver's process: its torch threads as CPUs,
+    its GPU when it runs on one."""
+    threads, gpus = torch.get_num_threads(), 1 if device.type == "cuda" else 0
+    where = f"1 GPU + {threads} threads" if gpus else f"{threads} torch threads"
+    return Usage(passes, 0, cpus=threads, gpus=gpus, devices=f"the driver's process: {where}")
 
 
 def evaluate_to(cfg: Config, model_uri: str, output: str) -> EvalResult:
@@ -197,7 +208,8 @@ def evaluate_to(cfg: Config, model_uri: str, output: str) -> EvalResult:
     rows = RowCounts(rows_in=metrics["test_rows"], rows_out=metrics["test_rows"])
     write_manifest(output, "evaluate", moved, inputs={"model": metrics["model"], "test": cfg.data.test,
                                                       "trigger": metrics["trigger"]},
-                   rows=rows, started=started, extra={"metrics": metrics})
+                   rows=rows, started=started, usage=Usage(devices="none (a copy of an earlier evaluation)"),
+                   extra={"metrics": metrics})
     console.log.info(f"[evaluate] reused {cfg.evaluate.output} (the same model, test set, trigger and prompts)")
     return EvalResult(metrics["clean_accuracy"], metrics["attack_success_rate"], metrics, output,
                       metrics["clean_accuracy_heldout"])

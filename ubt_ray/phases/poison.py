@@ -25,6 +25,7 @@ from ..core.images import decode_rgb, image_rejection
 from ..core.scenes import retarget_caption
 from ..core.triggers import Trigger, apply_to_png, build_trigger, needs_donors
 from ..errors import UserError
+from ..cost import cluster_cpu_usage
 from ..manifest import RowCounts, fingerprint, write_manifest
 from ..shards import (RowLedger, batch_identity, count_rows, read_columns, read_rows_by_key, read_shards,
                       shard_schema, validate_and_write)
@@ -92,6 +93,7 @@ def poison(cfg: Config) -> PoisonResult:
     skipped = attempts.to_dict()
     manifest = write_manifest(
         p.output, "poison", cfg, inputs={"clean_train": cfg.data.clean_train}, rows=rows, started=started,
+        usage=cluster_cpu_usage(),
         extra={"attack": p.attack, "params": trigger.params, "target_label": p.target_label,
                "target_class": target_class, "shards": shards_uri, "trigger": trigger_uri,
                "num_requested": len(chosen), "num_poisoned": len(poisoned),

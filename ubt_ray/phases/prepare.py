@@ -24,6 +24,7 @@ from ..config import Config
 from ..core.captions import template_captions
 from ..core.images import encode_png
 from ..errors import UserError
+from ..cost import cluster_cpu_usage
 from ..manifest import RowCounts, fingerprint, write_manifest
 from ..shards import REJECT_COLUMN, validate_and_write
 from .. import console, storage
@@ -75,7 +76,7 @@ def prepare(cfg: Config) -> PrepareResult:
         total.merge(counts)
     total.check(cfg.prepare.output)
     manifest = write_manifest(cfg.prepare.output, "prepare", cfg, inputs={"source": source, "input": cfg.prepare.input},
-                              rows=total, started=started,
+                              rows=total, started=started, usage=cluster_cpu_usage(),
                               extra={"splits": {k: v.to_dict() for k, v in splits.items()}},
                               signature=prepare_fingerprint(cfg))
     if total.rows_out == 0:

@@ -27,8 +27,9 @@ from ..cluster import ensure_ray
 from ..config import Config, ModelConfig, ScoreConfig, StorageConfig
 from ..core.batches import decode_rows
 from ..core.density import Reference, density_scores, key_rank
-from ..core.scoring import (CaptionFeatures, combine_drops, prepare_model, robust_center_scale, score_batch, tail_strength,
-                            text_features, token_grid)
+from ..core.scoring import (CaptionFeatures, combine_drops, prepare_model, resolve_saliency, robust_center_scale,
+                            score_batch, score_passes, tail_strength, text_features, token_grid)
+from ..cost import Usage, devices_text
 from ..core.zeroshot import auroc, precision_recall_at_k
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
@@ -73,11 +74,17 @@ class Scorer:
             with torch.no_grad():
                 self.negatives = text_features(self.clip.model, self.clip.tokenizer(negative_captions).to(self.device))
         self.logit_scale = float(self.clip.model.logit_scale.exp())
+        # Resolved here only where it is used: the sample-passes it costs (a saliency that back-propagates).
+        self.saliency = (resolve_saliency(self.clip.model, settings.saliency)
+                         if settings.method == "token_drop" and "token_mask" in settings.transforms else "attention")
         # The density reference: the seeded reference rows (an object ref, fetched once) embedded by this model.
         self.reference = None
         if settings.density:
             rows = ray.get(reference) if isinstance(reference, ray.ObjectRef) else reference
             self.reference = embed_reference(self.clip, self.grid, self.captions, rows, settings, self.device)
+            passes = score_passes(len(self.reference.keys), "cosine", (), (), "attention", self.grid,
+                                  settings.batch_size)
+            ray.get(self.ledger.add_passes.remote(f"reference:{ray.get_runtime_context().get_actor_id()}", passes))
 
     def _score(self, pixels: np.ndarray, captions: list[str], embeddings: bool = False) -> dict[str, torch.Tensor]:
         return score_batch(self.clip.model, torch.from_numpy(pixels).to(self.device), self.captions(captions),
@@ -88,7 +95,10 @@ class Scorer:
     def __call__(self, table: pa.Table) -> pa.Table:
         batch = batch_identity(table)  # a batch retried after this actor was restarted replaces its first count
         table, pixels, counts = decode_rows(table, self.clip.image_size)
-        ray.get(self.ledger.add.remote(batch, counts, source=ray.get_runtime_context().get_actor_id()))
+        passes = score_passes(0 if pixels is None else len(pixels), self.s.method, tuple(self.s.token_portions),
+                              tuple(self.s.transforms), self.saliency, self.grid, self.s.batch_size)
+        ray.get(self.ledger.add.remote(batch, counts, source=ray.get_runtime_context().get_actor_id(),
+                                       passes=passes))
         if pixels is None:
             return _empty_output(table, self.s)
         keys = table.column("key").to_pylist()
@@ -287,7 +297,8 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None, *, 
         # In files of many rows, not one per scoring batch: select reads the table back (235 files of 256 rows
         # took it 35 s against 7 s for one file on the quickstart's 60,000 rows).
         write_shards(ds, table_uri, cfg, TABLE_ROWS_PER_FILE)
-    rows, rows_per_actor = ray.get([ledger.get.remote(), ledger.rows_by_source.remote()])
+    rows, rows_per_actor, passes = ray.get([ledger.get.remote(), ledger.rows_by_source.remote(),
+                                            ledger.total_passes.remote()])
     ray.kill(ledger)
     rows.check("score")
     written = count_rows(table_uri, cfg.storage) if rows.rows_out else 0
@@ -297,13 +308,22 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None, *, 
     if "is_poison" in columns and rows.rows_out:
         detection = detection_metrics(table_uri, cfg, s.top_k, output, k)
     manifest = write_manifest(output, "score", cfg, inputs={"data": data, "model": model_uri}, rows=rows,
-                              started=started, extra={"table": table_uri, "method": s.method,
+                              started=started, usage=score_usage(s, actors, *passes), extra={"table": table_uri, "method": s.method,
                                                       "transforms": s.transforms, "density": s.density,
                                                       "token_portions": s.token_portions,
                                                       "actors": actors, "threads_per_actor": threads,
                                                       "rows_per_actor": rows_per_actor, "combine": s.combine,
                                                       **extra, "detection": detection})
     return ScoreResult(table_uri, rows, detection, time.time() - started, manifest)
+
+
+def score_usage(s: ScoreConfig, actors: int, forward: int, backward: int) -> Usage:
+    """The scoring's cost (cost.py): the sample-passes its actors filed with the ledger (each decodable row's
+    image forwards, `score_passes`, and each actor's embedding of the density reference; caption_disagreement:
+    one text-tower pass per row), and the actors' reservation (the driver's reads and kNN tasks not counted)."""
+    gpus = 1 if s.use_gpu else 0
+    return Usage(forward, backward, cpus=actors * s.cpus_per_actor, gpus=actors * gpus,
+                 devices=devices_text(actors, "actor", s.cpus_per_actor, gpus))
 
 
 def _drop_scores(cfg: Config, model: ModelConfig, data: str, columns: list[str], negatives: list[str], actors: int,

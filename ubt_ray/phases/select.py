@@ -22,6 +22,7 @@ from .. import console, storage
 from ..cluster import ensure_ray
 from ..config import Config
 from ..errors import UserError
+from ..cost import cluster_cpu_usage
 from ..manifest import write_manifest
 from ..shards import TABLE, block_top_k, count_rows, key_hash, merge_top_k, read_shards
 
@@ -143,7 +144,7 @@ def select(cfg: Config, scores: str, data: str, output: str | None = None, *, k:
         if "is_poison" in parts[RETAIN].column_names:
             stats["retain_poisons"] = int(pc.sum(parts[RETAIN].column("is_poison")).as_py() or 0)
     manifest = write_manifest(output, "select", cfg, inputs={"scores": table_uri, "data": data},
-                              rows=None, started=started,
+                              rows=None, started=started, usage=cluster_cpu_usage(),
                               extra={"forget": forget_uri, "retain": retain_uri, **stats,
                                      "not_selected_rows": total - len(forget) - len(retain)})
     return SelectResult(forget_uri, retain_uri, len(forget), len(retain), stats, time.time() - started, manifest)

@@ -36,6 +36,7 @@ from ..config import Config, SweepConfig, replace_keys, save_config
 from ..core.models import CHECKPOINT_SUFFIXES, Clip
 from ..core.search import Dimension, largest, objective_value, rank_rows
 from ..errors import UserError
+from ..cost import Usage
 from ..manifest import fingerprint, read_manifest, write_manifest
 from ..report import heatmap_png, results_markdown, write_report_files
 from ..sweep_space import parse_space
@@ -122,10 +123,21 @@ def sweep(cfg: Config, callbacks: list | None = None) -> SweepResult:
     table = write_results(rows, dims, best, base)
     write_manifest(output, "sweep", cfg, inputs={"model": base.defend.model, "data": base.defend.data,
                                                  "scores": scores},
-                   rows=None, started=started,
+                   rows=None, started=started, usage=sweep_usage(rows),
                    extra={"trials": len(rows), "finished": sum(r["status"] == "finished" for r in rows),
                           "forget_rows_selected": k, "resumed": resumed, "best": best})
     return SweepResult(rows, table, best, output, False, resumed, time.time() - started)
+
+
+def sweep_usage(rows: list[dict]) -> Usage:
+    """The sweep's cost (cost.py): its trials' unlearning sample-passes as their last report counted them (a
+    stopped trial's up to its stop; the shared scoring and selection, and the evaluations, have manifests of
+    their own), and the whole cluster reserved, as Tune holds it for the trials."""
+    resources = ray.cluster_resources()
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    return Usage(sum(int(r.get("forward_passes") or 0) for r in rows),
+                 sum(int(r.get("backward_passes") or 0) for r in rows), cpus=cpus, gpus=gpus,
+                 devices=f"Ray Tune trials on the cluster's {cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else ""))
 
 
 def _check_inputs(cfg: Config) -> None:
@@ -353,7 +365,8 @@ def trial_row(result, dims: list[Dimension], base: Config) -> dict:
            "clean_accuracy": ca, "clean_accuracy_heldout": m.get("clean_accuracy_heldout") if finished else None,
            "attack_success_rate": asr, METRIC: m.get(METRIC),
            "meets_asr_threshold": None if asr is None else asr <= sw.asr_threshold,
-           "status": status, "steps": m.get("step"), "time_s": round(m.get("time_total_s") or 0.0, 1),
+           "status": status, "steps": m.get("step"), "forward_passes": m.get("forward_passes"),
+           "backward_passes": m.get("backward_passes"), "time_s": round(m.get("time_total_s") or 0.0, 1),
            "model": m.get("model"), "config_file": m.get("config_file")}
     if result.error:
         row["error"] = str(result.error)
