@@ -301,7 +301,7 @@ class UnlearnConfig(Schedule):
                                         "trigger is spread over every token.", ge=0, experimental=True)
     margin: float = _f(0.2, "Cosine margin of push_away, local_push and invariance_push: pairs already below it "
                             "are left alone.", ge=-1, le=1, experimental=True)
-    anchor_weight: float = _f(0.0, "λ_a: weight of a term that keeps the retain batch's image and caption features "
+    anchor_weight: float = _f(4.0, "λ_a: weight of a term that keeps the retain batch's image and caption features "
                                    "at θ₀'s (1 - cosine), so that zero-shot ability beyond the training captions' "
                                    "words moves less; 0 turns it off (it costs one θ₀ forward per step).", ge=0,
                               experimental=True)
