@@ -24,8 +24,6 @@ TITLES = {
     "scenes_defense_table": ("fashion-scenes: defenses on every attack", "benchmarks/defense_table.py"),
     "attack_table": ("Fashion-MNIST: attacks", "benchmarks/attack_table.py"),
     "defense_table": ("Fashion-MNIST: defenses on every attack", "benchmarks/defense_table.py"),
-    "defense_table_image_tower": ("Fashion-MNIST: defenses with the image tower alone trainable in unlearning",
-                                  "benchmarks/defense_table.py"),
     "unlearn_variants": ("Unlearning variants on one defense's selection (clean accuracy beyond the training words)",
                          "benchmarks/unlearn_variants.py"),
     "density_probe": ("Embedding-space density scores (detection only)", "benchmarks/density_probe.py"),

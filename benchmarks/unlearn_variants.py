@@ -49,7 +49,7 @@ def to_markdown(rows: list[dict]) -> str:
             f"{100 * (r[k] - base[k]):+.1f} pts" if r[k] is not None and base[k] is not None else "n/a"
             for k in ("clean_accuracy", "clean_accuracy_heldout")]
         took = f"{r['unlearn_time_s']:.0f} s" if r.get("unlearn_time_s") is not None else ""
-        out.append(f"| {r['variant']} | {' '.join(r['overrides']) or 'defaults'} | {pct(r['clean_accuracy'])} | "
+        out.append(f"| {r['variant']} | {' '.join(r['overrides']) or 'as configured'} | {pct(r['clean_accuracy'])} | "
                    f"{pct(r['clean_accuracy_heldout'])} | {pct(r['attack_success_rate'])} | {deltas[0]} | "
                    f"{deltas[1]} | {took} |")
     return "\n".join(out)
