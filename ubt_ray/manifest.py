@@ -7,6 +7,7 @@ import json
 import platform
 import time
 from importlib import metadata
+from typing import Callable
 
 from .config import Config
 from .cost import Usage, cost_block
@@ -61,14 +62,17 @@ def fingerprint(cfg: Config, sections: tuple[str, ...], files: dict[str, tuple[s
     return json.loads(json.dumps(out))
 
 
-def finished_output(out_uri: str, signature: dict | None, cfg: Config, record: str = storage.MANIFEST,
-                    needs: tuple[str, ...] = ()) -> dict | None:
+def finished_output(out_uri: str, signature: dict | Callable[[], dict] | None, cfg: Config,
+                    record: str = storage.MANIFEST, needs: tuple[str, ...] = ()) -> dict | None:
     """The one test every reusing phase applies for "this output is finished and matches these inputs": the JSON
     `record` of `out_uri` when the output is finished (its manifest, written last, is there), holds `signature`
     as its "fingerprint", and each of its fields named in `needs` is a path that still exists (e.g. the model it
-    made); else None."""
+    made); else None. A callable `signature` is computed only once the manifest is found (a fingerprint lists
+    the input files, which is wasted work when there is nothing to reuse)."""
     if signature is None or not storage.exists(storage.join(out_uri, storage.MANIFEST), cfg.storage):
         return None
+    if callable(signature):
+        signature = signature()
     uri = storage.join(out_uri, record)
     if record != storage.MANIFEST and not storage.exists(uri, cfg.storage):
         return None

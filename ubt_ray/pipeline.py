@@ -18,9 +18,7 @@ class PipelineResult:
 
 def _reusable(cfg: Config, out: str, signature) -> dict | None:
     """The manifest of a finished output in `out` with the same fingerprint, when pipeline.reuse allows reuse."""
-    if not cfg.pipeline.reuse or not storage.exists(storage.join(out, storage.MANIFEST), cfg.storage):
-        return None  # before the signature, which reads the input files' listings
-    return finished_output(out, signature(cfg), cfg)
+    return finished_output(out, lambda: signature(cfg), cfg) if cfg.pipeline.reuse else None
 
 
 def run_pipeline(cfg: Config) -> PipelineResult:

@@ -231,9 +231,7 @@ def evaluation_fingerprint(cfg: Config, model_uri: str | None) -> dict | None:
 
 def finished_evaluation(cfg: Config, model_uri: str) -> dict | None:
     """The metrics of the finished evaluation in evaluate.output when it evaluated `model_uri` as `cfg` would."""
-    if not storage.exists(storage.join(cfg.evaluate.output, storage.MANIFEST), cfg.storage):
-        return None  # before the fingerprint, which reads the files' listings
-    return finished_output(cfg.evaluate.output, evaluation_fingerprint(cfg, model_uri), cfg, METRICS_JSON)
+    return finished_output(cfg.evaluate.output, lambda: evaluation_fingerprint(cfg, model_uri), cfg, METRICS_JSON)
 
 
 def evaluation_files(cfg: Config, evaluated: bool) -> dict[str, tuple[str | None, tuple[str, ...]]]:
