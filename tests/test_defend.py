@@ -327,8 +327,10 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
             "defend/eval_before", "defend/eval_after"} <= set(manifests)
     assert all(list(m["cost"]) == list(FIELDS) for m in manifests.values()), manifests.keys()
     unlearned = manifests["defend/unlearn"]["cost"]
-    # 40 steps of 128 retain + 64 forget rows, forward and backward; θ₀'s targets of the 300 forget rows once.
-    assert (unlearned["forward_sample_passes"], unlearned["backward_sample_passes"]) == (40 * 192 + 300, 40 * 192)
+    # 40 steps of 128 retain + 64 forget rows, forward and backward; the anchor term's θ₀ forward of the 128 retain
+    # rows each step; θ₀'s targets of the 300 forget rows once.
+    assert (unlearned["forward_sample_passes"], unlearned["backward_sample_passes"]) == (
+        40 * 192 + 40 * 128 + 300, 40 * 192)
     scored = manifests["defend/score"]["cost"]
     rows_per_forward = load_config(None, [*overrides, *UBT]).score.batch_size
     assert scored["forward_sample_passes"] >= 3 * 3000 and scored["forward_sample_passes"] % rows_per_forward == 0

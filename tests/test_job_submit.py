@@ -29,7 +29,8 @@ VENV_BIN = Path(sys.executable).parent  # the venv this test runs in: .venv/bin 
 def readme_local_cluster_block() -> str:
     """The bash block of README.md's "Run on a cluster" that runs a job on a local cluster."""
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## Run on a cluster"):text.index("### On a GPU")]
+    start = text.index("## Run on a cluster")
+    section = text[start:text.index("\n## ", start)]
     block = section[section.index("**A local cluster**"):]
     block = block[block.index("```bash\n") + len("```bash\n"):]
     return block[:block.index("```")]
