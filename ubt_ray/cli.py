@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -317,5 +318,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `ubt` command: `main()`'s exit code. After Ctrl-C the process ends at once once its output is flushed:
+    letting the interpreter tear down Ray's and torch's threads in the middle of an interrupt has ended in a
+    segfault instead of exit 130. Ray's reaper stops a local cluster this process started."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
