@@ -134,10 +134,14 @@ class Schedule:
         names = [f.name for f in dataclasses.fields(Schedule)] + [n for n in ("epochs", "steps") if hasattr(self, n)]
         return {n: getattr(self, n) for n in names}
 
+    def steps_per_epoch(self, rows: int) -> int:
+        """Optimiser steps of one pass over `rows` rows (at least one)."""
+        return max(1, rows // self.batch_size)
+
     def total_steps(self, rows: int) -> int:
         """Optimiser steps of a run over `rows` rows: `steps` where the phase has it set, else `epochs` passes."""
         steps = getattr(self, "steps", None)
-        return steps or max(1, math.ceil(self.epochs * max(1, rows // self.batch_size)))
+        return steps or max(1, math.ceil(self.epochs * self.steps_per_epoch(rows)))
 
 
 def _like(name: str, default: Any, **meta: Any) -> Any:

@@ -306,7 +306,7 @@ def _train_loop_per_worker(config: dict) -> None:
 
     per_worker = s.batch_size // world
     forward_per_step, backward_per_step = step_passes(objective, per_worker, world)
-    steps_per_epoch = max(1, config["rows"] // s.batch_size)
+    steps_per_epoch = s.steps_per_epoch(config["rows"])
     total_steps = s.total_steps(config["rows"])
     ckpt_every = max(1, steps_per_epoch // t.checkpoints_per_epoch)
     shard = ray.train.get_dataset_shard("train")

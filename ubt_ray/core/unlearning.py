@@ -70,6 +70,11 @@ def prepare_forget_inputs(reference: torch.nn.Module, forget: ForgetSet, preproc
     return torch.cat(out)
 
 
+def worker_share(chosen: list, rank: int, world: int) -> list:
+    """The forget rows of a step that DDP rank `rank` of `world` takes: every world-th one, and at least one."""
+    return chosen[rank::world] or chosen[:1]
+
+
 class UnlearnObjective:
     """One unlearning step: CLIP loss on the retain batch plus the forget loss on a forget mini-batch.
 
@@ -109,8 +114,7 @@ class UnlearnObjective:
         while len(self.order) < self.forget_batch_size:
             self.order += torch.randperm(len(self.forget.pixels), generator=self.generator).tolist()
         chosen, self.order = self.order[:self.forget_batch_size], self.order[self.forget_batch_size:]
-        mine = chosen[rank::world] or chosen[:1]
-        return torch.tensor(mine, dtype=torch.long)
+        return torch.tensor(worker_share(chosen, rank, world), dtype=torch.long)
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         idx = self._next_indices()

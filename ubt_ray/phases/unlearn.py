@@ -17,7 +17,7 @@ from .. import storage
 from ..config import Config, ModelConfig, StorageConfig
 from ..core.batches import decode_image
 from ..core.scoring import resolve_saliency, token_grid
-from ..core.unlearning import ForgetSet, UnlearnObjective, prepare_forget_inputs
+from ..core.unlearning import ForgetSet, UnlearnObjective, prepare_forget_inputs, worker_share
 from ..models import load_clip
 from ..shards import read_columns, shard_schema
 from ..train_loop import FitResult, FitSpec, Probe, fit
@@ -92,8 +92,8 @@ def forget_setup_passes(rows: int, kind: str, has_orders: bool, saliency: str) -
 def unlearn_step_passes(rows_per_worker: int, world: int, forget_batch_size: int,
                         anchor: bool) -> tuple[int, int]:
     """(forward, backward) image-tower passes of one unlearning step over `world` workers: the retain batch and
-    each worker's share of the forget mini-batch (at least one row each, as UnlearnObjective takes it) forward
+    each worker's share of the forget mini-batch (core.unlearning.worker_share: at least one row each) forward
     and backward in one call, and with an anchor the frozen reference forward on the retain batch."""
     retain = rows_per_worker * world
-    forget = sum(max(1, len(range(rank, forget_batch_size, world))) for rank in range(world))
+    forget = sum(len(worker_share(list(range(forget_batch_size)), rank, world)) for rank in range(world))
     return retain + forget + (retain if anchor else 0), retain + forget
