@@ -29,6 +29,8 @@ SCENE_SIZE = 64
 SPLIT_IDS = {"train": 0, "test": 1}
 MIN_SCALE, MAX_SCALE = 0.4, 1.0
 MIRROR_PROBABILITY = 0.5
+# The item's shading: its grey level maps to SHADE_FLOOR..1 of the tint, so its texture stays visible.
+SHADE_FLOOR = 0.65
 BACKGROUND_PHRASE_PROBABILITY = 0.3
 
 # Named tints, also used for the background colours; each drawn colour is jittered around its anchor.
@@ -287,7 +289,7 @@ def render_scene(item: np.ndarray, label: int, seed: int, split: str, index: int
         grey = grey[:, ::-1]
     # The grey level is both the alpha (saturating early so that dark items stay opaque) and the shading.
     alpha = np.clip(grey * 8.0, 0.0, 1.0)
-    shade = 0.65 + 0.35 * grey
+    shade = SHADE_FLOOR + (1.0 - SHADE_FLOOR) * grey
 
     # Background: a family, two distinct colour names (flat uses only the first), mixed by the family's field.
     family = BACKGROUND_FAMILIES[int(rng.integers(len(BACKGROUND_FAMILIES)))]
