@@ -264,10 +264,10 @@ def backdoored(ray_local, tmp_path_factory):
                  # The fixture is deterministic (same poisons, same model, same defense) since reads take Ray Data's
                  # v1 path; see test_defend_removes_the_backdoor_and_keeps_clean_accuracy for why seed 2.
                  "run.seed=2",
-                 "experimental.train.warmup_steps=10", "experimental.train.threads_per_worker=2",
+                 "experimental.train.warmup_steps=10", "experimental.trainer.threads_per_worker=2",
                  # Every training phase in this process (Ray Train's num_workers=0): DDP is test_train's subject,
                  # and a worker actor's start costs each run 10-25 s here.
-                 "train.num_workers=0",
+                 "trainer.num_workers=0",
                  # One scoring actor: on this little data each more actor costs its start and model load more
                  # than its share of the work saves (the actor pool is
                  # test_score_on_ray_data_scores_every_row_once_like_in_process's).

@@ -66,7 +66,7 @@ def defend(cfg: Config) -> DefendResult:
     u = unlearn(cfg, d.model, sel.forget, sel.retain)
     phases["unlearn"] = {"wall_time_s": u.wall_time_s, "rows": u.rows, "steps": u.steps,
                          "sample_passes": u.samples + u.steps * cfg.unlearn.forget_batch_size, "model": u.model,
-                         "workers": max(1, cfg.train.num_workers), "cost": u.manifest["cost"]}
+                         "workers": max(1, cfg.trainer.num_workers), "cost": u.manifest["cost"]}
     after = evaluate_to(cfg, u.model, storage.join(d.output, "eval_after")) if d.evaluate else None
     cost = sum_costs(p["cost"] for p in phases.values())
 
@@ -99,7 +99,7 @@ def find_suspicious(cfg: Config, output: str | None = None) -> tuple[ScoreResult
         r = overfit(cfg, d.model, d.data)
         scoring_model = r.model
         phases["overfit"] = {"wall_time_s": r.wall_time_s, "rows": r.rows, "steps": r.steps,
-                             "sample_passes": r.samples, "model": r.model, "workers": max(1, cfg.train.num_workers),
+                             "sample_passes": r.samples, "model": r.model, "workers": max(1, cfg.trainer.num_workers),
                              "cost": r.manifest["cost"]}
         if cfg.overfit.subset_fraction < 1 and cfg.overfit.prioritize == "weak_similarity":
             # The subset's similarity scoring is part of the overfit phase's cost (its manifest has its own).
