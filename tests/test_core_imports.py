@@ -62,14 +62,13 @@ def test_importing_the_core_loads_no_program_module():
 # `trainer`, the Ray Train settings of every training run, and so does the one training loop they all run
 # (train_loop.py), which takes each phase's schedule from the phase, never another phase's section. The composite
 # commands (defend, sweep, compare) assemble phases and read their sections by design; a baseline's saved result
-# holds its evaluation, so the fingerprint it is reused by names the evaluate section. Overfit's weak-similarity
-# subset runs the score phase, so it may hand on the score section.
+# holds its evaluation, so the fingerprint it is reused by names the evaluate section.
 PACKAGE = Path(__file__).resolve().parent.parent / "ubt_ray"
 PHASES = PACKAGE / "phases"
 SHARED = {"run", "ray", "storage", "data", "model", "pipeline"}
 TRAINER = {"trainer"}
 OWN = {"prepare": {"prepare"}, "poison": {"poison"}, "train": {"train", *TRAINER}, "evaluate": {"evaluate"},
-       "overfit": {"overfit", "score", *TRAINER}, "score": {"score"}, "disagreement": {"score"}, "select": {"select"},
+       "overfit": {"overfit", *TRAINER}, "score": {"score"}, "disagreement": {"score"}, "select": {"select"},
        "unlearn": {"unlearn", *TRAINER}, "baseline": {"baseline", "evaluate", *TRAINER}}
 
 

@@ -378,6 +378,14 @@ def test_overfit_on_the_weakest_similarity_subset(backdoored, capsys):
                  "experimental.overfit.prioritize=weak_similarity"]) == 0
     summary = last_json(capsys.readouterr().out)
     assert summary["steps"] == 3 and summary["samples"] == 192
+    # The similarity scoring that chose the subset is part of the overfit's cost, in its own manifest.
+    overfitted = json.loads((root / "defend" / "overfit" / "manifest.json").read_text())["cost"]
+    similarity = json.loads((root / "defend" / "overfit" / "similarity" / "manifest.json").read_text())
+    assert similarity["config"]["score"]["method"] == "cosine"
+    assert similarity["cost"]["forward_sample_passes"] >= 3000
+    assert overfitted["forward_sample_passes"] == 192 + similarity["cost"]["forward_sample_passes"]
+    assert overfitted["backward_sample_passes"] == 192
+    assert overfitted["reserved_cpu_seconds"] >= similarity["cost"]["reserved_cpu_seconds"]
     subset = pq.read_table(root / "defend" / "overfit" / "subset")
     sims = pq.read_table(root / "defend" / "overfit" / "similarity" / "table").to_pandas().set_index("key")["cos"]
     assert abs(subset.num_rows - round(0.1 * len(sims))) <= 1

@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from . import console, storage
 from .cluster import ensure_ray
 from .config import Config, ModelConfig, Schedule
-from .cost import Usage, devices_text
+from .cost import Usage, cost_block, devices_text, summed
 from .core.batches import decode_images
 from .core.models import CHECKPOINT_SUFFIXES, WEIGHTS_FILE, Clip, load_checkpoint_dir, write_checkpoint_dir
 from .core.objectives import Batch, build_objective
@@ -82,6 +82,10 @@ class FitSpec:
     trainable: str = "all"               # which parameters move (core.unlearning.set_trainable)
     probe: Probe | None = None
     callbacks: list = field(default_factory=list)  # Ray Train callbacks (e.g. Tune's TuneReportCallback)
+    # The phase's own work before the loop (overfit's weak-similarity scoring): when it began, and its cost blocks
+    # (cost.py), which the phase's manifest adds to the loop's; its wall time then counts from `started`.
+    started: float | None = None
+    costs_before: list = field(default_factory=list)
 
 
 @dataclass
@@ -155,9 +159,12 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
         while _IN_PROCESS_CHECKPOINTS:
             shutil.rmtree(_IN_PROCESS_CHECKPOINTS.pop(), ignore_errors=True)
     m = result.metrics
-    forward, backward = int(m.get("forward_passes", 0)), int(m.get("backward_passes", 0))
+    usage = fit_usage(cfg, int(m.get("forward_passes", 0)), int(m.get("backward_passes", 0)))
+    if spec.costs_before:
+        usage = summed([cost_block(usage, time.time() - started), *spec.costs_before])
+    began = spec.started or started
     manifest = write_manifest(spec.output, spec.phase, cfg, inputs={"data": spec.data, "init": vars(spec.init)},
-                              rows=None, started=started, usage=fit_usage(cfg, forward, backward),
+                              rows=None, started=began, usage=usage,
                               extra={"training": {"rows_available": rows, "steps": m.get("step"),
                                                   "samples": m.get("samples"),
                                                   "resumed_from_step": m.get("resumed_from_step"),
@@ -165,8 +172,10 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
                                                   "objective": _objective_name(spec)}})
     console.phase_done(spec.phase, started, f"{int(m['step'])} steps, final loss {m.get('loss', float('nan')):.4f} "
                                             f"-> {model_uri}")
+    cost = manifest["cost"]
     return FitResult(model_uri, rows, int(m["step"]), int(m["samples"]), int(m["resumed_from_step"]),
-                     time.time() - started, dict(m), manifest, forward, backward)
+                     time.time() - began, dict(m), manifest, cost["forward_sample_passes"],
+                     cost["backward_sample_passes"])
 
 
 def fit_usage(cfg: Config, forward: int, backward: int) -> Usage:

@@ -101,10 +101,6 @@ def find_suspicious(cfg: Config, output: str | None = None) -> tuple[ScoreResult
         phases["overfit"] = {"wall_time_s": r.wall_time_s, "rows": r.rows, "steps": r.steps,
                              "sample_passes": r.samples, "model": r.model, "workers": max(1, cfg.trainer.num_workers),
                              "cost": r.manifest["cost"]}
-        if cfg.overfit.subset_fraction < 1 and cfg.overfit.prioritize == "weak_similarity":
-            # The subset's similarity scoring is part of the overfit phase's cost (its manifest has its own).
-            similarity = read_manifest(storage.join(cfg.overfit.output, "similarity"), cfg)["cost"]
-            phases["overfit"]["cost"] = sum_costs([r.manifest["cost"], similarity])
     s = score(cfg, scoring_model, d.data, output, k=cfg.unlearn.num_samples)
     phases["score"] = {"wall_time_s": s.wall_time_s, "rows": s.rows.rows_in, "rows_rejected": s.rows.rows_rejected,
                        "sample_passes": s.rows.rows_out, "model": scoring_model, "table": s.table,
