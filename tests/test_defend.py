@@ -341,6 +341,9 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
                                                          for p in report["phases"].values())
     assert report["cost"]["reserved_cpu_seconds"] == pytest.approx(sum(
         p["cost"]["reserved_cpu_seconds"] for p in report["phases"].values()), abs=0.2)
+    # The defend manifest adds the evaluations before and after, whose results carry their manifests.
+    assert manifests["defend"]["cost"]["forward_sample_passes"] == report["cost"]["forward_sample_passes"] + sum(
+        manifests[f"defend/{e}"]["cost"]["forward_sample_passes"] for e in ("eval_before", "eval_after"))
     # `ubt plan` on this finished defense: the scoring at ten times the rows takes ten times as long.
     assert main(["plan", "--defense", str(root / "defend"), "--rows", "30000"]) == 0
     planned = capsys.readouterr().out

@@ -18,7 +18,7 @@ from ..config import Config
 from ..core.models import CHECKPOINT_SUFFIXES
 from ..cost import sum_costs, summed
 from ..errors import UserError
-from ..manifest import finished_output, fingerprint, read_manifest, write_manifest
+from ..manifest import finished_output, fingerprint, write_manifest
 from ..report import format_report
 from .evaluate import evaluate_to, evaluation_files
 from .overfit import overfit
@@ -83,7 +83,7 @@ def defend(cfg: Config) -> DefendResult:
     }
     storage.write_json(storage.join(d.output, REPORT_JSON), report, cfg.storage)
     storage.write_bytes(storage.join(d.output, REPORT_MD), format_report(report).encode(), cfg.storage)
-    evaluations = [read_manifest(e.output, cfg)["cost"] for e in (before, after) if e is not None]
+    evaluations = [e.manifest["cost"] for e in (before, after) if e is not None]
     write_manifest(d.output, "defend", cfg, inputs={"model": d.model, "data": d.data}, rows=None, started=started,
                    usage=summed([cost, *evaluations]), extra={"cleaned_model": u.model, "report": storage.join(d.output, REPORT_JSON)})
     return DefendResult(u.model, report, d.output)
