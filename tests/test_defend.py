@@ -341,6 +341,9 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
                                                          for p in report["phases"].values())
     assert report["cost"]["reserved_cpu_seconds"] == pytest.approx(sum(
         p["cost"]["reserved_cpu_seconds"] for p in report["phases"].values()), abs=0.2)
+    # The cost blocks are the one account of the work: no phase keeps another count of its passes beside them.
+    assert not any("sample_passes" in p for p in report["phases"].values())
+    assert report["phases"]["unlearn"]["samples"] == 40 * 128
     # The defend manifest adds the evaluations before and after, whose results carry their manifests.
     assert manifests["defend"]["cost"]["forward_sample_passes"] == report["cost"]["forward_sample_passes"] + sum(
         manifests[f"defend/{e}"]["cost"]["forward_sample_passes"] for e in ("eval_before", "eval_after"))
@@ -425,10 +428,10 @@ def test_compare_runs_every_defense_on_the_backdoored_model(backdoored, tmp_path
         report["after"]["clean_accuracy"], report["after"]["attack_success_rate"])
     before = json.loads((root / "defend" / "eval_before" / "metrics.json").read_text())
     assert rows["none"]["attack_success_rate"] == before["attack_success_rate"]
-    assert rows["none"]["clean_samples"] == rows["none"]["suspicious_samples"] == 0
+    assert rows["none"]["clean_samples"] == 0
     for kind in ("ft", "cleanclip"):  # on clean pairs only: the layer's ~500 for one epoch, not 3,000 for ten
-        assert 0 < rows[kind]["clean_samples"] <= 1000 and rows[kind]["suspicious_samples"] == 0
-    assert rows["ubt"]["clean_samples"] == 0 and rows["ubt"]["suspicious_samples"] > 3000
+        assert 0 < rows[kind]["clean_samples"] <= 1000
+    assert rows["ubt"]["clean_samples"] == 0 and "suspicious_samples" not in rows["ubt"]
     # The defenses' costs: CleanCLIP forwards and back-propagates each row and its augmented view.
     assert rows["ft"]["forward_passes"] == rows["ft"]["backward_passes"] == rows["ft"]["clean_samples"]
     assert rows["cleanclip"]["forward_passes"] == rows["cleanclip"]["backward_passes"] == \
