@@ -12,7 +12,7 @@ out=${1:-outputs/quickstart_gpu}
 shift $(( $# > 0 ? 1 : 0 ))
 start=$(date +%s)
 "$py" -m ubt_ray.cli pipeline --config configs/quickstart.yaml run.output_dir="$out" \
-    train.num_workers=1 train.use_gpu=true model.precision=amp_bf16 score.use_gpu=true "$@"
+    trainer.num_workers=1 trainer.use_gpu=true model.precision=amp_bf16 score.use_gpu=true "$@"
 echo "pipeline wall time: $(( $(date +%s) - start )) s"
 "$py" - "$out" <<'EOF'
 import json, pathlib, sys

@@ -25,6 +25,11 @@ from pathlib import Path
 from results_io import resolved_config, write_results
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ubt_ray import storage  # noqa: E402
+from ubt_ray.config import load_config  # noqa: E402
+from ubt_ray.errors import UserError  # noqa: E402
 
 
 def ubt(*args: str) -> None:
@@ -36,6 +41,23 @@ def ubt(*args: str) -> None:
 def metrics(path: Path) -> dict:
     m = json.loads(path.read_text())
     return {k: m.get(k) for k in ("clean_accuracy", "clean_accuracy_heldout", "attack_success_rate")}
+
+
+def check_inputs(configs: list[str], overrides: list[str], variants: list[list[str]], defense: Path) -> None:
+    """What the variants read after their unlearning, checked before the first (long) one: θ₀'s evaluation, and
+    every variant's data.test (each is evaluated on it)."""
+    if not (defense / "eval_before" / "metrics.json").is_file():
+        raise SystemExit(f"{defense} has no eval_before/metrics.json: pass --defense a finished defense that "
+                         f"evaluated θ₀ (defend.evaluate=true).")
+    for name, *variant in variants:
+        try:
+            cfg = load_config(configs, [*overrides, *variant])
+        except UserError as e:
+            raise SystemExit(f"variant {name}: {e}") from None
+        if not storage.exists(cfg.data.test, cfg.storage):
+            raise SystemExit(f"data.test={cfg.data.test} (variant {name}) does not exist: point data.test at the "
+                             f"labelled test shards every variant is evaluated on, e.g. "
+                             f"data.test=outputs/bench/quickstart/data/test.")
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -64,6 +86,7 @@ def main() -> None:
     parser.add_argument("--name", default="unlearn_variants")
     args, overrides = parser.parse_known_args()
     defense = Path(args.defense)
+    check_inputs(args.config, overrides, args.variant, defense)
     configs = [a for c in args.config for a in ("-c", c)]
     rows = [{"variant": "θ₀ (no unlearning)", "overrides": [], **metrics(defense / "eval_before" / "metrics.json")}]
     resolved = {}

@@ -25,7 +25,7 @@ def start(ray_local, tmp_path_factory):
                  f"data.clean_train={fashion_mnist_shards(root / 'clean', rows=600)}",
                  f"data.test={fashion_mnist_shards(root / 'test', split='test', rows=200)}",
                  "experimental.baseline.rows=300", "experimental.baseline.epochs=1", "experimental.baseline.batch_size=64", "experimental.baseline.warmup_steps=1",
-                 "experimental.baseline.lr=1e-4", "train.num_workers=2", "experimental.train.threads_per_worker=1"]
+                 "experimental.baseline.lr=1e-4", "trainer.num_workers=2", "experimental.trainer.threads_per_worker=1"]
     return root, model, overrides
 
 
@@ -64,5 +64,5 @@ def test_a_finished_baseline_is_reused_only_with_the_same_settings(start, capsys
     assert again["reused"] is True and "reused the finished baseline" in printed.err
     assert {k: v for k, v in again.items() if k != "reused"} == {k: v for k, v in first.items() if k != "reused"}
     assert weights.stat().st_mtime_ns == written
-    assert main(["baseline", "cleanclip", *overrides, "experimental.baseline.lr=2e-4", "train.num_workers=0"]) == 0
+    assert main(["baseline", "cleanclip", *overrides, "experimental.baseline.lr=2e-4", "trainer.num_workers=0"]) == 0
     assert last_json(capsys.readouterr().out)["reused"] is False and weights.stat().st_mtime_ns != written

@@ -154,5 +154,5 @@ def test_runtime_dependencies_are_ones_the_code_imports():
 
 def test_cluster_config_loads_and_asks_for_gpus():
     cfg = load_config(str(REPO / "configs" / "cluster_vitb32.yaml"))
-    assert cfg.model.name == "ViT-B-32" and cfg.train.use_gpu and cfg.score.use_gpu and cfg.train.num_workers == 8
+    assert cfg.model.name == "ViT-B-32" and cfg.trainer.use_gpu and cfg.score.use_gpu and cfg.trainer.num_workers == 8
     assert cfg.defend.data.startswith("s3://") and cfg.model.precision.startswith("amp_")

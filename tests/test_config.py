@@ -20,10 +20,10 @@ def test_defaults_resolve_references():
 
 
 def test_override_types_are_parsed():
-    cfg = load_config(None, ["train.lr=5e-4", "train.epochs=3", "model.checkpoint=null", "train.use_gpu=true",
+    cfg = load_config(None, ["train.lr=5e-4", "train.epochs=3", "model.checkpoint=null", "trainer.use_gpu=true",
                              "poison.params={size: 3, location: random}", "run.name=123"])
     assert cfg.train.lr == 5e-4 and isinstance(cfg.train.epochs, float) and cfg.train.epochs == 3.0
-    assert cfg.model.checkpoint is None and cfg.train.use_gpu is True
+    assert cfg.model.checkpoint is None and cfg.trainer.use_gpu is True
     assert cfg.poison.params == {"size": 3, "location": "random"}
     assert cfg.run.name == "123"
 
@@ -33,7 +33,7 @@ def test_override_types_are_parsed():
     ("nosection.x=1", ["unknown config key 'nosection'"]),
     ("train.lr=abc", ["'train.lr' must be a number", "'abc'"]),
     ("train.batch_size=1.5", ["'train.batch_size' must be an integer"]),
-    ("train.use_gpu=3", ["'train.use_gpu' must be true/false"]),
+    ("trainer.use_gpu=3", ["'trainer.use_gpu' must be true/false"]),
     ("train.lr=-1", ["'train.lr' must be > 0", "-1"]),
     ("experimental.poison.fraction=1.5", ["'experimental.poison.fraction' must be > 0 and <= 1", "1.5"]),
     ("poison.attack=trojan", ["'poison.attack' must be one of", "badnet", "'trojan'"]),
@@ -47,6 +47,30 @@ def test_bad_overrides_name_the_key(override, words):
     for w in words:
         assert w in msg
     assert "\n" not in msg
+
+
+def test_the_training_workers_moved_to_the_trainer_section_and_the_old_keys_say_so(tmp_path):
+    """Every training phase reads its Ray Train settings from trainer:, not from the attack training's train:;
+    the old spelling, on the command line, in a YAML section or under experimental:, names the new key."""
+    cfg = load_config(None, ["trainer.num_workers=3", "trainer.use_gpu=true",
+                             "experimental.trainer.cpus_per_worker=2"])
+    assert (cfg.trainer.num_workers, cfg.trainer.use_gpu, cfg.trainer.cpus_per_worker) == (3, True, 2)
+    assert load_config(None).trainer.num_workers == 1 and not hasattr(cfg.train, "num_workers")
+    f = tmp_path / "old.yaml"
+    for old, new in (("train.num_workers=2", "set it as trainer.num_workers"),
+                     ("train.use_gpu=true", "set it as trainer.use_gpu"),
+                     ("experimental.train.cpus_per_worker=2", "set it as experimental.trainer.cpus_per_worker"),
+                     ("train.threads_per_worker=2", "set it as experimental.trainer.threads_per_worker")):
+        key, _, value = old.partition("=")
+        for attempt in ([None, [old]], [f, []]):
+            if attempt[0] is not None:
+                section, _, name = key.partition(".")
+                f.write_text(f"experimental:\n  {name}: {value}\n" if section == "experimental"
+                             else f"{section}:\n  {name}: {value}\n")
+            with pytest.raises(ConfigError) as e:
+                load_config(*attempt)
+            assert new in str(e.value) and f"config key '{key}' moved to section 'trainer'" in str(e.value)
+            assert "\n" not in str(e.value)
 
 
 def test_yaml_file_errors(tmp_path):
@@ -144,7 +168,7 @@ def test_the_user_facing_surface_is_small_and_every_key_has_one_tier():
     every = {f"{s}.{f}" for s, v in load_config(None).to_dict().items() for f in v}
     assert set(user) | set(experimental) == every and not set(user) & set(experimental)
     assert {"defend.model", "defend.data", "unlearn.num_samples", "poison.attack"} <= set(user)
-    assert {"score.density", "unlearn.forget", "train.threads_per_worker"} <= set(experimental)
+    assert {"score.density", "unlearn.forget", "trainer.threads_per_worker"} <= set(experimental)
     # The README states the count; it must stay true.
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert f"lists the {len(user)} user-facing keys" in readme

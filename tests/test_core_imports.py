@@ -58,23 +58,45 @@ def test_importing_the_core_loads_no_program_module():
 
 # Each single phase reads its own config section and the shared ones (where the run lives, the cluster, storage,
 # the data and the model, whether finished outputs are reused); what it needs from elsewhere, its caller passes
-# in (the selection size k, the model and data paths). The composite commands (defend, sweep, compare) assemble
-# phases and read their sections by design. Overfit's weak-similarity subset runs the score phase, so it may
-# hand on the score section.
-PHASES = Path(__file__).resolve().parent.parent / "ubt_ray" / "phases"
+# in (the selection size k, the model and data paths, overfit's scoring method). The training phases also read
+# `trainer`, the Ray Train settings of every training run, and so does the one training loop they all run
+# (train_loop.py), which takes each phase's schedule from the phase, never another phase's section. The composite
+# commands (defend, sweep, compare) assemble phases and read their sections by design; a baseline's saved result
+# holds its evaluation, so the fingerprint it is reused by names the evaluate section.
+PACKAGE = Path(__file__).resolve().parent.parent / "ubt_ray"
+PHASES = PACKAGE / "phases"
 SHARED = {"run", "ray", "storage", "data", "model", "pipeline"}
-OWN = {"prepare": {"prepare"}, "poison": {"poison"}, "train": {"train"}, "evaluate": {"evaluate"},
-       "overfit": {"overfit", "score"}, "score": {"score"}, "disagreement": {"score"}, "select": {"select"},
-       "unlearn": {"unlearn"}, "baseline": {"baseline"}}
+TRAINER = {"trainer"}
+OWN = {"prepare": {"prepare"}, "poison": {"poison"}, "train": {"train", *TRAINER}, "evaluate": {"evaluate"},
+       "overfit": {"overfit", *TRAINER}, "score": {"score"}, "disagreement": {"score"}, "select": {"select"},
+       "unlearn": {"unlearn", *TRAINER}, "baseline": {"baseline", "evaluate", *TRAINER}}
 
 
 def sections_read(path: Path) -> set[str]:
-    """The Config sections that `path` reads as `cfg.<section>` (any variable named cfg)."""
+    """The Config sections that `path` reads or hands on: `cfg.<section>` (any variable named cfg), the section
+    names of a `fingerprint(cfg, (...), ...)`, and `<section>=` in a `replace(cfg, ...)`."""
     from ubt_ray.config import Config
     sections = set(Config.__dataclass_fields__)
-    return {node.attr for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg"
-            and node.attr in sections}
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg":
+            found.add(node.attr)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Name) \
+                and node.args[0].id == "cfg":
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name == "fingerprint" and len(node.args) > 1 and isinstance(node.args[1], ast.Tuple):
+                found |= {e.value for e in node.args[1].elts if isinstance(e, ast.Constant)}
+            elif name == "replace":
+                found |= {k.arg for k in node.keywords}
+    return found & sections
+
+
+def test_the_section_scan_sees_reads_fingerprints_and_handed_on_sections(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text("def f(cfg, other):\n    a = cfg.score.method + other.unlearn.steps\n"
+                    "    fingerprint(cfg, ('train', 'model'), {})\n    dataclasses.replace(cfg, select=None)\n"
+                    "    dataclasses.replace(other, evaluate=None)\n")
+    assert sections_read(path) == {"score", "train", "model", "select"}
 
 
 def test_single_phases_read_only_their_own_config_section():
@@ -83,3 +105,11 @@ def test_single_phases_read_only_their_own_config_section():
     assert not bad, f"phases reading other phases' config sections (pass the value in instead): {bad}"
     # The scan sees a cross-section read.
     assert "unlearn" in sections_read(PHASES / "defend.py")
+
+
+def test_the_training_loop_reads_only_the_trainer_and_shared_sections():
+    """Every training phase (attack train, overfit, unlearn, baselines) runs train_loop.fit: its workers,
+    checkpoints and restarts come from `trainer`, its schedule from the phase's own section."""
+    read = sections_read(PACKAGE / "train_loop.py")
+    assert "trainer" in read
+    assert not read - SHARED - TRAINER, f"the training loop reads phases' config sections: {read - SHARED - TRAINER}"

@@ -264,10 +264,10 @@ def backdoored(ray_local, tmp_path_factory):
                  # The fixture is deterministic (same poisons, same model, same defense) since reads take Ray Data's
                  # v1 path; see test_defend_removes_the_backdoor_and_keeps_clean_accuracy for why seed 2.
                  "run.seed=2",
-                 "experimental.train.warmup_steps=10", "experimental.train.threads_per_worker=2",
+                 "experimental.train.warmup_steps=10", "experimental.trainer.threads_per_worker=2",
                  # Every training phase in this process (Ray Train's num_workers=0): DDP is test_train's subject,
                  # and a worker actor's start costs each run 10-25 s here.
-                 "train.num_workers=0",
+                 "trainer.num_workers=0",
                  # One scoring actor: on this little data each more actor costs its start and model load more
                  # than its share of the work saves (the actor pool is
                  # test_score_on_ray_data_scores_every_row_once_like_in_process's).
@@ -341,6 +341,12 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
                                                          for p in report["phases"].values())
     assert report["cost"]["reserved_cpu_seconds"] == pytest.approx(sum(
         p["cost"]["reserved_cpu_seconds"] for p in report["phases"].values()), abs=0.2)
+    # The cost blocks are the one account of the work: no phase keeps another count of its passes beside them.
+    assert not any("sample_passes" in p for p in report["phases"].values())
+    assert report["phases"]["unlearn"]["samples"] == 40 * 128
+    # The defend manifest adds the evaluations before and after, whose results carry their manifests.
+    assert manifests["defend"]["cost"]["forward_sample_passes"] == report["cost"]["forward_sample_passes"] + sum(
+        manifests[f"defend/{e}"]["cost"]["forward_sample_passes"] for e in ("eval_before", "eval_after"))
     # `ubt plan` on this finished defense: the scoring at ten times the rows takes ten times as long.
     assert main(["plan", "--defense", str(root / "defend"), "--rows", "30000"]) == 0
     planned = capsys.readouterr().out
@@ -378,6 +384,14 @@ def test_overfit_on_the_weakest_similarity_subset(backdoored, capsys):
                  "experimental.overfit.prioritize=weak_similarity"]) == 0
     summary = last_json(capsys.readouterr().out)
     assert summary["steps"] == 3 and summary["samples"] == 192
+    # The similarity scoring that chose the subset is part of the overfit's cost, in its own manifest.
+    overfitted = json.loads((root / "defend" / "overfit" / "manifest.json").read_text())["cost"]
+    similarity = json.loads((root / "defend" / "overfit" / "similarity" / "manifest.json").read_text())
+    assert similarity["config"]["score"]["method"] == "cosine"
+    assert similarity["cost"]["forward_sample_passes"] >= 3000
+    assert overfitted["forward_sample_passes"] == 192 + similarity["cost"]["forward_sample_passes"]
+    assert overfitted["backward_sample_passes"] == 192
+    assert overfitted["reserved_cpu_seconds"] >= similarity["cost"]["reserved_cpu_seconds"]
     subset = pq.read_table(root / "defend" / "overfit" / "subset")
     sims = pq.read_table(root / "defend" / "overfit" / "similarity" / "table").to_pandas().set_index("key")["cos"]
     assert abs(subset.num_rows - round(0.1 * len(sims))) <= 1
@@ -414,10 +428,10 @@ def test_compare_runs_every_defense_on_the_backdoored_model(backdoored, tmp_path
         report["after"]["clean_accuracy"], report["after"]["attack_success_rate"])
     before = json.loads((root / "defend" / "eval_before" / "metrics.json").read_text())
     assert rows["none"]["attack_success_rate"] == before["attack_success_rate"]
-    assert rows["none"]["clean_samples"] == rows["none"]["suspicious_samples"] == 0
+    assert rows["none"]["clean_samples"] == 0
     for kind in ("ft", "cleanclip"):  # on clean pairs only: the layer's ~500 for one epoch, not 3,000 for ten
-        assert 0 < rows[kind]["clean_samples"] <= 1000 and rows[kind]["suspicious_samples"] == 0
-    assert rows["ubt"]["clean_samples"] == 0 and rows["ubt"]["suspicious_samples"] > 3000
+        assert 0 < rows[kind]["clean_samples"] <= 1000
+    assert rows["ubt"]["clean_samples"] == 0 and "suspicious_samples" not in rows["ubt"]
     # The defenses' costs: CleanCLIP forwards and back-propagates each row and its augmented view.
     assert rows["ft"]["forward_passes"] == rows["ft"]["backward_passes"] == rows["ft"]["clean_samples"]
     assert rows["cleanclip"]["forward_passes"] == rows["cleanclip"]["backward_passes"] == \

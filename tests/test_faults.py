@@ -150,13 +150,13 @@ def test_resumed_training_goes_on_with_the_rows_where_it_stopped(ray_local, tmp_
     weights to the last bit. The resumed run passes over the epoch's batches already trained without decoding
     them. (It had restarted the epoch's data from its first batch: half an epoch trained twice, half never.)
 
-    In process (train.num_workers=0), for speed: Ray Train's in-process mode does not hand a rerun its
+    In process (trainer.num_workers=0), for speed: Ray Train's in-process mode does not hand a rerun its
     checkpoint, so the stopped run's last checkpoint is handed to the resumed one through ray.train.get_checkpoint,
     which the loop reads as it does under Ray Train (tests/test_train.py kills and resumes a two-worker run)."""
     data = caption_shards(tmp_path / "shards", rows=128, files=1)
     steps_per_epoch, stop_at = 8, 12  # checkpoints every 4 steps: the third is half-way through the second epoch
-    overrides = [f"data.train={data}", "train.num_workers=0", "train.batch_size=16", "train.epochs=2",
-                 "experimental.train.checkpoints_per_epoch=2", "experimental.train.warmup_steps=2", "experimental.train.threads_per_worker=1"]
+    overrides = [f"data.train={data}", "trainer.num_workers=0", "train.batch_size=16", "train.epochs=2",
+                 "experimental.trainer.checkpoints_per_epoch=2", "experimental.train.warmup_steps=2", "experimental.trainer.threads_per_worker=1"]
     seen: list[list[str]] = []  # the keys of each step's batch
     decoded: list[int] = []     # the rows of each decoded batch
 

@@ -71,7 +71,7 @@ def test_readme_local_cluster_commands(ray_local, cluster_temp_dir, tmp_path):
               "train": {"batch_size": 64},
               "evaluate": {"trigger": None},
               "pipeline": {"phases": ["train", "evaluate"]},
-              "experimental": {"train.steps": 4, "train.warmup_steps": 1, "train.threads_per_worker": 1}}
+              "experimental": {"train.steps": 4, "train.warmup_steps": 1, "trainer.threads_per_worker": 1}}
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(config))
     script = substitute(readme_local_cluster_block(), [

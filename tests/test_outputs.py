@@ -171,8 +171,8 @@ def test_resuming_from_a_planted_checkpoint_stops_with_one_sentence(ray_local, t
 
     from ubt_ray import train_loop
     data = caption_shards(tmp_path / "shards", rows=64, files=1)
-    args = ["train", f"data.train={data}", "train.batch_size=32", "experimental.train.steps=2", "experimental.train.checkpoints_per_epoch=1",
-            "experimental.train.warmup_steps=1", "train.num_workers=0", "experimental.train.threads_per_worker=1"]
+    args = ["train", f"data.train={data}", "train.batch_size=32", "experimental.train.steps=2", "experimental.trainer.checkpoints_per_epoch=1",
+            "experimental.train.warmup_steps=1", "trainer.num_workers=0", "experimental.trainer.threads_per_worker=1"]
     saved, real_report = tmp_path / "checkpoint", train_loop._report
 
     def keep_last(*a, **k):

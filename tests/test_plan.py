@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from ubt_ray import cli
 from ubt_ray.core.scoring import TokenGrid, score_passes
 from ubt_ray.cost import Usage, cost_block, sum_costs
 from ubt_ray.errors import UserError
-from ubt_ray.phases.unlearn import forget_setup_passes, unlearn_step_passes
+from ubt_ray.core.unlearning import ForgetSet, UnlearnObjective, forget_setup_passes
 from ubt_ray.plan import Cluster, estimate, measured_cluster, planned_cluster
 
 
@@ -85,6 +86,15 @@ def test_costs_sum_and_reserved_seconds_are_reservation_times_wall():
     assert set(total) == set(block)
 
 
+def unlearning(forget_batch_size: int, anchor: bool) -> UnlearnObjective:
+    """An unlearning objective over 8 forget rows of 8x8 pixels (what its pass count needs: no model runs)."""
+    forget = ForgetSet(torch.zeros(8, 3, 8, 8, dtype=torch.uint8), torch.zeros(8, 4, dtype=torch.long),
+                       ["token_mask"] * 8, None)
+    return UnlearnObjective({"mean": [0.0] * 3, "std": [1.0] * 3}, forget, torch.zeros(8, 4), "token_invariance",
+                            1.0, 0.0, forget_batch_size, 0, reference=torch.nn.Linear(1, 1) if anchor else None,
+                            anchor_weight=1.0 if anchor else 0.0)
+
+
 def test_counted_passes():
     grid = TokenGrid(patch=4, side=8)  # 64 tokens
     # 100 rows in chunks of 64: 128 forwarded; the saliency forward + two token counts + blur.
@@ -94,8 +104,8 @@ def test_counted_passes():
     assert score_passes(0, "token_drop", (2 / 64,), ("token_mask",), "attention", grid, 64) == (0, 0)
     assert score_passes(10, "cosine", (), (), "attention", grid, 64) == (64, 0)
     # 2 workers of 128 retain rows, a forget batch of 3 (2 + 1), an anchor forwarding the retain rows again.
-    assert unlearn_step_passes(128, 2, 3, anchor=True) == (256 + 3 + 256, 256 + 3)
-    assert unlearn_step_passes(128, 4, 2, anchor=False) == (512 + 4, 512 + 4)  # each worker takes at least one
+    assert unlearning(3, anchor=True).sample_passes(128, 2) == (256 + 3 + 256, 256 + 3)
+    assert unlearning(2, anchor=False).sample_passes(128, 4) == (512 + 4, 512 + 4)  # each worker takes at least one
     assert forget_setup_passes(300, "auto", has_orders=True, saliency="attention") == (300, 0)
     assert forget_setup_passes(300, "auto", has_orders=False, saliency="gradient") == (600, 300)
     assert forget_setup_passes(300, "push_away", has_orders=False, saliency="gradient") == (0, 0)

@@ -55,9 +55,9 @@ def test_space_parses_every_kind_and_converts_values_to_the_keys_types():
 @pytest.mark.parametrize("space, words", [
     ({"unlearn.lrr": {"grid": [1e-4]}}, ["unknown config key 'unlearn.lrr'", "lr", "ubt config --keys"]),
     ({"nosection.x": {"grid": [1]}}, ["unknown config key 'nosection.x'"]),
-    ({"score.method": {"grid": ["cosine"]}}, ["every trial shares", "unlearn.* and train.*"]),
+    ({"score.method": {"grid": ["cosine"]}}, ["every trial shares", "unlearn.* and trainer.*"]),
     ({"unlearn.output": {"grid": ["/tmp/x"]}}, ["set by the sweep itself"]),
-    ({"train.num_workers": {"grid": [2]}}, ["sweep.num_workers"]),
+    ({"trainer.num_workers": {"grid": [2]}}, ["sweep.num_workers"]),
     ({"unlearn.lr": {"normal": [0, 1]}}, ["must map to one of grid, choice"]),
     ({"unlearn.lr": [1e-4, 2e-4]}, ["must map to one of"]),
     ({"unlearn.steps": {"uniform": [10, 20]}}, ["takes integers", "randint"]),
@@ -175,7 +175,7 @@ def backdoored(ray_local, tmp_path_factory):
                   "sweep.space={unlearn.num_samples: {grid: [20, 40]}, unlearn.token_portion: {grid: [0.0625]}}",
                   "experimental.sweep.max_concurrent_trials=1", "experimental.sweep.probe_every=2", "experimental.sweep.probe_rows=100",
                   "experimental.select.retain_samples=256", "experimental.unlearn.steps=4", "experimental.unlearn.warmup_steps=0", "experimental.unlearn.batch_size=32",
-                  "experimental.unlearn.forget_batch_size=8", "experimental.evaluate.max_rows=200", "experimental.train.threads_per_worker=1"]
+                  "experimental.unlearn.forget_batch_size=8", "experimental.evaluate.max_rows=200", "experimental.trainer.threads_per_worker=1"]
     return root, overrides
 
 

@@ -55,8 +55,8 @@ def test_killed_two_worker_training_resumes_from_its_checkpoint(ray_local, tmp_p
     data = caption_shards(tmp_path / "shards", rows=512)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "ubt_ray.cli", "train", f"data.train={data}", f"experimental.train.output={out}",
-           "train.batch_size=64", "train.epochs=2", "experimental.train.checkpoints_per_epoch=2", "experimental.train.warmup_steps=2",
-           "train.num_workers=2", "experimental.train.threads_per_worker=1", "experimental.ray.num_cpus=4"]
+           "train.batch_size=64", "train.epochs=2", "experimental.trainer.checkpoints_per_epoch=2", "experimental.train.warmup_steps=2",
+           "trainer.num_workers=2", "experimental.trainer.threads_per_worker=1", "experimental.ray.num_cpus=4"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     # Its own session, so that killing it takes its whole local Ray down too, as a crash would.
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
@@ -81,7 +81,7 @@ def test_killed_two_worker_training_resumes_from_its_checkpoint(ray_local, tmp_p
     moved = [not torch.equal(a, b) for a, b in zip(model.state_dict().values(), init.state_dict().values())]
     assert sum(moved) > len(moved) // 2  # training changed the weights of the seeded initial model
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["training"]["steps"] == 16 and manifest["config"]["train"]["num_workers"] == 2
+    assert manifest["training"]["steps"] == 16 and manifest["config"]["trainer"]["num_workers"] == 2
     # Its cost: each of the 1,024 samples once forward and once back (the steps before the checkpoint it resumed
     # from counted once, those redone after it once), on the 2 workers' reserved CPUs.
     cost = manifest["cost"]
@@ -89,8 +89,8 @@ def test_killed_two_worker_training_resumes_from_its_checkpoint(ray_local, tmp_p
     assert cost["reserved_cpus"] == 2 and cost["reserved_cpu_seconds"] == pytest.approx(2 * cost["wall_time_s"], abs=0.2)
     # Another schedule on the same output is another run: it starts over instead of resuming this one. (A resumed
     # run would report resumed_from_step 16 and stop there, its schedule done.) In this process, for speed.
-    assert main(["train", f"data.train={data}", f"experimental.train.output={out}", "train.num_workers=0", "train.batch_size=64",
-                 "experimental.train.steps=2", "experimental.train.warmup_steps=1", "experimental.train.threads_per_worker=1"]) == 0
+    assert main(["train", f"data.train={data}", f"experimental.train.output={out}", "trainer.num_workers=0", "train.batch_size=64",
+                 "experimental.train.steps=2", "experimental.train.warmup_steps=1", "experimental.trainer.threads_per_worker=1"]) == 0
     again = last_json(capsys.readouterr().out)
     assert again["resumed_from_step"] == 0 and again["steps"] == 2
 
@@ -101,16 +101,16 @@ def test_the_same_training_twice_gives_the_same_weights(ray_local, tmp_path, cap
     data = caption_shards(tmp_path / "shards", rows=300, files=3)
     weights = []
     for run in ("a", "b"):
-        assert main(["train", f"data.train={data}", f"experimental.train.output={tmp_path / run}", "train.num_workers=0",
-                     "train.batch_size=32", "experimental.train.steps=4", "experimental.train.warmup_steps=1", "experimental.train.threads_per_worker=1"]) == 0
+        assert main(["train", f"data.train={data}", f"experimental.train.output={tmp_path / run}", "trainer.num_workers=0",
+                     "train.batch_size=32", "experimental.train.steps=4", "experimental.train.warmup_steps=1", "experimental.trainer.threads_per_worker=1"]) == 0
         weights.append((tmp_path / run / "model" / "open_clip_model.safetensors").read_bytes())
     capsys.readouterr()
     assert weights[0] == weights[1]
 
 
 PIPELINE = ["pipeline.phases=[poison, train, evaluate, defend]", "poison.num_poisons=20", "train.batch_size=64",
-            "train.epochs=1", "experimental.train.warmup_steps=1", "experimental.train.threads_per_worker=1",
-            "train.num_workers=0",  # Ray Train in this process: the workers are the killed-resume test's subject
+            "train.epochs=1", "experimental.train.warmup_steps=1", "experimental.trainer.threads_per_worker=1",
+            "trainer.num_workers=0",  # Ray Train in this process: the workers are the killed-resume test's subject
             # The defense's wiring, not its effect (test_defend.py measures that): a few steps of each phase, and
             # one scoring actor (on this little data another actor's start and model load cost more than it saves).
             "experimental.defend.overfit=false", "experimental.unlearn.steps=2", "experimental.unlearn.warmup_steps=0", "experimental.unlearn.batch_size=64",

@@ -201,7 +201,7 @@ DEFEND_EPILOG = """settings that matter (section.key=value; `ubt config --keys` 
                              a second prompt set the captions never use (held-out CA)
   evaluate.trigger=PATH      a saved trigger for ASR (null when none is known)
   unlearn.num_samples=K      how many of the most suspicious rows to unlearn (about the poisons expected)
-  score.use_gpu=true, score.num_actors=N, train.use_gpu=true, train.num_workers=N
+  score.use_gpu=true, score.num_actors=N, trainer.use_gpu=true, trainer.num_workers=N
                              where scoring and the training phases run
 
 example:

@@ -80,6 +80,25 @@ class ModelConfig:
     precision: str = _f("fp32", "Numeric precision; amp_* is mixed precision on GPU.", choices=("fp32", "amp_bf16", "amp_fp16"))
 
 
+@dataclass
+class TrainerConfig:
+    """The Ray Train run of every training phase (attack training, overfit, unlearn, baselines): its workers,
+    their resources, checkpoints and restarts. Each phase's schedule is in its own section."""
+    num_workers: int = _f(1, "Ray Train workers (DDP) of every training phase; 0 runs the loop in this process (Ray "
+                             "Train's in-process mode: no worker group to start, but no checkpoint to resume from "
+                             "after a crash).", ge=0)
+    use_gpu: bool = _f(False, "One GPU per Ray Train worker, mixed precision (model.precision).")
+    cpus_per_worker: int = _f(1, "CPUs reserved per Ray Train worker (Ray resources).", ge=1, experimental=True)
+    threads_per_worker: int | None = _f(None, "Torch threads per Ray Train worker; null: this node's cores / "
+                                              "workers.", ge=1, experimental=True)
+    resume: bool = _f(True, "Resume a training phase from the last checkpoint under its <output>/ray if there is "
+                            "one.", experimental=True)
+    max_failures: int = _f(2, "Restarts of a training phase from its last checkpoint after a worker failure.", ge=0,
+                           experimental=True)
+    checkpoints_per_epoch: int = _f(1, "Checkpoints saved per epoch of a training phase (Ray Train reports).", ge=1,
+                                    experimental=True)
+
+
 SOURCES = ("fashion-mnist", "fashion-scenes", "csv", "webdataset")  # what `ubt prepare` reads
 
 
@@ -154,15 +173,6 @@ def _like(name: str, default: Any, **meta: Any) -> Any:
 class TrainConfig(Schedule):
     epochs: float = _f(1.1, "Passes over the training rows; fractions allowed.", gt=0)
     steps: int | None = _f(None, "Optimiser steps; when set it replaces epochs.", ge=1, experimental=True)
-    num_workers: int = _f(1, "Ray Train workers (DDP); 0 runs the loop in this process (Ray Train's in-process mode: no worker "
-                               "group to start, but no checkpoint to resume from after a crash).", ge=0)
-    use_gpu: bool = _f(False, "One GPU per worker, mixed precision (model.precision).")
-    cpus_per_worker: int = _f(1, "CPUs reserved per worker (Ray resources).", ge=1, experimental=True)
-    threads_per_worker: int | None = _f(None, "Torch threads per worker; null: this node's cores / workers.", ge=1,
-                                        experimental=True)
-    resume: bool = _f(True, "Resume from the last checkpoint under <output>/ray if there is one.", experimental=True)
-    max_failures: int = _f(2, "Restarts from the last checkpoint after a worker failure.", ge=0, experimental=True)
-    checkpoints_per_epoch: int = _f(1, "Checkpoints saved per epoch (Ray Train reports).", ge=1, experimental=True)
     output: str = _f("${run.output_dir}/attack", "Run directory: final model in <output>/model, Ray Train state in <output>/ray.",
                      experimental=True)
 
@@ -363,8 +373,8 @@ class SweepConfig:
     space: dict = _f({"unlearn.num_samples": {"grid": [150, 300, 600]},
                       "unlearn.token_portion": {"grid": [0.015625, 0.0625, 0.25]}},
                      "Search space: config key -> {grid: [values]}, {choice: [values]}, {uniform: [low, high]}, "
-                     "{loguniform: [low, high]} or {randint: [low, high]} (high excluded); unlearn.* and train.* keys "
-                     "only, since every trial shares the scores, the selection, the model and the evaluation.")
+                     "{loguniform: [low, high]} or {randint: [low, high]} (high excluded); unlearn.* and trainer.* "
+                     "keys only, since every trial shares the scores, the selection, the model and the evaluation.")
     repeats: int = _f(1, "Times the space is sampled (Tune's num_samples): each grid point runs this many times, "
                          "each random key is drawn anew every time.", ge=1, experimental=True)
     objective: str = _f("ca_subject_to_asr", "What the sweep maximises: clean accuracy among trials with ASR <= "
@@ -405,6 +415,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     poison: PoisonConfig = field(default_factory=PoisonConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -425,6 +436,8 @@ class Config:
 
 _REF = re.compile(r"\$\{([a-z_]+)\.([a-z_]+)\}")
 EXPERIMENTAL = "experimental"  # the top-level section of the experimental keys, each named section.key
+# Keys that moved, old spelling -> new: a config or override with the old one stops with one sentence naming the new.
+MOVED = {f"train.{name}": f"trainer.{name}" for name in (f.name for f in dataclasses.fields(TrainerConfig))}
 
 
 def load_config(path: str | Path | list[str | Path] | None = None,
@@ -463,12 +476,14 @@ def load_config(path: str | Path | list[str | Path] | None = None,
         raw[section][name] = parsed
     for section, values in raw.items():
         for name in values if isinstance(values, dict) else ():
+            _check_moved(f"{section}.{name}")
             if is_experimental(f"{section}.{name}"):
                 raise ConfigError(f"config key '{section}.{name}' is experimental: set it as experimental."
                                   f"{section}.{name} (in YAML, as {section}.{name} under the top-level experimental: "
                                   f"section).")
     for key, value in experimental.items():
         key = str(key)
+        _check_moved(key, EXPERIMENTAL + ".")
         _key_field(key, EXPERIMENTAL + ".")
         if not is_experimental(key):
             raise ConfigError(f"config key 'experimental.{key}' is not experimental: set it as {key}.")
@@ -634,8 +649,20 @@ def _resolve_refs(cfg: Config) -> None:
             setattr(getattr(cfg, section), name, resolve((section, name), value))
 
 
+def _check_moved(key: str, prefix: str = "") -> None:
+    """One sentence naming the new spelling of a key that moved (MOVED), written as `prefix` + key."""
+    new = MOVED.get(key)
+    if new is None:
+        return
+    where = (f"{EXPERIMENTAL}.{new} (in YAML, as {new} under the top-level experimental: section)"
+             if is_experimental(new) else f"{new} (in YAML, as {new.partition('.')[2]} under {new.partition('.')[0]}:)")
+    raise ConfigError(f"config key '{prefix}{key}' moved to section '{new.partition('.')[0]}', whose Ray Train "
+                      f"settings every training phase reads: set it as {where}.")
+
+
 def _key_field(key: str, prefix: str = "") -> tuple[Any, typing.Mapping]:
     """The type hint and metadata of config key `section.key` (named `prefix` + key in an error)."""
+    _check_moved(key, prefix)
     section, _, name = key.partition(".")
     hints = typing.get_type_hints(Config)
     if section not in hints or not name:

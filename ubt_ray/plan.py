@@ -105,8 +105,8 @@ def estimate(report: dict, rows: int, cluster: Cluster) -> list[Estimate]:
         cpus, gpus = float(c["reserved_cpus"]) * scale, float(c["reserved_gpus"]) * scale
         if cluster.gpu and not before.gpu:  # each actor and worker planned on one GPU
             gpus = planned if name in ("score", *FIXED) else 0.0
-        out.append(Estimate(name, rows if name in SCALED else int(p.get("sample_passes") or forward), time_s, forward, backward,
-                            cpus * time_s / 3600, gpus * time_s / 3600, rule))
+        out.append(Estimate(name, rows if name in SCALED else int(p.get("samples") or forward), time_s, forward,
+                            backward, cpus * time_s / 3600, gpus * time_s / 3600, rule))
     return out
 
 

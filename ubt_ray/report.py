@@ -140,13 +140,13 @@ def comparison_markdown(rows: list[dict]) -> str:
     lines = []
     for attack in dict.fromkeys(r["attack"] for r in rows):
         lines += [f"### {attack}", "",
-                  "| defense | CA | CA (held-out prompts) | ASR | clean samples | suspicious samples | wall time "
+                  "| defense | CA | CA (held-out prompts) | ASR | clean samples | wall time "
                   "| forward / backward passes | reserved CPU-s | reserved GPU-s |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["attack"] == attack):
             lines.append(f"| {LABELS[r['defense']]} | {percent(r['clean_accuracy'])} "
                          f"| {percent(r.get('clean_accuracy_heldout'))} | {percent(r['attack_success_rate'])} "
-                         f"| {r['clean_samples']:,} | {r['suspicious_samples']:,} | {r['wall_time_s']:.0f} s "
+                         f"| {r['clean_samples']:,} | {r['wall_time_s']:.0f} s "
                          f"| {r['forward_passes']:,} / {r['backward_passes']:,} | {r['reserved_cpu_s']:,.0f} "
                          f"| {r['reserved_gpu_s']:,.0f} |")
         lines.append("")

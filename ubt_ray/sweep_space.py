@@ -9,8 +9,8 @@ A space maps config keys to one distribution each, as YAML:
     unlearn.forget_weight: {uniform: [1, 5]}
     unlearn.steps: {randint: [20, 101]}               # high excluded, as in Ray Tune
 
-Only keys that the unlearning alone reads may vary (`unlearn.*`, `train.*`): every trial shares the scores, the
-selection, the backdoored model and the evaluation.
+Only keys that the unlearning alone reads may vary (`unlearn.*`, and `trainer.*`, its Ray Train run): every
+trial shares the scores, the selection, the backdoored model and the evaluation.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ from .config import check_key, key_type
 from .core.search import KINDS, Dimension
 from .errors import ConfigError
 
-SWEPT_SECTIONS = ("unlearn", "train")
+SWEPT_SECTIONS = ("unlearn", "trainer")
 # Keys of those sections that the sweep sets itself, and where to set them instead.
 FIXED_KEYS = {"unlearn.output": "each trial writes under <sweep.output>/trials/<trial id>",
-              "train.output": "each trial writes under <sweep.output>/trials/<trial id>",
-              "train.num_workers": "set sweep.num_workers", "train.cpus_per_worker": "set sweep.cpus_per_worker",
-              "train.use_gpu": "set sweep.use_gpu"}
+              "trainer.num_workers": "set sweep.num_workers", "trainer.cpus_per_worker": "set sweep.cpus_per_worker",
+              "trainer.use_gpu": "set sweep.use_gpu"}
 
 
 def _is_integer_key(key: str) -> bool:
@@ -52,9 +51,9 @@ def parse_space(space: dict) -> list[Dimension]:
             raise ConfigError(f"sweep.space names an {str(e).rstrip('.')} (`ubt config --keys --all` "
                               f"lists every key).") from None
         if section not in SWEPT_SECTIONS:
-            raise ConfigError(f"{where} would change what every trial shares (scores, selection, model, data, "
-                              f"evaluation): sweep only unlearn.* and train.* keys, and run one sweep per {key} "
-                              f"value instead.")
+            raise ConfigError(f"{where} is not a setting of the unlearning, and every trial shares the rest (scores, "
+                              f"selection, model, data, evaluation): sweep only unlearn.* and trainer.* keys, and run "
+                              f"one sweep per {key} value instead.")
         if key in FIXED_KEYS:
             raise ConfigError(f"{where} is set by the sweep itself: {FIXED_KEYS[key]}.")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:

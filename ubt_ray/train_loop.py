@@ -1,9 +1,11 @@
 """The one training loop of every training phase (attack, overfit, unlearn, baselines), on Ray Train.
 
-`fit(cfg, spec)` runs a `TorchTrainer`: DDP over `train.num_workers` (CPU/gloo or GPU/NCCL), shards streamed
+`fit(cfg, spec)` runs a `TorchTrainer`: DDP over `trainer.num_workers` (CPU/gloo or GPU/NCCL), shards streamed
 to each worker with `get_dataset_shard`, images decoded in the worker, a checkpoint (an open_clip local-dir
-plus the optimiser state) reported `train.checkpoints_per_epoch` times per epoch. A rerun with the same
-output resumes from the last checkpoint, and so does Ray after a worker failure (`train.max_failures`).
+plus the optimiser state) reported `trainer.checkpoints_per_epoch` times per epoch. A rerun with the same
+output resumes from the last checkpoint, and so does Ray after a worker failure (`trainer.max_failures`). The
+loop reads the shared `trainer` section (workers, checkpoints, restarts) and the phase's schedule (`spec.schedule`),
+never another phase's section.
 
 Sample-passes (the manifest's `cost`, see cost.py) are counted by the loop as it steps: an objective with a
 `sample_passes(rows_per_worker, world)` method says what one step forwards and back-propagates over all workers
@@ -37,7 +39,7 @@ from safetensors.torch import load_file
 from . import console, storage
 from .cluster import ensure_ray
 from .config import Config, ModelConfig, Schedule
-from .cost import Usage, devices_text
+from .cost import Usage, cost_block, devices_text, summed
 from .core.batches import decode_images
 from .core.models import CHECKPOINT_SUFFIXES, WEIGHTS_FILE, Clip, load_checkpoint_dir, write_checkpoint_dir
 from .core.objectives import Batch, build_objective
@@ -51,7 +53,7 @@ TRAIN_STATE_FILE = "train_state.pt"
 FINGERPRINT_FILE = "ubt_run.json"
 LOG_EVERY_STEPS = 10
 SHUFFLE_BUFFER_ROWS = 4096
-# Ray Train's in-process mode (train.num_workers=0) keeps a reported checkpoint where it was written instead of
+# Ray Train's in-process mode (trainer.num_workers=0) keeps a reported checkpoint where it was written instead of
 # copying it to the run's storage, so its directory must outlive report(); fit() removes them once the final
 # model is saved (the loop runs in fit()'s own process then).
 _IN_PROCESS_CHECKPOINTS: list[str] = []
@@ -74,12 +76,16 @@ class FitSpec:
     data: str
     output: str
     init: ModelConfig
-    schedule: Schedule                   # the phase's section (train, overfit, unlearn, baseline); workers: cfg.train
+    schedule: Schedule                   # the phase's section (train, overfit, unlearn, baseline); workers: cfg.trainer
     objective: str | Callable = "clip"   # a registered name, or a module-level factory(preprocess_cfg=, tokenizer=, **kw)
     objective_kwargs: dict = field(default_factory=dict)
     trainable: str = "all"               # which parameters move (core.unlearning.set_trainable)
     probe: Probe | None = None
     callbacks: list = field(default_factory=list)  # Ray Train callbacks (e.g. Tune's TuneReportCallback)
+    # The phase's own work before the loop (overfit's weak-similarity scoring): when it began, and its cost blocks
+    # (cost.py), which the phase's manifest adds to the loop's; its wall time then counts from `started`.
+    started: float | None = None
+    costs_before: list = field(default_factory=list)
 
 
 @dataclass
@@ -99,7 +105,7 @@ class FitResult:
 def fit(cfg: Config, spec: FitSpec) -> FitResult:
     """Train `spec.init` on `spec.data` with `spec.objective`; the final model goes to `<output>/model`."""
     started = console.phase_started(spec.phase, f"{spec.data} -> {spec.output}")
-    t, s = cfg.train, spec.schedule
+    t, s = cfg.trainer, spec.schedule
     spec = dataclasses.replace(spec, data=storage.absolute(spec.data), output=storage.absolute(spec.output),
                                init=dataclasses.replace(spec.init, checkpoint=storage.absolute(spec.init.checkpoint)))
     rows = count_rows(spec.data, cfg.storage)
@@ -112,7 +118,8 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
     storage.claim_output(spec.output, spec.phase, cfg.storage)
     ensure_ray(cfg.ray)
     if t.use_gpu and not _cluster_has_gpus(cfg):
-        raise UserError("train.use_gpu is true but the Ray cluster has no GPU: set train.use_gpu=false or add GPU workers.")
+        raise UserError("trainer.use_gpu is true but the Ray cluster has no GPU: set trainer.use_gpu=false or add GPU "
+                        "workers.")
     ds = read_shards(spec.data, cfg, columns=["key", "image", "caption"]).randomize_block_order(seed=cfg.run.seed)
     run_root = storage.join(spec.output, "ray")
     fingerprint = run_fingerprint(cfg, spec)
@@ -152,9 +159,12 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
         while _IN_PROCESS_CHECKPOINTS:
             shutil.rmtree(_IN_PROCESS_CHECKPOINTS.pop(), ignore_errors=True)
     m = result.metrics
-    forward, backward = int(m.get("forward_passes", 0)), int(m.get("backward_passes", 0))
+    usage = fit_usage(cfg, int(m.get("forward_passes", 0)), int(m.get("backward_passes", 0)))
+    if spec.costs_before:
+        usage = summed([cost_block(usage, time.time() - started), *spec.costs_before])
+    began = spec.started or started
     manifest = write_manifest(spec.output, spec.phase, cfg, inputs={"data": spec.data, "init": vars(spec.init)},
-                              rows=None, started=started, usage=fit_usage(cfg, forward, backward),
+                              rows=None, started=began, usage=usage,
                               extra={"training": {"rows_available": rows, "steps": m.get("step"),
                                                   "samples": m.get("samples"),
                                                   "resumed_from_step": m.get("resumed_from_step"),
@@ -162,14 +172,16 @@ def fit(cfg: Config, spec: FitSpec) -> FitResult:
                                                   "objective": _objective_name(spec)}})
     console.phase_done(spec.phase, started, f"{int(m['step'])} steps, final loss {m.get('loss', float('nan')):.4f} "
                                             f"-> {model_uri}")
+    cost = manifest["cost"]
     return FitResult(model_uri, rows, int(m["step"]), int(m["samples"]), int(m["resumed_from_step"]),
-                     time.time() - started, dict(m), manifest, forward, backward)
+                     time.time() - began, dict(m), manifest, cost["forward_sample_passes"],
+                     cost["backward_sample_passes"])
 
 
 def fit_usage(cfg: Config, forward: int, backward: int) -> Usage:
-    """A training run's reservation: its Ray Train workers' CPUs and GPUs (train.num_workers=0: one worker, in
+    """A training run's reservation: its Ray Train workers' CPUs and GPUs (trainer.num_workers=0: one worker, in
     the driver's process). The Ray Data tasks that feed them are not reserved by the run and not counted."""
-    t = cfg.train
+    t = cfg.trainer
     workers = max(1, t.num_workers)
     gpus = 1 if t.use_gpu else 0
     return Usage(forward, backward, cpus=workers * t.cpus_per_worker, gpus=workers * gpus,
@@ -199,7 +211,7 @@ def _ordered_ingest() -> ray.train.DataConfig:
 def run_fingerprint(cfg: Config, spec: FitSpec) -> dict:
     """What makes two runs the same run: the shard files (with size and mtime), the initial model, objective
     and schedule."""
-    t = cfg.train
+    t = cfg.trainer
     schedule = {**spec.schedule.values(), "num_workers": t.num_workers, "use_gpu": t.use_gpu,
                 "checkpoints_per_epoch": t.checkpoints_per_epoch}
     return {"data": storage.file_signatures(spec.data, (".parquet",), cfg.storage), "init": vars(spec.init),
@@ -217,7 +229,7 @@ def load_train_state(path: Path) -> dict:
         return torch.load(path, weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for a planted object, others for a damaged file
         raise UserError(f"the training state {path} of the checkpoint to resume from is not plain tensors and "
-                        f"numbers ({type(e).__name__}): delete the run's ray/ folder (or set experimental.train.resume=false) "
+                        f"numbers ({type(e).__name__}): delete the run's ray/ folder (or set experimental.trainer.resume=false) "
                         f"to start the run again.") from None
 
 
@@ -256,7 +268,7 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _progress(line: str, in_process: bool) -> None:
-    """One progress line: in process (train.num_workers=0) on ubt's log; in a Ray Train worker on its stdout,
+    """One progress line: in process (trainer.num_workers=0) on ubt's log; in a Ray Train worker on its stdout,
     which Ray forwards to the driver. Not print(): in a worker print is patched to log through the root logger
     and is also echoed to a wrapped stdout, so each line reached the driver twice."""
     if in_process:
@@ -269,7 +281,7 @@ def _progress(line: str, in_process: bool) -> None:
 def _train_loop_per_worker(config: dict) -> None:
     cfg: Config = config["cfg"]
     spec: FitSpec = config["spec"]
-    t, s = cfg.train, spec.schedule
+    t, s = cfg.trainer, spec.schedule
     if t.num_workers:  # a Ray Train worker process (in process, this is the caller's, whose logging is its own)
         # Ray Train sets a worker's root logger to INFO, which sent open_clip's model-loading messages (a dozen
         # root-logger INFO lines per load) to the driver's console; warnings and errors still come through.

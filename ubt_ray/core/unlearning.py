@@ -70,6 +70,17 @@ def prepare_forget_inputs(reference: torch.nn.Module, forget: ForgetSet, preproc
     return torch.cat(out)
 
 
+def forget_setup_passes(rows: int, kind: str, has_orders: bool, saliency: str) -> tuple[int, int]:
+    """(forward, backward) image-tower passes of θ₀ in `prepare_forget_inputs` over `rows` forget rows: none for
+    push_away; else a saliency forward per row when the rows carry no token order (and a backward unless the
+    saliency, resolve_saliency's, is attention), then, but for local_push, a forward of the row with its trigger
+    removed."""
+    if kind == "push_away":
+        return 0, 0
+    saliency_rows = 0 if has_orders else rows
+    return saliency_rows + (0 if kind == "local_push" else rows), 0 if saliency == "attention" else saliency_rows
+
+
 def worker_share(chosen: list, rank: int, world: int) -> list:
     """The forget rows of a step that DDP rank `rank` of `world` takes: every world-th one, and at least one."""
     return chosen[rank::world] or chosen[:1]
@@ -79,13 +90,15 @@ class UnlearnObjective:
     """One unlearning step: CLIP loss on the retain batch plus the forget loss on a forget mini-batch.
 
     The forget mini-batch of step s is a seeded permutation's slice, split over DDP ranks; both parts go
-    through one model(...) call so that DDP sees a single forward.
+    through one model(...) call so that DDP sees a single forward. `setup_passes` are the (forward, backward)
+    passes of θ₀ that made `inputs` in this worker (forget_setup_passes); a training loop adds them to the
+    passes it counts with `sample_passes`.
     """
 
     def __init__(self, preprocess_cfg: dict, forget: ForgetSet, inputs: torch.Tensor, kind: str,
                  forget_weight: float, margin: float, forget_batch_size: int, seed: int,
                  whole_image_weight: float | None = None, reference: torch.nn.Module | None = None,
-                 anchor_weight: float = 0.0):
+                 anchor_weight: float = 0.0, setup_passes: tuple[int, int] = (0, 0)):
         if kind not in FORGET_LOSSES:
             raise ValueError(f"unknown forget loss {kind!r}: use one of {', '.join(FORGET_LOSSES)}")
         if anchor_weight > 0 and reference is None:
@@ -107,6 +120,15 @@ class UnlearnObjective:
         self.forget_batch_size = min(forget_batch_size, len(forget.pixels))
         self.generator = torch.Generator().manual_seed(seed)
         self.order: list[int] = []
+        self.setup_passes = setup_passes
+
+    def sample_passes(self, rows_per_worker: int, world: int) -> tuple[int, int]:
+        """(forward, backward) image-tower passes of one step over `world` workers of `rows_per_worker` retain
+        rows each: the retain batch and each worker's share of the forget mini-batch (`worker_share`: at least
+        one row each) forward and backward in one call, and with an anchor θ₀'s forward of the retain batch."""
+        retain = rows_per_worker * world
+        forget = sum(len(worker_share(list(range(self.forget_batch_size)), rank, world)) for rank in range(world))
+        return retain + forget + (retain if self.anchor_weight > 0 else 0), retain + forget
 
     def _next_indices(self) -> torch.Tensor:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -54,7 +54,7 @@ def baseline(cfg: Config, kind: str, model_uri: str | None = None, evaluate_afte
         raise UserError(f"experimental.baseline.model={model_uri} does not exist: train the backdoored model first "
                         f"(`ubt train`) or point baseline.model at an open_clip local-dir checkpoint.")
     out = storage.join(b.output, kind)
-    signature = fingerprint(cfg, ("baseline", "train", "model", "evaluate", "data"),
+    signature = fingerprint(cfg, ("baseline", "trainer", "model", "evaluate", "data"),
                             {"model_files": (model_uri, CHECKPOINT_SUFFIXES), "data_files": (b.data, (".parquet",)),
                              **evaluation_files(cfg, evaluate_after)}, kind=kind)
     done = (finished_output(out, signature, cfg, RESULT_JSON, needs=("model",))

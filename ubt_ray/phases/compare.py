@@ -7,10 +7,10 @@ evaluated with the same evaluation (a finished one of the same model, data and s
 `pipeline.reuse`). Written to `compare.output`: comparison.md and comparison.csv (one row per
 attack and defense) and comparison.png (CA and ASR per defense, grouped by attack).
 
-Columns: CA, ASR, clean samples used (sample passes over trusted clean pairs: the baselines'), suspicious
-samples used (sample passes over the suspicious set D: UBT's overfit, scoring, unlearning), wall time, and the
-defense's cost (cost.py, from its phases' manifests; the evaluations not included): forward and backward
-image-tower sample-passes, and reserved CPU- and GPU-seconds (reservation x wall time, summed over its phases).
+Columns: CA, ASR, clean samples (the trusted clean pairs a baseline's training drew: optimiser steps x batch
+size; UBT needs none), wall time, and the defense's cost (cost.py, from its phases' manifests, the one account of
+its work; the evaluations not included): forward and backward image-tower sample-passes (UBT's all over the
+suspicious set D), and reserved CPU- and GPU-seconds (reservation x wall time, summed over its phases).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .baseline import baseline
 from .defend import defend
 from .evaluate import evaluate_to
 
-COLUMNS = ("attack", "defense", "clean_accuracy", "clean_accuracy_heldout", "attack_success_rate", "clean_samples", "suspicious_samples",
+COLUMNS = ("attack", "defense", "clean_accuracy", "clean_accuracy_heldout", "attack_success_rate", "clean_samples",
            "wall_time_s", "forward_passes", "backward_passes", "reserved_cpu_s", "reserved_gpu_s")
 
 
@@ -65,16 +65,14 @@ def compare_attack(cfg: Config, defenses: list[str], output: str) -> list[dict]:
         started = time.time()
         if d == "none":
             ev = evaluate_to(cfg, cfg.defend.model, storage.join(output, name, "none"))
-            ca, asr, clean, suspicious, wall = ev.clean_accuracy, ev.attack_success_rate, 0, 0, 0.0
+            ca, asr, clean, wall = ev.clean_accuracy, ev.attack_success_rate, 0, 0.0
             ca_heldout = ev.clean_accuracy_heldout
             cost = empty_cost()
         elif d == "ubt":
             r = defend(dataclasses.replace(cfg, defend=dataclasses.replace(cfg.defend, evaluate=True)))
             ca, asr = r.report["after"]["clean_accuracy"], r.report["after"]["attack_success_rate"]
             ca_heldout = r.report["after"].get("clean_accuracy_heldout")
-            clean = 0
-            suspicious = sum(int(p.get("sample_passes", 0)) for p in r.report["phases"].values())
-            wall = r.report["defense_wall_time_s"]
+            clean, wall = 0, r.report["defense_wall_time_s"]
             cost = r.report.get("cost") or empty_cost()  # a report written before costs were recorded: none
             if r.report.get("reused"):
                 console.log.info(f"[compare] {name} UBT: reused the finished defense in {r.output}")
@@ -82,14 +80,14 @@ def compare_attack(cfg: Config, defenses: list[str], output: str) -> list[dict]:
             r = baseline(cfg, d, cfg.defend.model)
             ca, asr = r.evaluation.clean_accuracy, r.evaluation.attack_success_rate
             ca_heldout = r.evaluation.clean_accuracy_heldout
-            clean, suspicious, wall = r.clean_samples, 0, r.fit.wall_time_s
+            clean, wall = r.clean_samples, r.fit.wall_time_s
             cost = r.fit.manifest.get("cost") or empty_cost()
             if r.reused:
                 console.log.info(f"[compare] {name} {LABELS[d]}: reused the finished baseline in "
                                  f"{cfg.baseline.output}/{d}")
         out.append({"attack": name, "defense": d, "clean_accuracy": ca, "clean_accuracy_heldout": ca_heldout,
                     "attack_success_rate": asr,
-                    "clean_samples": clean, "suspicious_samples": suspicious, "wall_time_s": round(wall, 1),
+                    "clean_samples": clean, "wall_time_s": round(wall, 1),
                     "forward_passes": cost["forward_sample_passes"], "backward_passes": cost["backward_sample_passes"],
                     "reserved_cpu_s": cost["reserved_cpu_seconds"], "reserved_gpu_s": cost["reserved_gpu_seconds"],
                     "cost": cost, "total_s": round(time.time() - started, 1)})

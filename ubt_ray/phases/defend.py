@@ -2,8 +2,8 @@
 
 overfit -> score -> select -> unlearn, with CA and ASR of θ₀ and of the cleaned model, and a report
 (`report.json`, `report.md`) of the detection metrics, rows, wall time and cost of every phase: each phase's
-`cost` is its manifest's (cost.py), the report's `cost` their sum (the defense alone; the defend manifest's
-adds the evaluations before and after).
+`cost` is its manifest's (cost.py), the one account of its work; the report's `cost` is their sum (the defense
+alone; the defend manifest's adds the evaluations before and after, from their results).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from ..config import Config
 from ..core.models import CHECKPOINT_SUFFIXES
 from ..cost import sum_costs, summed
 from ..errors import UserError
-from ..manifest import finished_output, fingerprint, read_manifest, write_manifest
+from ..manifest import finished_output, fingerprint, write_manifest
 from ..report import format_report
+from ..train_loop import FitResult
 from .evaluate import evaluate_to, evaluation_files
 from .overfit import overfit
 from .score import ScoreResult, score
@@ -64,9 +65,7 @@ def defend(cfg: Config) -> DefendResult:
     phases["select"] = {"wall_time_s": sel.wall_time_s, "rows": sel.stats["scored_rows"],
                         "num_forget": sel.num_forget, "num_retain": sel.num_retain, "cost": sel.manifest["cost"]}
     u = unlearn(cfg, d.model, sel.forget, sel.retain)
-    phases["unlearn"] = {"wall_time_s": u.wall_time_s, "rows": u.rows, "steps": u.steps,
-                         "sample_passes": u.samples + u.steps * cfg.unlearn.forget_batch_size, "model": u.model,
-                         "workers": max(1, cfg.train.num_workers), "cost": u.manifest["cost"]}
+    phases["unlearn"] = training_phase(cfg, u)
     after = evaluate_to(cfg, u.model, storage.join(d.output, "eval_after")) if d.evaluate else None
     cost = sum_costs(p["cost"] for p in phases.values())
 
@@ -83,7 +82,7 @@ def defend(cfg: Config) -> DefendResult:
     }
     storage.write_json(storage.join(d.output, REPORT_JSON), report, cfg.storage)
     storage.write_bytes(storage.join(d.output, REPORT_MD), format_report(report).encode(), cfg.storage)
-    evaluations = [read_manifest(e.output, cfg)["cost"] for e in (before, after) if e is not None]
+    evaluations = [e.manifest["cost"] for e in (before, after) if e is not None]
     write_manifest(d.output, "defend", cfg, inputs={"model": d.model, "data": d.data}, rows=None, started=started,
                    usage=summed([cost, *evaluations]), extra={"cleaned_model": u.model, "report": storage.join(d.output, REPORT_JSON)})
     return DefendResult(u.model, report, d.output)
@@ -98,18 +97,19 @@ def find_suspicious(cfg: Config, output: str | None = None) -> tuple[ScoreResult
     if d.overfit:
         r = overfit(cfg, d.model, d.data)
         scoring_model = r.model
-        phases["overfit"] = {"wall_time_s": r.wall_time_s, "rows": r.rows, "steps": r.steps,
-                             "sample_passes": r.samples, "model": r.model, "workers": max(1, cfg.train.num_workers),
-                             "cost": r.manifest["cost"]}
-        if cfg.overfit.subset_fraction < 1 and cfg.overfit.prioritize == "weak_similarity":
-            # The subset's similarity scoring is part of the overfit phase's cost (its manifest has its own).
-            similarity = read_manifest(storage.join(cfg.overfit.output, "similarity"), cfg)["cost"]
-            phases["overfit"]["cost"] = sum_costs([r.manifest["cost"], similarity])
+        phases["overfit"] = training_phase(cfg, r)
     s = score(cfg, scoring_model, d.data, output, k=cfg.unlearn.num_samples)
     phases["score"] = {"wall_time_s": s.wall_time_s, "rows": s.rows.rows_in, "rows_rejected": s.rows.rows_rejected,
-                       "sample_passes": s.rows.rows_out, "model": scoring_model, "table": s.table,
-                       "actors": s.manifest["actors"], "cost": s.manifest["cost"]}
+                       "model": scoring_model, "table": s.table, "actors": s.manifest["actors"],
+                       "cost": s.manifest["cost"]}
     return s, phases
+
+
+def training_phase(cfg: Config, r: FitResult) -> dict:
+    """A training phase's entry in the report: its rows, steps, the samples its loop drew (steps x batch size),
+    its Ray Train workers and its manifest's cost."""
+    return {"wall_time_s": r.wall_time_s, "rows": r.rows, "steps": r.steps, "samples": r.samples, "model": r.model,
+            "workers": max(1, cfg.trainer.num_workers), "cost": r.manifest["cost"]}
 
 
 def defense_fingerprint(cfg: Config) -> dict:

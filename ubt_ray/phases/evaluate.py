@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -36,12 +36,13 @@ METRICS_JSON = "metrics.json"
 
 @dataclass
 class EvalResult:
-    """What `evaluate` measured and where it wrote metrics.json."""
+    """What `evaluate` measured, where it wrote metrics.json, and its manifest (with its `cost`, cost.py)."""
     clean_accuracy: float
     attack_success_rate: float | None
     metrics: dict
     output: str
     clean_accuracy_heldout: float | None = None  # with evaluate's held-out prompt set (None when it is empty)
+    manifest: dict = field(default_factory=dict)  # empty in a result saved before evaluations carried theirs
 
 
 @dataclass
@@ -176,11 +177,11 @@ def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
     }
     storage.write_json(storage.join(ev.output, METRICS_JSON), metrics, cfg.storage)
     rows = RowCounts(rows_in=len(test.keys), rows_out=len(test.keys))
-    write_manifest(ev.output, "evaluate", cfg, inputs={"model": metrics["model"], "test": cfg.data.test,
-                                                       "trigger": metrics["trigger"]},
-                   rows=rows, started=started, usage=evaluation_usage(metrics["sample_passes"], device),
-                   extra={"metrics": metrics})
-    return EvalResult(ca, asr, metrics, ev.output, rates.clean_accuracy_heldout)
+    manifest = write_manifest(ev.output, "evaluate", cfg, inputs={"model": metrics["model"], "test": cfg.data.test,
+                                                                  "trigger": metrics["trigger"]},
+                              rows=rows, started=started, usage=evaluation_usage(metrics["sample_passes"], device),
+                              extra={"metrics": metrics})
+    return EvalResult(ca, asr, metrics, ev.output, rates.clean_accuracy_heldout, manifest)
 
 
 def evaluation_usage(passes: int, device: torch.device) -> Usage:
@@ -206,13 +207,13 @@ def evaluate_to(cfg: Config, model_uri: str, output: str) -> EvalResult:
     metrics = {**earlier, "reused_from": cfg.evaluate.output}
     storage.write_json(storage.join(output, METRICS_JSON), metrics, cfg.storage)
     rows = RowCounts(rows_in=metrics["test_rows"], rows_out=metrics["test_rows"])
-    write_manifest(output, "evaluate", moved, inputs={"model": metrics["model"], "test": cfg.data.test,
-                                                      "trigger": metrics["trigger"]},
-                   rows=rows, started=started, usage=Usage(devices="none (a copy of an earlier evaluation)"),
-                   extra={"metrics": metrics})
+    manifest = write_manifest(output, "evaluate", moved, inputs={"model": metrics["model"], "test": cfg.data.test,
+                                                                 "trigger": metrics["trigger"]},
+                              rows=rows, started=started, usage=Usage(devices="none (a copy of an earlier evaluation)"),
+                              extra={"metrics": metrics})
     console.log.info(f"[evaluate] reused {cfg.evaluate.output} (the same model, test set, trigger and prompts)")
     return EvalResult(metrics["clean_accuracy"], metrics["attack_success_rate"], metrics, output,
-                      metrics["clean_accuracy_heldout"])
+                      metrics["clean_accuracy_heldout"], manifest)
 
 
 def evaluation_fingerprint(cfg: Config, model_uri: str | None) -> dict | None:

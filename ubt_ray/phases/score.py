@@ -260,14 +260,18 @@ def check_cpus_left(s: ScoreConfig, actors: int) -> None:
                         f"{max(1, (cpus - 1) // s.cpus_per_actor)} actors (or leave score.num_actors unset).")
 
 
-@console.phase("score", lambda cfg, model_uri, data, output=None, *, k: f"{cfg.score.method} of every row of {data} "
-               f"with {model_uri}", lambda r: f"{r.rows.rows_out} rows scored" + (
+@console.phase("score", lambda cfg, model_uri, data, output=None, *, k, method=None: f"{method or cfg.score.method} "
+               f"of every row of {data} with {model_uri}", lambda r: f"{r.rows.rows_out} rows scored" + (
                    f", AUROC {r.detection['auroc']:.3f}" if r.detection and "auroc" in r.detection else ""))
-def score(cfg: Config, model_uri: str, data: str, output: str | None = None, *, k: int | None) -> ScoreResult:
+def score(cfg: Config, model_uri: str, data: str, output: str | None = None, *, k: int | None,
+          method: str | None = None) -> ScoreResult:
     """Score every row of `data` with the checkpoint at `model_uri`; the table goes to `<output>/table`. `k` is
     the number of rows the selection will take (None: no selection follows): the pick combine judges each
-    signal's top k, and the detection metrics and histogram mark the k-th score as the cut-off."""
+    signal's top k, and the detection metrics and histogram mark the k-th score as the cut-off. `method`, when
+    given, replaces score.method (overfit's weak-similarity subset scores with cosine)."""
     started = time.time()
+    if method is not None:
+        cfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, method=method))
     s = cfg.score
     check_score(s)
     output = output or s.output

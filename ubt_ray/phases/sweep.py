@@ -221,7 +221,8 @@ def trial_base(cfg: Config) -> Config:
     runs each trial in a directory of its own)."""
     sw, a = cfg.sweep, storage.absolute
     return replace_keys(cfg, {
-        "train.num_workers": sw.num_workers, "train.cpus_per_worker": sw.cpus_per_worker, "train.use_gpu": sw.use_gpu,
+        "trainer.num_workers": sw.num_workers, "trainer.cpus_per_worker": sw.cpus_per_worker,
+        "trainer.use_gpu": sw.use_gpu,
         "sweep.output": a(sw.output), "sweep.scores": a(sw.scores), "data.test": a(cfg.data.test),
         "evaluate.trigger": a(cfg.evaluate.trigger), "defend.model": a(cfg.defend.model),
         "defend.data": a(cfg.defend.data), "defend.output": a(cfg.defend.output),
@@ -253,7 +254,7 @@ def shared_scores(cfg: Config) -> str:
 
 def sweep_fingerprint(cfg: Config, k: int) -> dict:
     """What makes two sweeps the same sweep: the settings trials read, and the model, data, score and test files."""
-    signature = fingerprint(cfg, ("sweep", "unlearn", "train", "evaluate", "select", "model", "data"), {
+    signature = fingerprint(cfg, ("sweep", "unlearn", "trainer", "evaluate", "select", "model", "data"), {
         "model_files": (cfg.defend.model, CHECKPOINT_SUFFIXES), "data_files": (cfg.defend.data, (".parquet",)),
         "score_files": (storage.join(cfg.sweep.scores, TABLE), (".parquet",)),
         "test_files": (cfg.data.test, (".parquet",))}, forget_rows=k)

@@ -17,7 +17,7 @@ from .. import storage
 from ..config import Config, ModelConfig, StorageConfig
 from ..core.batches import decode_image
 from ..core.scoring import resolve_saliency, token_grid
-from ..core.unlearning import ForgetSet, UnlearnObjective, prepare_forget_inputs, worker_share
+from ..core.unlearning import ForgetSet, UnlearnObjective, forget_setup_passes, prepare_forget_inputs
 from ..models import load_clip
 from ..shards import read_columns, shard_schema
 from ..train_loop import FitResult, FitSpec, Probe, fit
@@ -68,32 +68,9 @@ def forget_objective(preprocess_cfg: dict, forget_uri: str, storage_cfg: Storage
     forget = load_forget_set(forget_uri, storage_cfg, num_samples, reference.image_size, reference.tokenizer,
                              grid.count)
     inputs = prepare_forget_inputs(reference.model, forget, preprocess_cfg, grid, token_portion, kind)
-    objective = UnlearnObjective(preprocess_cfg, forget, inputs, kind, forget_weight, margin, forget_batch_size,
-                                 seed, whole_image_weight, reference=reference.model if anchor_weight > 0 else None,
-                                 anchor_weight=anchor_weight)
-    # What the training loop counts (train_loop's docstring): this worker's forwards of θ₀ above, each step's.
-    objective.setup_passes = forget_setup_passes(len(forget.pixels), kind, forget.orders is not None,
-                                                 resolve_saliency(reference.model, "auto"))
-    objective.sample_passes = lambda rows, world: unlearn_step_passes(rows, world, objective.forget_batch_size,
-                                                                      anchor_weight > 0)
-    return objective
-
-
-def forget_setup_passes(rows: int, kind: str, has_orders: bool, saliency: str) -> tuple[int, int]:
-    """(forward, backward) image-tower passes of θ₀ in `prepare_forget_inputs` over `rows` forget rows: none for
-    push_away; else a saliency forward per row when the rows carry no token order (and a backward unless the
-    saliency is attention), then, but for local_push, a forward of the row with its trigger removed."""
-    if kind == "push_away":
-        return 0, 0
-    saliency_rows = 0 if has_orders else rows
-    return saliency_rows + (0 if kind == "local_push" else rows), 0 if saliency == "attention" else saliency_rows
-
-
-def unlearn_step_passes(rows_per_worker: int, world: int, forget_batch_size: int,
-                        anchor: bool) -> tuple[int, int]:
-    """(forward, backward) image-tower passes of one unlearning step over `world` workers: the retain batch and
-    each worker's share of the forget mini-batch (core.unlearning.worker_share: at least one row each) forward
-    and backward in one call, and with an anchor the frozen reference forward on the retain batch."""
-    retain = rows_per_worker * world
-    forget = sum(len(worker_share(list(range(forget_batch_size)), rank, world)) for rank in range(world))
-    return retain + forget + (retain if anchor else 0), retain + forget
+    # θ₀'s passes above, which the training loop counts with each step's (UnlearnObjective.sample_passes).
+    setup = forget_setup_passes(len(forget.pixels), kind, forget.orders is not None,
+                                resolve_saliency(reference.model, "auto"))
+    return UnlearnObjective(preprocess_cfg, forget, inputs, kind, forget_weight, margin, forget_batch_size, seed,
+                            whole_image_weight, reference=reference.model if anchor_weight > 0 else None,
+                            anchor_weight=anchor_weight, setup_passes=setup)
