@@ -94,12 +94,23 @@ class Scorer:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         batch = batch_identity(table)  # a batch retried after this actor was restarted replaces its first count
-        table, pixels, counts = decode_rows(table, self.clip.image_size)
-        passes = score_passes(0 if pixels is None else len(pixels), self.s.method, tuple(self.s.token_portions),
-                              tuple(self.s.transforms), self.saliency, self.grid, self.s.batch_size)
+        table, pixels, counts, passes = self.decode(table)
         here = ray.get_runtime_context()
         ray.get(self.ledger.add.remote(batch, counts, source=here.get_actor_id(), passes=passes,
                                        node=here.get_node_id()))
+        return self.score_rows(table, pixels)
+
+    def decode(self, table: pa.Table) -> tuple[pa.Table, np.ndarray | None, RowCounts, tuple[int, int]]:
+        """The rows of `table` whose image decodes, their pixels, the row counts and the sample-passes that
+        scoring them costs."""
+        table, pixels, counts = decode_rows(table, self.clip.image_size)
+        passes = score_passes(0 if pixels is None else len(pixels), self.s.method, tuple(self.s.token_portions),
+                              tuple(self.s.transforms), self.saliency, self.grid, self.s.batch_size)
+        return table, pixels, counts, passes
+
+    def score_rows(self, table: pa.Table, pixels: np.ndarray | None) -> pa.Table:
+        """The score-table rows of `decode`'s rows: the scoring itself, with no Ray call, so that a plain
+        single-process loop (benchmarks/scale.py) runs the very same computation."""
         if pixels is None:
             return _empty_output(table, self.s)
         keys = table.column("key").to_pylist()
