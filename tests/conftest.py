@@ -17,6 +17,8 @@ import uuid
 
 import pytest
 
+from helpers import free_port
+
 # Tests must never reach out: no Ray usage stats, no AWS metadata probing.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
@@ -24,12 +26,6 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 # through the standard AWS chain exactly as on a cluster.
 for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
     os.environ.setdefault(_k, _v)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 RAY_FIXTURES = ("ray_local",)

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import io
+import socket
 
 import numpy as np
 from PIL import Image
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def image_bytes(size=(28, 28), mode="L", fmt="PNG", seed=0) -> bytes:
@@ -107,3 +115,17 @@ def write_random_clip(out, model_cfg: dict, seed: int = 0) -> str:
     out.mkdir(parents=True)
     write_checkpoint_dir(open_clip.model.CLIP(**model_cfg), model_cfg, load_clip(ModelConfig()).preprocess_cfg, out)
     return str(out)
+
+
+def registered_checkpoints(run_dir) -> list[dict]:
+    """The checkpoints Ray Train has registered for the run (what a rerun resumes from): those in its checkpoint
+    manager's snapshot, written after the workers' report. A checkpoint_* directory alone is not enough: a
+    fresh-clone run here killed the run 1 s after one appeared, before it was registered, and the rerun
+    started over."""
+    import json
+    import pathlib
+    try:
+        return json.loads((pathlib.Path(run_dir) / "ray" / "train" / "checkpoint_manager_snapshot.json").read_text())[
+            "checkpoint_results"]
+    except (OSError, ValueError, KeyError):  # not written yet, or being written
+        return []

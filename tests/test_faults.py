@@ -25,7 +25,7 @@ from ubt_ray.core.models import WEIGHTS_FILE
 from ubt_ray.manifest import RowCounts
 from ubt_ray.models import load_clip, save_clip
 from ubt_ray.phases.train import train
-from ubt_ray.shards import RowLedger, batch_identity
+from ubt_ray.shards import batch_identity, start_ledger
 
 from helpers import caption_shards, last_json
 
@@ -46,13 +46,16 @@ def test_a_batch_reported_again_is_counted_once(ray_local):
     assert batch_identity(first) == batch_identity(pa.table({"key": ["a", "b", "c"], "x": [1, 2, 3]}))
     assert batch_identity(first) not in (batch_identity(second), batch_identity(first.slice(0, 2)),
                                          batch_identity(pa.table({"key": ["ab", "c", ""]})))
-    ledger = RowLedger.remote()
-    ray.get([ledger.add.remote(batch_identity(first), counts(3, 1), ["a"], "actor-1"),
-             ledger.add.remote(batch_identity(second), counts(2), ["d", "e"], "actor-2")])
-    ray.get(ledger.add.remote(batch_identity(first), counts(3, 1), ["a"], "actor-2"))  # the retry
+    ledger = start_ledger()
+    ray.get([ledger.add.remote(batch_identity(first), counts(3, 1), ["a"], "actor-1", node="node-1"),
+             ledger.add.remote(batch_identity(second), counts(2), ["d", "e"], "actor-2", node="node-2")])
+    assert ray.get(ledger.rows_by_node.remote()) == {"node-1": 3, "node-2": 2}
+    # the retry, on another node (its first node lost)
+    ray.get(ledger.add.remote(batch_identity(first), counts(3, 1), ["a"], "actor-2", node="node-2"))
     total, keys = ray.get(ledger.get_with_keys.remote())
     assert (total.rows_in, total.rows_out, total.rejected) == (5, 4, {"image undecodable": 1})
     assert sorted(keys) == ["a", "d", "e"] and ray.get(ledger.rows_by_source.remote()) == [5]
+    assert ray.get(ledger.rows_by_node.remote()) == {"node-2": 5}
     ray.kill(ledger)
 
 
@@ -107,13 +110,11 @@ def test_score_survives_its_scoring_actor_killed_mid_run(ray_local, tmp_path, mo
     data, model = _scoring_input(tmp_path, rows)
     ledgers: list = []
 
-    class WatchedLedger:  # the phase's own RowLedger, its handle kept for the killer thread
-        @staticmethod
-        def remote():
-            ledgers.append(RowLedger.remote())
-            return ledgers[-1]
+    def watched_ledger():  # the phase's own ledger, its handle kept for the killer thread
+        ledgers.append(start_ledger())
+        return ledgers[-1]
 
-    monkeypatch.setattr(score_phase, "RowLedger", WatchedLedger)
+    monkeypatch.setattr(score_phase, "start_ledger", watched_ledger)
     killed: dict = {}
     killer = threading.Thread(target=_kill_the_scorer_after_its_first_batch, args=(ledgers, killed), daemon=True)
     out = tmp_path / "scores"
@@ -135,6 +136,7 @@ def test_score_survives_its_scoring_actor_killed_mid_run(ray_local, tmp_path, mo
     assert manifest["rows"]["rows_in"] == rows == manifest["rows"]["rows_out"] + manifest["rows"]["rows_rejected"]
     assert manifest["rows"]["rejected_examples"] == {"image undecodable (UnidentifiedImageError)": [BROKEN_KEY]}
     assert sum(manifest["rows_per_actor"]) == rows
+    assert list(manifest["rows_per_node"].values()) == [rows]  # one node, this test's
     keys = pq.read_table(out / "table", columns=["key"]).column("key").to_pylist()
     assert len(keys) == len(set(keys)) == rows - 1 and BROKEN_KEY not in keys
     assert json.loads((out / "detection.json").read_text())["rows"] == rows - 1

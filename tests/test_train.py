@@ -21,7 +21,7 @@ from ubt_ray.models import load_clip
 from ubt_ray.shards import read_columns
 from ubt_ray.train_loop import FitSpec, run_fingerprint
 
-from helpers import caption_shards, fashion_mnist_shards, last_json
+from helpers import caption_shards, fashion_mnist_shards, last_json, registered_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,18 +35,6 @@ def test_rewritten_shards_at_the_same_path_are_another_run(tmp_path):
     shutil.rmtree(data)
     caption_shards(data, rows=96)  # same file names, other content (e.g. poisoned again with another trigger)
     assert run_fingerprint(cfg, spec) != before
-
-
-def _registered_checkpoints(run_dir: Path) -> list[dict]:
-    """The checkpoints Ray Train has registered for the run (what a rerun resumes from): those in its checkpoint
-    manager's snapshot, written after the workers' report. A checkpoint_* directory alone is not enough: a
-    fresh-clone run here killed the run 1 s after one appeared, before it was registered, and the rerun
-    started over."""
-    try:
-        return json.loads((run_dir / "ray" / "train" / "checkpoint_manager_snapshot.json").read_text())[
-            "checkpoint_results"]
-    except (OSError, ValueError, KeyError):  # not written yet, or being written
-        return []
 
 
 def test_killed_two_worker_training_resumes_from_its_checkpoint(ray_local, tmp_path, capsys):
@@ -63,9 +51,9 @@ def test_killed_two_worker_training_resumes_from_its_checkpoint(ray_local, tmp_p
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     try:
-        while not _registered_checkpoints(out) and time.time() < deadline and proc.poll() is None:
+        while not registered_checkpoints(out) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
-        assert _registered_checkpoints(out), "no checkpoint was registered before the deadline"
+        assert registered_checkpoints(out), "no checkpoint was registered before the deadline"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

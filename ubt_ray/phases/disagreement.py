@@ -43,8 +43,9 @@ class Embedder:
         table, pixels, counts = decode_rows(table, self.clip.image_size)
         # One text-tower pass per decodable row (an upper bound: a repeated caption is encoded once).
         rows = 0 if pixels is None else len(pixels)
-        ray.get(self.ledger.add.remote(batch, counts, source=ray.get_runtime_context().get_actor_id(),
-                                       passes=(rows, 0)))
+        here = ray.get_runtime_context()
+        ray.get(self.ledger.add.remote(batch, counts, source=here.get_actor_id(), passes=(rows, 0),
+                                       node=here.get_node_id()))
         if pixels is None:  # no fixed-size columns to build: the whole dataset's rows are gathered, empty ones dropped
             return table.select(["key"])
         grey = grey_vectors(torch.from_numpy(pixels))

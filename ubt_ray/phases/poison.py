@@ -27,8 +27,8 @@ from ..core.triggers import Trigger, apply_to_png, build_trigger, needs_donors
 from ..errors import UserError
 from ..cost import cluster_cpu_usage
 from ..manifest import RowCounts, fingerprint, write_manifest
-from ..shards import (RowLedger, batch_identity, count_rows, read_columns, read_rows_by_key, read_shards,
-                      shard_schema, validate_and_write)
+from ..shards import (batch_identity, count_rows, read_columns, read_rows_by_key, read_shards,
+                      shard_schema, start_ledger, validate_and_write)
 from .. import console, storage
 
 ATTACK_FILE = "attack.json"
@@ -65,7 +65,7 @@ def poison(cfg: Config) -> PoisonResult:
     ensure_ray(cfg.ray)
 
     shards_uri = storage.join(p.output, "shards")
-    log = RowLedger.remote()
+    log = start_ledger()
     ds = read_shards(cfg.data.clean_train, cfg).map_batches(
         _poison_batch, batch_format="pyarrow",
         # fn_kwargs travel once per operator through the object store, not once per task.

@@ -35,8 +35,8 @@ from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..models import load_clip
 from ..report import histogram_png, selection_cutoff
-from ..shards import (TABLE, RowLedger, batch_identity, count_rows, map_on_actor_pool, read_columns, read_shards,
-                      shard_schema, top_k, write_shards)
+from ..shards import (TABLE, batch_identity, count_rows, map_on_actor_pool, read_columns, read_shards,
+                      shard_schema, start_ledger, top_k, write_shards)
 from .disagreement import caption_disagreement
 
 DETECTION_FILE = "detection.json"
@@ -94,11 +94,23 @@ class Scorer:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         batch = batch_identity(table)  # a batch retried after this actor was restarted replaces its first count
+        table, pixels, counts, passes = self.decode(table)
+        here = ray.get_runtime_context()
+        ray.get(self.ledger.add.remote(batch, counts, source=here.get_actor_id(), passes=passes,
+                                       node=here.get_node_id()))
+        return self.score_rows(table, pixels)
+
+    def decode(self, table: pa.Table) -> tuple[pa.Table, np.ndarray | None, RowCounts, tuple[int, int]]:
+        """The rows of `table` whose image decodes, their pixels, the row counts and the sample-passes that
+        scoring them costs."""
         table, pixels, counts = decode_rows(table, self.clip.image_size)
         passes = score_passes(0 if pixels is None else len(pixels), self.s.method, tuple(self.s.token_portions),
                               tuple(self.s.transforms), self.saliency, self.grid, self.s.batch_size)
-        ray.get(self.ledger.add.remote(batch, counts, source=ray.get_runtime_context().get_actor_id(),
-                                       passes=passes))
+        return table, pixels, counts, passes
+
+    def score_rows(self, table: pa.Table, pixels: np.ndarray | None) -> pa.Table:
+        """The score-table rows of `decode`'s rows: the scoring itself, with no Ray call, so that a plain
+        single-process loop (benchmarks/scale.py) runs the very same computation."""
         if pixels is None:
             return _empty_output(table, self.s)
         keys = table.column("key").to_pylist()
@@ -286,7 +298,7 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None, *, 
     actors = s.num_actors or num_actors(s)
     check_cpus_left(s, actors)
     threads = s.threads_per_actor or max(1, (os.cpu_count() or 1) // actors)
-    ledger = RowLedger.remote()
+    ledger = start_ledger()
     model = dataclasses.replace(cfg.model, checkpoint=storage.absolute(model_uri))
     table_uri = storage.join(output, TABLE)
     # The rows the actors have scored so far, from the ledger they report to (the scoring runs in the
@@ -301,8 +313,8 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None, *, 
         # In files of many rows, not one per scoring batch: select reads the table back (235 files of 256 rows
         # took it 35 s against 7 s for one file on the quickstart's 60,000 rows).
         write_shards(ds, table_uri, cfg, TABLE_ROWS_PER_FILE)
-    rows, rows_per_actor, passes = ray.get([ledger.get.remote(), ledger.rows_by_source.remote(),
-                                            ledger.total_passes.remote()])
+    rows, rows_per_actor, rows_per_node, passes = ray.get([ledger.get.remote(), ledger.rows_by_source.remote(),
+                                                           ledger.rows_by_node.remote(), ledger.total_passes.remote()])
     ray.kill(ledger)
     rows.check("score")
     written = count_rows(table_uri, cfg.storage) if rows.rows_out else 0
@@ -316,7 +328,8 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None, *, 
                                                       "transforms": s.transforms, "density": s.density,
                                                       "token_portions": s.token_portions,
                                                       "actors": actors, "threads_per_actor": threads,
-                                                      "rows_per_actor": rows_per_actor, "combine": s.combine,
+                                                      "rows_per_actor": rows_per_actor, "rows_per_node": rows_per_node,
+                                                      "combine": s.combine,
                                                       **extra, "detection": detection})
     return ScoreResult(table_uri, rows, detection, time.time() - started, manifest)
 
