@@ -2,7 +2,7 @@
 model, into one table (docs/results.md).
 
     .venv/bin/python benchmarks/defense_table.py [--configs configs/scenes] [--attacks badnet sig ...]
-        [--defenses default any_trigger caption_disagreement density] [--out DIR] [--name NAME] [--merge FILE.json]...
+        [--defenses default patch_only caption_disagreement density] [--out DIR] [--name NAME] [--merge FILE.json]...
         [overrides...]
 
 Each (attack, defense) runs `ubt defend -c <configs>/<attack>.yaml [-c configs/<defense>.yaml]` in its own process,
@@ -25,11 +25,11 @@ from attack_table import ATTACKS
 from results_io import cli_summary, read_result, resolved_config, write_results
 
 REPO = Path(__file__).resolve().parent.parent
-DEFENSES = ("default", "any_trigger", "caption_disagreement", "density")
+DEFENSES = ("default", "patch_only", "caption_disagreement", "density")
 
 
-# Where each defense's config lives: shipped settings in configs/, experimental ones in benchmarks/configs/.
-DEFENSE_CONFIGS = {"any_trigger": REPO / "configs" / "any_trigger.yaml",
+# The experimental defense settings a table can compare with the default (benchmarks/configs/).
+DEFENSE_CONFIGS = {"patch_only": REPO / "benchmarks" / "configs" / "patch_only.yaml",
                    "caption_disagreement": REPO / "benchmarks" / "configs" / "caption_disagreement.yaml",
                    "density": REPO / "benchmarks" / "configs" / "density.yaml"}
 

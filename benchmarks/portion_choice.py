@@ -61,7 +61,7 @@ def drops_by_count(model_dir: str, shards: str, counts: list[int], batch: int) -
 
 def detection(score: np.ndarray, truth: np.ndarray, k: int) -> dict:
     """AUROC, precision@150 / @300, and the tail strength of the top k: in robust standard deviations (what
-    `score.combine: pick` compares across transforms: with any_trigger.yaml the token mask's drop must not
+    `score.combine: pick` compares across transforms: with the default transforms the token mask's drop must not
     out-tail blur's on a whole-image trigger) and in plain ones (the rule before)."""
     pr = precision_recall_at_k(score, truth, KS)
     tail = tails(score, k)

@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(dest, choices=source)
         p.add_argument("--config", "-c", action="append",
                        help="YAML config (see configs/); defaults apply without one. Repeat it to layer files: "
-                            "a later file's keys win, e.g. -c configs/attacks/sig.yaml -c configs/any_trigger.yaml.")
+                            "a later file's keys win, e.g. -c configs/attacks/sig.yaml -c benchmarks/configs/density.yaml.")
         p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
         p.add_argument("--overwrite", action="store_true",
                        help="replace the contents of an output folder that ubt did not write (without it, such a "

@@ -223,9 +223,11 @@ class ScoreConfig:
                                     "assumed, none of the image tower used; experimental: it needs pixel-space "
                                     "neighbours and repeated captions, and gathers the rows on the driver).",
                      choices=SCORE_METHODS, experimental=True)
-    token_portions: list[float] = _f([2 / 64], "ρ values: share of image tokens the token_mask transform masks; "
-                                                "with several, the drop is the mean of the drops at each (one more "
-                                                "image forward per row for each).", experimental=True)
+    token_portions: list[float] = _f([1 / 64, 4 / 64], "ρ values: share of image tokens the token_mask transform "
+                                                        "masks; with several, the drop is the mean of the drops at "
+                                                        "each (one more image forward per row for each), which keeps "
+                                                        "the mask's tail from rivalling blur's on a whole-image "
+                                                        "trigger the mask does not remove.", experimental=True)
     saliency: str = _f("auto", "Token saliency of token_mask: attention = the class token's attention to each "
                                 "patch in score.attention_blocks (no backward; auto picks it for a ViT, gradient "
                                 "otherwise); token = |d cos / d token| at the transformer input; gradient = "
@@ -236,8 +238,10 @@ class ScoreConfig:
     amp: bool = _f(True, "Score with bf16 weights on a CPU that runs bf16 natively (AVX512-BF16/AMX), else "
                          "fp32; a GPU always scores in fp32 (bf16 autocast there blurs the small drops the score ranks).",
                          experimental=True)
-    transforms: list[str] = _f(["token_mask"], "Trigger-removing transforms of token_drop (token_mask, blur, "
-                                               "downup); several are combined by score.combine.", experimental=True)
+    transforms: list[str] = _f(["token_mask", "blur"], "Trigger-removing transforms of token_drop (token_mask, "
+                                                       "blur, downup): the mask removes a local patch, blur a "
+                                                       "whole-image pattern; several are combined by score.combine.",
+                               experimental=True)
     density: list[str] = _f([], "Local-density scores of each row's image embedding, against a fixed seeded "
                                  "reference of other rows' image and caption embeddings (kdist, slof, dao; Huang et "
                                  "al., ICLR 2025), added to the transforms' drops as signals that assume no trigger "
@@ -247,7 +251,7 @@ class ScoreConfig:
     reference_rows: int = _f(2048, "Rows of the density reference (the seeded sample of lowest key rank): every "
                                    "actor embeds them once, and memory grows with them, not with the dataset.", ge=3,
                                    experimental=True)
-    combine: str = _f("max_z", "How several signals (transforms' drops, density scores) become one score: max_z = "
+    combine: str = _f("pick", "How several signals (transforms' drops, density scores) become one score: max_z = "
                                "each row's largest standardised signal; pick = the signal whose top "
                                "unlearn.num_samples drops stand furthest above its median (in robust standard "
                                "deviations, 1.4826 MAD): the transform that removes this dataset's trigger.",
@@ -300,7 +304,7 @@ class UnlearnConfig(Schedule):
     num_samples: int = _f(300, "k: the most suspicious rows to unlearn.", ge=1)
     token_portion: float = _f(4 / 64, "ρ: share of each selected image's most salient tokens the forget loss acts on.",
                               gt=0, le=1, experimental=True)
-    forget: str = _f("token_invariance", "Forget loss: token_invariance (f_θ(x) pulled to f_θ₀(x̄), x̄ = x with its "
+    forget: str = _f("auto", "Forget loss: token_invariance (f_θ(x) pulled to f_θ₀(x̄), x̄ = x with its "
                                          "top-ρ tokens masked; METHOD.md's), push_away (cos(f_θ(x), g_θ(t)) of each "
                                          "selected pair pushed below unlearn.margin), local_push (push_away on the "
                                          "top-ρ tokens alone), invariance_push (the sum of token_invariance and "
@@ -351,7 +355,7 @@ class BaselineConfig(Schedule):
 class CompareConfig:
     attacks: list[str] = _f([], "Attack configs to compare the defenses on (paths to YAML, e.g. configs/attacks/sig.yaml).")
     defenses: list[str] = _f(["none", "ft", "cleanclip", "ubt"], "Defenses to run on each attack's backdoored model.")
-    layers: list[str] = _f([], "Config files layered over every attack config, e.g. [configs/any_trigger.yaml] for "
+    layers: list[str] = _f([], "Config files layered over every attack config, e.g. [benchmarks/configs/density.yaml] for "
                                "a defense setting.", experimental=True)
     overrides: list[str] = _f([], "section.key=value overrides applied to every attack config (then the command line's).",
                               experimental=True)
