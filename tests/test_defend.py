@@ -52,8 +52,9 @@ def scored_input(tmp_path_factory):
 
 def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scored_input, tmp_path, monkeypatch):
     data, model = scored_input
+    # The token mask alone (the default adds blur and picks one; the several-transform path is tested below).
     cfg = load_config(None, ["score.num_actors=2", "experimental.score.batch_size=64", f"experimental.score.output={tmp_path / 'scores'}",
-                             "experimental.score.top_k=[5, 10]"])
+                             "experimental.score.top_k=[5, 10]", "experimental.score.transforms=[token_mask]"])
     # Both actors up before the first block goes out: otherwise one that starts 10 s late (seen once) finds the
     # 300 rows already scored, and the check below of both actors' shares would be about start-up timing.
     monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 120)
