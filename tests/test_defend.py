@@ -131,7 +131,8 @@ def test_density_scores_on_ray_data_equal_the_in_process_computation(ray_local, 
     which signal gave each row's score."""
     data, model = scored_input
     common = ["experimental.score.density=[kdist, slof, dao]", "experimental.score.reference_rows=100", "experimental.score.density_k=8",
-              "experimental.score.top_k=[5, 10]"]
+              "experimental.score.top_k=[5, 10]", "experimental.score.transforms=[token_mask]",
+              "experimental.score.combine=max_z"]
     tables = []
     for actors in (1, 2):
         cfg = load_config(None, common + [f"score.num_actors={actors}", "experimental.score.batch_size=64",
