@@ -176,7 +176,7 @@ def _steps_by_worker(log_dir: Path) -> dict[int, list[tuple[str, list[list[str]]
 
 def test_training_with_a_worker_per_node_resumes_after_losing_a_node(cluster, tmp_path):
     """DDP over two Ray Train workers, one per node (each worker reserves a node's 2 CPUs). The second node is
-    lost after the first checkpoint: Ray Train restarts both workers (train.max_failures) from the last
+    lost after the first checkpoint: Ray Train restarts both workers (trainer.max_failures) from the last
     checkpoint, and the run ends with the uninterrupted run's steps, each on the same rows on the same rank, and
     its weights. The training loop is the one of every training phase (phases/train.py is this `fit` with the
     plain CLIP objective, which the recording objective wraps)."""
@@ -188,9 +188,9 @@ def test_training_with_a_worker_per_node_resumes_after_losing_a_node(cluster, tm
         out, log_dir = tmp_path / name, tmp_path / f"{name}_steps"
         log_dir.mkdir()
         cfg = load_config(None, [f"data.train={data}", f"model.checkpoint={init}", f"experimental.train.output={out}",
-                                 "train.num_workers=2", "experimental.train.cpus_per_worker=2",
-                                 "experimental.train.threads_per_worker=1", "train.batch_size=32", "train.epochs=2",
-                                 "experimental.train.checkpoints_per_epoch=4", "experimental.train.warmup_steps=2"])
+                                 "trainer.num_workers=2", "experimental.trainer.cpus_per_worker=2",
+                                 "experimental.trainer.threads_per_worker=1", "train.batch_size=32", "train.epochs=2",
+                                 "experimental.trainer.checkpoints_per_epoch=4", "experimental.train.warmup_steps=2"])
         spec = FitSpec("train", cfg.data.train, cfg.train.output, cfg.model, cfg.train,
                        objective=recording_clip_objective, objective_kwargs={"log_dir": str(log_dir),
                                                                              "pause_s": pause_s})
