@@ -7,7 +7,7 @@ optional `label` int32 and `is_poison` bool.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -234,6 +234,14 @@ def batch_identity(table: pa.Table) -> str:
     return f"{table.num_rows}:{h.hexdigest()[:32]}"
 
 
+class _Report(NamedTuple):
+    """One batch's report to the ledger."""
+    counts: RowCounts
+    keys: list[str]
+    source: str | None
+    node: str | None
+
+
 @ray.remote(num_cpus=0)
 class RowLedger:
     """Collects the row accounting (and, where a phase needs them, the keys) of every Ray Data task of one phase,
@@ -244,7 +252,7 @@ class RowLedger:
     counts must not depend on that."""
 
     def __init__(self) -> None:
-        self.batches: dict[str, tuple[RowCounts, list[str], str | None, str | None]] = {}
+        self.batches: dict[str, _Report] = {}
         self.passes: dict[str, tuple[int, int]] = {}
 
     def add(self, batch: str, counts: RowCounts, keys: list[str] | None = None, source: str | None = None,
@@ -252,7 +260,7 @@ class RowLedger:
         """File one batch's `counts` (and `keys`) under its identity `batch`; `source` (e.g. an actor id) and
         `node` (a Ray node id) tally the rows each one took; `passes` are the (forward, backward) sample-passes the
         batch cost (cost.py)."""
-        self.batches[batch] = (counts, list(keys or []), source, node)
+        self.batches[batch] = _Report(counts, list(keys or []), source, node)
         if passes is not None:
             self.passes[batch] = (int(passes[0]), int(passes[1]))
 
@@ -264,33 +272,34 @@ class RowLedger:
         """(forward, backward) sample-passes of every batch and set-up filed (a retried one counted once)."""
         return (sum(f for f, _ in self.passes.values()), sum(b for _, b in self.passes.values()))
 
-    def _rows_by(self, field: int) -> dict[str, int]:
+    def _rows_by(self, field: str) -> dict[str, int]:
         tally: dict[str, int] = {}
         for report in self.batches.values():
-            if report[field] is not None:
-                tally[report[field]] = tally.get(report[field], 0) + report[0].rows_in
+            who = getattr(report, field)
+            if who is not None:
+                tally[who] = tally.get(who, 0) + report.counts.rows_in
         return dict(sorted(tally.items(), key=lambda item: -item[1]))
 
     def rows_by_source(self) -> list[int]:
         """Rows taken by each source, most first (a retried batch counts for the source that reported it last)."""
-        return list(self._rows_by(2).values())
+        return list(self._rows_by("source").values())
 
     def rows_by_node(self) -> dict[str, int]:
         """Rows taken on each node, by node id, most first (a retried batch counts for the node that ran it last)."""
-        return self._rows_by(3)
+        return self._rows_by("node")
 
     def rows_done(self) -> int:
         """Rows counted so far (a phase's progress)."""
-        return sum(report[0].rows_in for report in self.batches.values())
+        return sum(report.counts.rows_in for report in self.batches.values())
 
     def get(self) -> RowCounts:
         total = RowCounts()
         for report in self.batches.values():
-            total.merge(report[0])
+            total.merge(report.counts)
         return total
 
     def get_with_keys(self) -> tuple[RowCounts, list[str]]:
-        return self.get(), [key for report in self.batches.values() for key in report[1]]
+        return self.get(), [key for report in self.batches.values() for key in report.keys]
 
 
 def start_ledger():
