@@ -243,6 +243,29 @@ def robust_stats(ds: ray.data.Dataset, columns: list[str], seed: int,
     return {column: robust_center_scale(np.concatenate([b[column] for b in batches])) for column in columns}
 
 
+def signal_statistics(ds: ray.data.Dataset, columns: list[str], seed: int, k: int,
+                      max_rows: int = ROBUST_STATS_ROWS) -> tuple[dict, dict, dict]:
+    """Each signal column's (mean, std), robust (median, robust std) and tail strength over its k largest values.
+    Up to `max_rows` scored rows, all three come from the columns read once onto the driver (4 bytes a row and
+    signal); each separate Ray Data aggregate would run its own job over the table, which on a small table costs
+    more than the scoring. Beyond, mean and std are Ray Data aggregates, the robust statistics come from a seeded
+    sample and the top k from per-block top-k (robust_stats, tail_strengths)."""
+    rows = ds.count()
+    if rows > max_rows:
+        stats = {c: (float(ds.mean(c)), float(ds.std(c))) for c in columns}
+        robust = robust_stats(ds, columns, seed, max_rows)
+        return stats, robust, tail_strengths(ds, robust, k)
+    batches = list(ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=None))
+    stats, robust, strengths = {}, {}, {}
+    for c in columns:
+        values = np.concatenate([b[c] for b in batches]).astype(np.float64)
+        stats[c] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+        robust[c] = robust_center_scale(values)
+        top = np.partition(values, len(values) - min(k, len(values)))[len(values) - min(k, len(values)):]
+        strengths[c] = tail_strength(torch.from_numpy(top), *robust[c])
+    return stats, robust, strengths
+
+
 def tail_strengths(ds: ray.data.Dataset, stats: dict[str, tuple[float, float]], k: int) -> dict[str, float]:
     """Each signal column's `tail_strength` over the scored dataset: its k largest values against its (centre,
     scale) in `stats` (per-block top-k merged on the driver, so memory is bounded by k)."""
@@ -362,12 +385,10 @@ def _drop_scores(cfg: Config, model: ModelConfig, data: str, columns: list[str],
     if len(signals) > 1:
         ds = ds.materialize()  # in the object store, not on the driver: the signals' statistics need every row
         if ds.count():  # with every row rejected there is nothing to combine: the empty table and the counts say so
-            stats = {c: (float(ds.mean(c)), float(ds.std(c))) for c in signals}
+            stats, robust, strengths = signal_statistics(ds, signals, cfg.run.seed, k)
             extra["signal_stats"] = stats
             picked = None
             if s.combine == "pick":
-                robust = robust_stats(ds, signals, cfg.run.seed)
-                strengths = tail_strengths(ds, robust, k)
                 picked = max(strengths, key=strengths.get)
                 extra.update(signal_robust_stats=robust, tail_strengths=strengths, picked_signal=picked)
             ds = ds.map_batches(_combine, batch_format="pyarrow", fn_kwargs={"stats": stats, "picked": picked})
