@@ -246,23 +246,20 @@ def test_top_k_is_the_same_whatever_the_number_of_blocks(ray_local):
     assert merge_top_k(parts, k, "score").column("key").to_pylist() == expected
 
 
-# UBT settings for the small backdoored model below (see test_defend_removes_the_backdoor_and_keeps_clean_accuracy);
-# the quickstart's defaults differ (token_mask scoring alone, retain pool 0.95, forget weight 1).
-UBT = ["experimental.defend.overfit=false", "experimental.score.transforms=[token_mask, blur]",
-       "experimental.unlearn.forget=token_invariance", "experimental.select.retain_pool=0.5",
-       "unlearn.num_samples=300", "experimental.unlearn.lr=4e-4", "experimental.unlearn.forget_weight=5",
-       "experimental.unlearn.steps=40", "experimental.unlearn.warmup_steps=4", "experimental.unlearn.batch_size=128",
-       "experimental.select.retain_samples=1500", "experimental.score.top_k=[50, 150, 300]"]
+# The default defense, sized for the small backdoored model below: its selection (150 rows, half the poisons) and
+# retain sample (1,500 of 3,000 rows) scaled down from the quickstart's 300 of 60,000 and 8,192.
+UBT = ["unlearn.num_samples=150", "experimental.select.retain_samples=1500", "experimental.score.top_k=[50, 150, 300]"]
 
 
 @pytest.fixture(scope="module")
 def backdoored(ray_local, tmp_path_factory):
-    """A small CLIP (2 vision layers, width 64) trained on 3,000 Fashion-MNIST rows with a 150-row BadNet backdoor."""
+    """A small CLIP (2 vision layers, width 64) trained on 3,000 Fashion-MNIST rows with a 150-row Blended backdoor:
+    a whole-image trigger (seeded noise mixed into every pixel at alpha 0.2), which no token mask removes."""
     root = tmp_path_factory.mktemp("backdoor")
     init = write_random_clip(root / "init", small_clip_config(width=64, vision_layers=2, head_width=32))
     overrides = [f"run.output_dir={root}", f"data.clean_train={fashion_mnist_shards(root / 'clean', rows=3000)}",
                  f"data.test={fashion_mnist_shards(root / 'test', split='test', rows=1000)}",
-                 "poison.num_poisons=150", "poison.params={size: 6}", f"model.checkpoint={init}", "train.epochs=10",
+                 "poison.attack=blended", "poison.num_poisons=150", f"model.checkpoint={init}", "train.epochs=10",
                  # The fixture is deterministic (same poisons, same model, same defense) since reads take Ray Data's
                  # v1 path; see test_defend_removes_the_backdoor_and_keeps_clean_accuracy for why seed 2.
                  "run.seed=2",
@@ -282,13 +279,10 @@ def backdoored(ray_local, tmp_path_factory):
 def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys):
     root, overrides = backdoored
     capsys.readouterr()
-    # This small, briefly trained model's backdoor is found best with the blur drop beside the token-mask one,
-    # scored with θ₀ (overfit is tested on its own below). Its poisons are far harder to find than the
-    # quickstart's (AUROC 0.97 there): this fixture's model is deterministic per seed now, and with seeds 0, 1, 2
-    # the detection AUROC was 0.70, 0.71, 0.78 and the defense took ASR 92.8% -> 75.1%, 93.4% -> 56.1%,
-    # 82.6% -> 46.1% (CA -1.7, -3.1, -1.4 points); with a 4x4 patch (seeds 0, 1) AUROC 0.55 and 0.52. Seed 2 is
-    # the fixture because its backdoor is one the detection finds, which is what this test is about. The bound
-    # below asks for a 25-point fall, which skipping the unlearning (ASR unchanged) fails.
+    # The default `ubt defend` (overfit, token mask and blur drops, pick, forget by the flagging transform) on a
+    # whole-image trigger. With seed 2 the backdoor is one the detection finds (AUROC 0.88; ASR 85.8% -> 15.9%,
+    # CA 70.5% -> 68.8% when the test was written); the bound below asks for a 40-point fall of ASR, which
+    # skipping the unlearning (ASR unchanged) fails.
     # The model evaluated as the pipeline does just before a defense: the defense copies that evaluation of θ₀.
     assert main(["evaluate", *overrides, "--model", str(root / "attack" / "model")]) == 0
     evaluated = json.loads((root / "attack" / "eval" / "metrics.json").read_text())
@@ -311,31 +305,35 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
                                   model) != evaluated["fingerprint"]
     assert evaluation_fingerprint(cfg, str(root / "init")) != evaluated["fingerprint"]
     assert before["attack_success_rate"] >= 0.6, before  # the backdoor is there to remove
-    assert after["attack_success_rate"] <= before["attack_success_rate"] - 0.25, (before, after)
+    assert after["attack_success_rate"] <= before["attack_success_rate"] - 0.4, (before, after)
     assert after["clean_accuracy"] >= before["clean_accuracy"] - 0.05, (before, after)
-    assert summary["detection"]["auroc"] >= 0.7
+    assert summary["detection"]["auroc"] >= 0.75
+    # The pick took the blur: no token mask removes a trigger spread over every pixel.
+    scored = json.loads((root / "defend" / "score" / "manifest.json").read_text())
+    assert scored["picked_signal"] == "drop_blur", scored["tail_strengths"]
     assert "| after UBT |" in out and "CA (held-out prompts)" in out
     assert all(0 <= m["clean_accuracy_heldout"] <= 1 for m in (before, after)), (before, after)
     report = json.loads((root / "defend" / "report.json").read_text())
     assert json.loads((root / "defend" / "manifest.json").read_text())["phase"] == "defend"
-    assert set(report["phases"]) == {"score", "select", "unlearn"}
-    assert report["selection"]["num_forget"] == 300 and report["selection"]["num_retain"] == 1500
+    assert set(report["phases"]) == {"overfit", "score", "select", "unlearn"}
+    assert report["selection"]["num_forget"] == 150 and report["selection"]["num_retain"] == 1500
     assert (root / "defend" / "report.md").read_text().startswith("# UBT defense report")
     # Every phase's manifest carries the same cost block (cost.py); the report sums the defense's phases.
     from ubt_ray.cost import FIELDS
     manifests = {p.parent.relative_to(root).as_posix(): json.loads(p.read_text())
                  for p in root.glob("**/manifest.json") if "ray" not in p.parts}
-    assert {"poison", "attack", "defend", "defend/score", "defend/select", "defend/unlearn",
+    assert {"poison", "attack", "defend", "defend/overfit", "defend/score", "defend/select", "defend/unlearn",
             "defend/eval_before", "defend/eval_after"} <= set(manifests)
     assert all(list(m["cost"]) == list(FIELDS) for m in manifests.values()), manifests.keys()
     unlearned = manifests["defend/unlearn"]["cost"]
-    # 40 steps of 128 retain + 64 forget rows, forward and backward; the anchor term's θ₀ forward of the 128 retain
-    # rows each step; θ₀'s targets of the 300 forget rows once.
+    # 50 steps of 256 retain + 64 forget rows, forward and backward; the anchor term's θ₀ forward of the 256 retain
+    # rows each step; θ₀'s targets of the 150 forget rows once.
     assert (unlearned["forward_sample_passes"], unlearned["backward_sample_passes"]) == (
-        40 * 192 + 40 * 128 + 300, 40 * 192)
+        50 * 320 + 50 * 256 + 150, 50 * 320)
     scored = manifests["defend/score"]["cost"]
     rows_per_forward = load_config(None, [*overrides, *UBT]).score.batch_size
-    assert scored["forward_sample_passes"] >= 3 * 3000 and scored["forward_sample_passes"] % rows_per_forward == 0
+    # Each row forwarded as itself, under the token mask at two portions and under the blur.
+    assert scored["forward_sample_passes"] >= 4 * 3000 and scored["forward_sample_passes"] % rows_per_forward == 0
     assert scored["backward_sample_passes"] == 0 and scored["reserved_cpus"] == 1 and scored["reserved_gpus"] == 0
     evaluated_after = json.loads((root / "defend" / "eval_after" / "metrics.json").read_text())
     assert manifests["defend/eval_after"]["cost"]["forward_sample_passes"] == evaluated_after["sample_passes"] > 0
@@ -345,14 +343,14 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
         p["cost"]["reserved_cpu_seconds"] for p in report["phases"].values()), abs=0.2)
     # The cost blocks are the one account of the work: no phase keeps another count of its passes beside them.
     assert not any("sample_passes" in p for p in report["phases"].values())
-    assert report["phases"]["unlearn"]["samples"] == 40 * 128
+    assert report["phases"]["unlearn"]["samples"] == 50 * 256
     # The defend manifest adds the evaluations before and after, whose results carry their manifests.
     assert manifests["defend"]["cost"]["forward_sample_passes"] == report["cost"]["forward_sample_passes"] + sum(
         manifests[f"defend/{e}"]["cost"]["forward_sample_passes"] for e in ("eval_before", "eval_after"))
     # `ubt plan` on this finished defense: the scoring at ten times the rows takes ten times as long.
     assert main(["plan", "--defense", str(root / "defend"), "--rows", "30000"]) == 0
     planned = capsys.readouterr().out
-    assert "| score | 30,000 |" in planned and "assumptions:" in planned and "unlearn.steps=40" in planned
+    assert "| score | 30,000 |" in planned and "assumptions:" in planned and "unlearn.steps=50" in planned
     # The cleaned model is a plain open_clip checkpoint, and differs from the backdoored one.
     cleaned, _, _ = open_clip.create_model_and_transforms(f"local-dir:{summary['cleaned_model']}")
     original, _, _ = open_clip.create_model_and_transforms(f"local-dir:{root / 'attack' / 'model'}")
@@ -362,7 +360,7 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
     again = last_json(capsys.readouterr().out)
     assert again["reused"] and again["after"] == summary["after"] and again["cleaned_model"] == summary["cleaned_model"]
     assert defense_fingerprint(load_config(None, [*overrides, *UBT])) == report["fingerprint"]
-    assert defense_fingerprint(load_config(None, [*overrides, *UBT, "experimental.unlearn.steps=41"])) != report["fingerprint"]
+    assert defense_fingerprint(load_config(None, [*overrides, *UBT, "experimental.unlearn.steps=51"])) != report["fingerprint"]
 
 
 def test_caption_disagreement_finds_the_poisons_by_their_captions(backdoored, tmp_path, capsys):
@@ -382,20 +380,22 @@ def test_caption_disagreement_finds_the_poisons_by_their_captions(backdoored, tm
 def test_overfit_on_the_weakest_similarity_subset(backdoored, capsys):
     root, overrides = backdoored
     capsys.readouterr()
+    out = root / "overfit-subset"  # beside the defend test's default overfit, which this must not replace
+    overrides = [*overrides, f"experimental.overfit.output={out}"]
     assert main(["overfit", *overrides, "experimental.overfit.steps=3", "experimental.overfit.warmup_steps=0", "experimental.overfit.batch_size=64", "experimental.overfit.subset_fraction=0.1",
                  "experimental.overfit.prioritize=weak_similarity"]) == 0
     summary = last_json(capsys.readouterr().out)
     assert summary["steps"] == 3 and summary["samples"] == 192
     # The similarity scoring that chose the subset is part of the overfit's cost, in its own manifest.
-    overfitted = json.loads((root / "defend" / "overfit" / "manifest.json").read_text())["cost"]
-    similarity = json.loads((root / "defend" / "overfit" / "similarity" / "manifest.json").read_text())
+    overfitted = json.loads((out / "manifest.json").read_text())["cost"]
+    similarity = json.loads((out / "similarity" / "manifest.json").read_text())
     assert similarity["config"]["score"]["method"] == "cosine"
     assert similarity["cost"]["forward_sample_passes"] >= 3000
     assert overfitted["forward_sample_passes"] == 192 + similarity["cost"]["forward_sample_passes"]
     assert overfitted["backward_sample_passes"] == 192
     assert overfitted["reserved_cpu_seconds"] >= similarity["cost"]["reserved_cpu_seconds"]
-    subset = pq.read_table(root / "defend" / "overfit" / "subset")
-    sims = pq.read_table(root / "defend" / "overfit" / "similarity" / "table").to_pandas().set_index("key")["cos"]
+    subset = pq.read_table(out / "subset")
+    sims = pq.read_table(out / "similarity" / "table").to_pandas().set_index("key")["cos"]
     assert abs(subset.num_rows - round(0.1 * len(sims))) <= 1
     # The subset is exactly the rows whose similarity under θ₀ is weakest.
     assert sims[subset.column("key").to_pylist()].max() <= sims.drop(subset.column("key").to_pylist()).min()
