@@ -31,13 +31,19 @@ def commit() -> str:
 
 
 def machine() -> dict:
-    """The machine in a few facts: CPU model and count, memory, GPU (when torch sees one), OS and Python."""
+    """The machine in a few facts: CPU model and count, its widest vector instructions (two CPUs of one model name
+    can differ by AVX-512 and bf16, which changed this project's CPU times about fourfold), memory, GPU (when torch
+    sees one), OS and Python."""
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
     except (OSError, StopIteration):
         pass
+    vector = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512 BF16", "avx512_bf16"),
+                                      ("AMX", "amx_tile")) if flag in flags]
     try:
         mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
@@ -49,7 +55,7 @@ def machine() -> dict:
             gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     except ImportError:
         pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "memory_gib": mem_gib, "gpu": gpu,
+    return {"cpu": cpu, "cpus": os.cpu_count(), "vector": vector, "memory_gib": mem_gib, "gpu": gpu,
             "os": platform.platform(), "python": platform.python_version()}
 
 
@@ -78,7 +84,8 @@ def write_results(out: str | Path, name: str, result, markdown: str, configs: di
     (out / f"{name}.json").write_text(json.dumps({"provenance": prov, "result": result}, indent=2) + "\n")
     m = prov["machine"]
     footer = (f"\nCommand: `{prov['command']}`  \nCommit: `{prov['commit']}`  \n"
-              f"Machine: {m['cpus']} x {m['cpu']}, {m['memory_gib']} GiB" + (f", {m['gpu']}" if m["gpu"] else "")
+              f"Machine: {m['cpus']} x {m['cpu']}" + (f" ({', '.join(m['vector'])})" if m.get("vector") else "")
+              + f", {m['memory_gib']} GiB" + (f", {m['gpu']}" if m["gpu"] else "")
               + f"  \nFinished: {prov['finished_at']}\n")
     (out / f"{name}.md").write_text(markdown.rstrip("\n") + "\n" + footer)
     print(markdown)
