@@ -283,15 +283,23 @@ def plain_loop(shards: str, model: str, threads: int, out: str) -> dict:
 
 
 def largest_score_difference(ray_table: str, plain_table: str) -> float:
-    """The largest |score| difference of a key between the Ray run's table and the plain loop's."""
-    a = pq.read_table(ray_table, columns=["key", "score"])
-    b = pq.read_table(plain_table, columns=["key", "score"]).rename_columns(["key", "plain"])
+    """The largest difference of a key's per-row scores between the Ray run's table and the plain loop's: every
+    score column the two share (cos and each signal; the combined `score` exists only where one signal makes it,
+    since several are combined over the whole table after the pass, which the plain loop does not do)."""
+    names = [n for n in pq.ParquetDataset(plain_table).schema.names
+             if n == "cos" or n == "score" or n.startswith(("drop_", "density_"))]
+    missing = set(names) - set(pq.ParquetDataset(ray_table).schema.names)
+    if not names or missing:
+        raise SystemExit(f"the plain loop's table has score columns {names} and the Ray run's lacks "
+                         f"{sorted(missing)}: the two runs did not score alike.")
+    a = pq.read_table(ray_table, columns=["key", *names])
+    b = pq.read_table(plain_table, columns=["key", *names]).rename_columns(["key", *(f"plain_{n}" for n in names)])
     joined = a.join(b, "key")
     if joined.num_rows != a.num_rows or joined.num_rows != b.num_rows:
         raise SystemExit(f"the Ray run scored {a.num_rows} rows and the plain loop {b.num_rows}, {joined.num_rows} "
                          f"keys in common: the two runs did not score the same rows.")
-    diff = np.abs(joined.column("score").to_numpy() - joined.column("plain").to_numpy())
-    return float(diff.max(initial=0.0))
+    return max(float(np.abs(joined.column(n).to_numpy() - joined.column(f"plain_{n}").to_numpy()).max(initial=0.0))
+               for n in names)
 
 
 def ubt(*args: str) -> list[str]:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from benchmarks.scale import COPY_BITS, jittered_copies, load_source, parse_rows
+from benchmarks.scale import COPY_BITS, jittered_copies, largest_score_difference, load_source, parse_rows
 
 from helpers import caption_shards
 
@@ -49,3 +49,26 @@ def test_row_sizes_are_checked():
     for bad in ("", "12,x", "0"):
         with pytest.raises(Exception, match="--rows takes positive row counts"):
             parse_rows(bad)
+
+
+def test_the_ray_and_plain_tables_are_compared_on_every_score_column_they_share(tmp_path):
+    """With several signals the plain loop's table has no combined `score` (it is made over the whole table after
+    the pass): the comparison takes cos and each signal, and refuses tables of other rows or other columns."""
+    keys = ["a", "b", "c"]
+    plain = pa.table({"key": keys, "cos": [0.5, 0.4, 0.3], "drop_token_mask": [0.1, 0.2, 0.3],
+                      "drop_blur": [0.0, 0.1, 0.2]})
+    ray_dir = tmp_path / "ray"
+    ray_dir.mkdir()
+    # Another row order, and the combined columns the Ray run adds.
+    ray = plain.take([2, 0, 1]).append_column("score", pa.array([0.3, 0.1, 0.2])).append_column(
+        "transform", pa.array(["token_mask"] * 3))
+    ray = ray.set_column(ray.column_names.index("drop_blur"), "drop_blur", pa.array([0.2, 0.0, 0.25]))
+    pq.write_table(ray, ray_dir / "part-0.parquet")
+    pq.write_table(plain, tmp_path / "plain.parquet")
+    assert largest_score_difference(str(ray_dir), str(tmp_path / "plain.parquet")) == pytest.approx(0.15)
+    pq.write_table(plain.slice(0, 2), tmp_path / "fewer.parquet")
+    with pytest.raises(SystemExit, match="did not score the same rows"):
+        largest_score_difference(str(ray_dir), str(tmp_path / "fewer.parquet"))
+    pq.write_table(ray.drop_columns(["drop_blur"]), ray_dir / "part-0.parquet")
+    with pytest.raises(SystemExit, match="did not score alike"):
+        largest_score_difference(str(ray_dir), str(tmp_path / "plain.parquet"))
