@@ -22,7 +22,7 @@ from ubt_ray.core.scoring import prepare_model, score_batch, text_features, toke
 from ubt_ray.errors import UserError
 from ubt_ray.models import load_clip, save_clip
 from ubt_ray.phases.defend import defense_fingerprint
-from ubt_ray.phases.score import _combine, robust_stats, score, tail_strengths
+from ubt_ray.phases.score import _combine, robust_stats, score, signal_statistics, tail_strengths
 from ubt_ray.shards import merge_top_k, top_k
 
 from helpers import caption_shards, fashion_mnist_shards, last_json, small_clip_config, write_random_clip
@@ -200,6 +200,14 @@ def test_pick_combination_takes_the_transform_whose_top_drops_stand_out(ray_loca
     assert abs(sampled[0] - robust["drop_token_mask"][0]) < 0.1 * robust["drop_token_mask"][1]
     robust_tails = tail_strengths(ds, robust, 5)
     assert robust_tails["drop_blur"] > 20 > 4 > robust_tails["drop_token_mask"] > 1
+    # The one read of the columns (up to max_rows) gives what the separate aggregates give.
+    columns = ["drop_blur", "drop_token_mask"]
+    read_once = signal_statistics(ds, columns, seed=0, k=5)
+    assert read_once[1] == robust and read_once[2] == pytest.approx(robust_tails, rel=1e-9)
+    aggregated = signal_statistics(ds, columns, seed=0, k=5, max_rows=200)[0]  # beyond max_rows: Ray Data's
+    for c in columns:
+        assert read_once[0][c] == pytest.approx((float(ds.mean(c)), float(ds.std(c))), rel=1e-6, abs=1e-9)
+        assert aggregated[c] == pytest.approx(read_once[0][c], rel=1e-6, abs=1e-9)
     out = _combine(table, stats, picked="drop_blur")
     assert out.column("score").to_pylist() == table.column("drop_blur").to_pylist()
     assert set(out.column("transform").to_pylist()) == {"blur"}

@@ -261,8 +261,8 @@ def signal_statistics(ds: ray.data.Dataset, columns: list[str], seed: int, k: in
         values = np.concatenate([b[c] for b in batches]).astype(np.float64)
         stats[c] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
         robust[c] = robust_center_scale(values)
-        top = np.partition(values, len(values) - min(k, len(values)))[len(values) - min(k, len(values)):]
-        strengths[c] = tail_strength(torch.from_numpy(top), *robust[c])
+        cut = max(len(values) - k, 0)  # the k largest values, unordered
+        strengths[c] = tail_strength(torch.from_numpy(np.partition(values, cut)[cut:]), *robust[c])
     return stats, robust, strengths
 
 
