@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.results_io import write_results  # noqa: E402
-from ubt_ray.config import ModelConfig  # noqa: E402
+from ubt_ray.config import ModelConfig, load_config  # noqa: E402
 from ubt_ray.core.batches import decode_images, normalize  # noqa: E402
 from ubt_ray.core.scoring import image_features, remove_trigger, token_grid, tokens_to_take  # noqa: E402
 from ubt_ray.models import load_clip  # noqa: E402
@@ -42,7 +42,8 @@ def main() -> None:
     ap.add_argument("--pool", type=int, nargs="+", default=[3000])
     ap.add_argument("--k", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--portions", type=float, nargs="+", default=[1 / 64, 4 / 64])
+    ap.add_argument("--portions", type=float, nargs="+", default=load_config().score.token_portions,
+                    help="the token mask's portions (default: the scoring default's)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--name", default="shift_consensus")
     args = ap.parse_args()
@@ -70,7 +71,7 @@ def main() -> None:
     shifts = []
     with torch.no_grad():
         for lo in range(0, pool_n, 256):
-            px = decode_images(src.column("image").to_pylist()[lo:lo + 256], clip.image_size)
+            px = decode_images(src.column("image").slice(lo, 256).to_pylist(), clip.image_size)
             x = normalize(px, clip.preprocess_cfg)
             f = image_features(model, x)
             t = transform[lo]
@@ -119,6 +120,7 @@ def main() -> None:
                      + " / ".join(f"{v:.1%}" for v in r["precision_by_round"]) + " |")
     write_results(args.out, args.name, {"table": args.table, "model": args.model, "k": args.k,
                                         "table_precision": table_p, "records": records}, "\n".join(lines) + "\n")
+
 
 if __name__ == "__main__":
     main()
