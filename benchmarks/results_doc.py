@@ -26,6 +26,8 @@ TITLES = {
     "defense_table": ("Fashion-MNIST: defenses on every attack", "benchmarks/defense_table.py"),
     "unlearn_variants": ("Unlearning variants on one defense's selection (clean accuracy beyond the training words)",
                          "benchmarks/unlearn_variants.py"),
+    "defense_seeds": ("The end-to-end test's defense over seeds (the spread its bounds rest on)",
+                      "benchmarks/defense_seeds.py"),
     "density_probe": ("Embedding-space density scores (detection only)", "benchmarks/density_probe.py"),
     "scenes_learnability": ("How fast a tiny CLIP learns the classes (plain PyTorch loop)",
                             "benchmarks/scenes_learnability.py"),

@@ -288,9 +288,11 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
     root, overrides = backdoored
     capsys.readouterr()
     # The default `ubt defend` (overfit, token mask and blur drops, pick, forget by the flagging transform) on a
-    # whole-image trigger. With seed 2 the backdoor is one the detection finds (AUROC 0.88; ASR 85.8% -> 15.9%,
-    # CA 70.5% -> 68.8% when the test was written); the bound below asks for a 40-point fall of ASR, which
-    # skipping the unlearning (ASR unchanged) fails.
+    # whole-image trigger. The backdoored model, and so the defense's outcome, differs between CPUs (their kernels
+    # round differently): over seeds 2-5 on one machine and seed 2 on another, ASR fell 65-79 points and CA 1.7-5.5
+    # points, the CA lost mostly on the target class and the garments like it (the blur cannot tell clean
+    # t-shirts from poisons on this data). So the bounds: a 40-point fall of ASR, which skipping the unlearning
+    # (ASR unchanged) fails, and at most 8 points of CA, which a defense that wrecks the model fails.
     # The model evaluated as the pipeline does just before a defense: the defense copies that evaluation of θ₀.
     assert main(["evaluate", *overrides, "--model", str(root / "attack" / "model")]) == 0
     evaluated = json.loads((root / "attack" / "eval" / "metrics.json").read_text())
@@ -314,7 +316,7 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
     assert evaluation_fingerprint(cfg, str(root / "init")) != evaluated["fingerprint"]
     assert before["attack_success_rate"] >= 0.6, before  # the backdoor is there to remove
     assert after["attack_success_rate"] <= before["attack_success_rate"] - 0.4, (before, after)
-    assert after["clean_accuracy"] >= before["clean_accuracy"] - 0.05, (before, after)
+    assert after["clean_accuracy"] >= before["clean_accuracy"] - 0.08, (before, after)
     assert summary["detection"]["auroc"] >= 0.75
     # The pick took the blur: no token mask removes a trigger spread over every pixel.
     scored = json.loads((root / "defend" / "score" / "manifest.json").read_text())

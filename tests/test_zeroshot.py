@@ -19,6 +19,7 @@ from ubt_ray.core.triggers import build_trigger
 from ubt_ray.core.zeroshot import (
     attack_success_rate,
     auroc,
+    class_accuracies,
     class_embeddings,
     clean_accuracy,
     image_embeddings,
@@ -48,6 +49,13 @@ def test_clean_accuracy():
     assert clean_accuracy(torch.tensor([3, 3]), np.array([3, 3])) == 1.0
     with pytest.raises(ValueError):
         clean_accuracy([0, 1], [0])
+
+
+def test_class_accuracies_per_label_and_none_for_an_absent_class():
+    # label 0: 2 of 3 right; label 1: 0 of 1; label 2: no row; label 3: 1 of 1
+    assert class_accuracies([0, 0, 1, 0, 3], [0, 0, 0, 1, 3], 4) == [2 / 3, 0.0, None, 1.0]
+    with pytest.raises(ValueError):
+        class_accuracies([0, 1], [0], 2)
 
 
 def test_attack_success_rate_counts_only_images_outside_the_target_class():
@@ -193,6 +201,9 @@ def test_evaluate_writes_metrics_and_manifest(eval_setup):
     assert 0.0 <= metrics["clean_accuracy"] <= 1.0 and 0.0 <= metrics["attack_success_rate"] <= 1.0
     assert metrics["asr_images"] == sum(y != TARGET for y in labels) == 90
     assert 0.0 <= metrics["clean_target_rate"] <= 1.0
+    # One accuracy per class; weighted by the classes' test rows (10 each) they make the CA.
+    per_class = metrics["class_accuracy"]
+    assert len(per_class) == 10 and sum(per_class) / 10 == pytest.approx(metrics["clean_accuracy"])
     assert metrics["test_rows"] == N_ROWS and metrics["target_label"] == TARGET and metrics["attack"] == "badnet"
     assert result.clean_accuracy == metrics["clean_accuracy"]
     assert result.attack_success_rate == metrics["attack_success_rate"]

@@ -88,6 +88,15 @@ def clean_accuracy(preds, labels) -> float:
     return float(np.mean(p == y))
 
 
+def class_accuracies(preds, labels, num_classes: int) -> list[float | None]:
+    """Per class c < num_classes, the share of rows labelled c predicted c (None where no row is labelled c):
+    where a defense's cost in CA falls (a backdoor's target class and the classes like it, say)."""
+    p, y = _as_array(preds, "preds"), _as_array(labels, "labels")
+    if len(p) != len(y):
+        raise ValueError(f"class_accuracies needs as many predictions as labels; got {len(p)} and {len(y)}.")
+    return [float(np.mean(p[y == c] == c)) if np.any(y == c) else None for c in range(num_classes)]
+
+
 def attack_success_rate(preds_on_triggered, true_labels, target: int) -> tuple[float, int]:
     """(ASR, images counted): share of triggered images of true class != target that are predicted as the target."""
     p, y = _as_array(preds_on_triggered, "preds_on_triggered"), _as_array(true_labels, "true_labels")

@@ -22,7 +22,8 @@ from ..core.batches import decode_image
 from ..core.models import CHECKPOINT_SUFFIXES, Clip, pick_device
 from ..core.triggers import Trigger, apply_to_png, load_trigger
 from ..cost import Usage
-from ..core.zeroshot import attack_success_rate, class_embeddings, clean_accuracy, image_embeddings
+from ..core.zeroshot import (attack_success_rate, class_accuracies, class_embeddings, clean_accuracy,
+                             image_embeddings)
 from ..errors import UserError
 from ..manifest import RowCounts, finished_output, fingerprint, write_manifest
 from ..models import load_clip
@@ -92,6 +93,7 @@ class Rates:
     asr_images: int = 0
     clean_target_rate: float | None = None
     clean_accuracy_heldout: float | None = None
+    class_accuracy: list[float | None] | None = None  # per label, with the training prompts (class_accuracies)
 
 
 def zero_shot_rates(clip: Clip, cfg: Config, test: EvalSet,
@@ -125,11 +127,13 @@ def zero_shot_rates(clip: Clip, cfg: Config, test: EvalSet,
     preds = {name: torch.cat(p) for name, p in clean_preds.items()}
     ca = clean_accuracy(preds["train"], test.labels)
     ca_heldout = clean_accuracy(preds["heldout"], test.labels) if "heldout" in preds else None
+    per_class = class_accuracies(preds["train"], test.labels, len(weights["train"]))
     if test.attack is None:
-        return Rates(ca, clean_accuracy_heldout=ca_heldout)
+        return Rates(ca, clean_accuracy_heldout=ca_heldout, class_accuracy=per_class)
     target = test.attack.target_label
     asr, asr_images = attack_success_rate(torch.cat(triggered_preds), test.labels, target)
-    return Rates(ca, asr, asr_images, attack_success_rate(preds["train"], test.labels, target)[0], ca_heldout)
+    return Rates(ca, asr, asr_images, attack_success_rate(preds["train"], test.labels, target)[0], ca_heldout,
+                 per_class)
 
 
 def heldout_prompts(cfg: Config) -> tuple[list[str], list[str]] | None:
@@ -166,6 +170,7 @@ def evaluate(cfg: Config, model_uri: str | None = None) -> EvalResult:
         "attack_success_rate": asr,
         "asr_images": rates.asr_images,
         "clean_target_rate": rates.clean_target_rate,
+        "class_accuracy": rates.class_accuracy,
         "target_label": attack.target_label if attack else None,
         "attack": attack.name if attack else None,
         "test_rows": len(test.keys),
