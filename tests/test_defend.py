@@ -289,10 +289,9 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
     capsys.readouterr()
     # The default `ubt defend` (overfit, token mask and blur drops, pick, forget by the flagging transform) on a
     # whole-image trigger. The backdoored model, and so the defense's outcome, differs between CPUs (their kernels
-    # round differently): over seeds 2-5 on one machine and seed 2 on another, ASR fell 65-79 points and CA 1.7-5.5
-    # points, the CA lost mostly on the target class and the garments like it (the blur cannot tell clean
-    # t-shirts from poisons on this data). So the bounds: a 40-point fall of ASR, which skipping the unlearning
-    # (ASR unchanged) fails, and at most 8 points of CA, which a defense that wrecks the model fails.
+    # round differently) and seeds (docs/results.md, defense_seeds): ASR falls 65-79 points, CA 1.7-5.5 points,
+    # lost mostly on the target class and two or three others. So the bounds: a 40-point fall of ASR, which
+    # skipping the unlearning (ASR unchanged) fails, and at most 8 points of CA, which wrecking the model fails.
     # The model evaluated as the pipeline does just before a defense: the defense copies that evaluation of θ₀.
     assert main(["evaluate", *overrides, "--model", str(root / "attack" / "model")]) == 0
     evaluated = json.loads((root / "attack" / "eval" / "metrics.json").read_text())
