@@ -72,3 +72,12 @@ def test_the_ray_and_plain_tables_are_compared_on_every_score_column_they_share(
     pq.write_table(ray.drop_columns(["drop_blur"]), ray_dir / "part-0.parquet")
     with pytest.raises(SystemExit, match="did not score alike"):
         largest_score_difference(str(ray_dir), str(tmp_path / "plain.parquet"))
+
+
+def test_growth_compares_each_larger_size_with_the_smallest():
+    from benchmarks.scale import growth
+    records = [{"phase": "score", "rows": 600, "rows_per_s": 90.0, "driver_peak_rss": 1200},
+               {"phase": "select", "rows": 60, "rows_per_s": 1.0, "driver_peak_rss": 1},
+               {"phase": "score", "rows": 60, "rows_per_s": 100.0, "driver_peak_rss": 1000}]
+    assert growth(records) == ["", "Score at 600 rows against 60: rows/s x0.90, driver peak RSS x1.20."]
+    assert growth(records[1:]) == []
