@@ -255,7 +255,10 @@ def signal_statistics(ds: ray.data.Dataset, columns: list[str], seed: int, k: in
         stats = {c: (float(ds.mean(c)), float(ds.std(c))) for c in columns}
         robust = robust_stats(ds, columns, seed, max_rows)
         return stats, robust, tail_strengths(ds, robust, k)
-    batches = list(ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=None))
+    # The materialised blocks fetched as they are, one at a time, keeping their signal columns: a select_columns
+    # would start a task per block (one per scoring batch), which costs far more than the read.
+    batches = [{c: b.column(c).to_numpy() for c in columns}
+               for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
     stats, robust, strengths = {}, {}, {}
     for c in columns:
         values = np.concatenate([b[c] for b in batches]).astype(np.float64)
@@ -391,7 +394,9 @@ def _drop_scores(cfg: Config, model: ModelConfig, data: str, columns: list[str],
             if s.combine == "pick":
                 picked = max(strengths, key=strengths.get)
                 extra.update(signal_robust_stats=robust, tail_strengths=strengths, picked_signal=picked)
-            ds = ds.map_batches(_combine, batch_format="pyarrow", fn_kwargs={"stats": stats, "picked": picked})
+            # A task per output file's worth of rows, not per scoring batch: starting a task costs more than combining.
+            ds = ds.map_batches(_combine, batch_format="pyarrow", batch_size=TABLE_ROWS_PER_FILE,
+                                fn_kwargs={"stats": stats, "picked": picked})
     return ds, extra
 
 
