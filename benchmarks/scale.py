@@ -44,6 +44,9 @@ ROWS_PER_FILE = 10_000  # what `ubt prepare` writes
 # Pixels of a copy that carry its copy number (one least-significant bit each): 2**16 - 1 copies of a row at most.
 COPY_BITS = 16
 SAMPLE_EVERY_S = 0.5
+# The whole job's PSS at every PSS_EVERY-th sample only: read every 0.5 s from a Ray job's ~20 processes it took
+# about a sixth of a core, which a 2-core machine takes from the run it measures.
+PSS_EVERY = 10
 
 
 @dataclass
@@ -189,14 +192,18 @@ class ProcessTreeSampler:
         return sum(self.rchar.values())
 
     def _run(self) -> None:
+        count = 0
         while not self._stop.is_set():
-            self.sample()
+            self.sample(pss=count % PSS_EVERY == 0)
+            count += 1
             self._stop.wait(SAMPLE_EVERY_S)
 
-    def sample(self) -> None:
+    def sample(self, pss: bool = True) -> None:
         tree = self._tree()
         self.peak_root_rss = max(self.peak_root_rss, _proc_number(self.root, "status", "VmRSS:") * 1024)
-        self.peak_tree_pss = max(self.peak_tree_pss, sum(_proc_number(p, "smaps_rollup", "Pss:") for p in tree) * 1024)
+        if pss:  # the kernel walks every mapping of every process for it: most of a sample's cost
+            self.peak_tree_pss = max(self.peak_tree_pss,
+                                     sum(_proc_number(p, "smaps_rollup", "Pss:") for p in tree) * 1024)
         for pid in tree:
             chars = _proc_number(pid, "io", "rchar:") if pid == self.root or _is_ray_worker(pid) else 0
             if chars:
@@ -359,8 +366,8 @@ def to_markdown(records: list[dict], source: str, model: str) -> str:
              f"scored with {model}, against a plain single-process loop with the same Scorer and as many torch "
              "threads as all scoring actors together. Rows/s over each phase's whole wall time (Ray's and the "
              "actors' start and the model load included; the plain loop's model load included). Memory sampled "
-             f"every {SAMPLE_EVERY_S} s: the driver's peak RSS, and the peak of the PSS summed over the driver and "
-             "every process under it (Ray's processes and workers). Bytes read: rchar (page-cache hits included) "
+             f"every {SAMPLE_EVERY_S} s: the driver's peak RSS, and every {SAMPLE_EVERY_S * PSS_EVERY:g} s the peak of the "
+             "PSS summed over the driver and every process under it (Ray's processes and workers). Bytes read: rchar (page-cache hits included) "
              "summed over the driver and the Ray workers; the shards' size on disk is beside the row count.", "",
              "| rows | phase | wall s | rows/s | Ray / plain | driver peak RSS | whole-job peak memory | bytes read "
              "| rows per actor |", "|---|---|---|---|---|---|---|---|---|"]
