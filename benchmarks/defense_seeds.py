@@ -25,25 +25,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 # The fixture of tests/test_defend.py and the test's defense, run in a fresh process per seed.
 RUN_SEED = textwrap.dedent("""
-    import json, sys
+    import sys
     from pathlib import Path
     sys.path[:0] = [{repo!r}, {tests!r}]
     import ray
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     from ubt_ray.cli import main
-    from helpers import fashion_mnist_shards, small_clip_config, write_random_clip
+    from helpers import UBT, backdoor_fixture
     root = Path({root!r})
-    init = write_random_clip(root / "init", small_clip_config(width=64, vision_layers=2, head_width=32))
-    ov = [f"run.output_dir={{root}}", f"data.clean_train={{fashion_mnist_shards(root / 'clean', rows=3000)}}",
-          f"data.test={{fashion_mnist_shards(root / 'test', split='test', rows=1000)}}",
-          "poison.attack={attack}", "poison.num_poisons=150", f"model.checkpoint={{init}}", "train.epochs=10",
-          "run.seed={seed}", "experimental.train.warmup_steps=10", "experimental.trainer.threads_per_worker=2",
-          "trainer.num_workers=0", "score.num_actors=1"]
+    ov = backdoor_fixture(root, {attack!r}, {seed})
     assert main(["poison", *ov]) == 0
     assert main(["train", *ov]) == 0
     assert main(["evaluate", *ov, "--model", str(root / "attack" / "model")]) == 0
-    assert main(["defend", *ov, "unlearn.num_samples=150", "experimental.select.retain_samples=1500",
-                 "experimental.score.top_k=[50,150,300]"]) == 0
+    assert main(["defend", *ov, *UBT]) == 0
 """)
 
 def run_seed(root: Path, attack: str, seed: int) -> dict:

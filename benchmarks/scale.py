@@ -337,25 +337,29 @@ def measure_size(shards: Path, rows: int, model: str, work: Path, plain: bool = 
     records.append({"phase": "select", "rows": rows, "command_s": seconds, "phase_s": selected["wall_time_s"],
                     "driver_peak_rss": sampler.peak_root_rss, "job_peak_pss": sampler.peak_tree_pss,
                     "bytes_read": sampler.bytes_read})
-    threads = manifest["actors"] * manifest["threads_per_actor"]
-    if not plain:
-        for r in records:
-            r["rows_per_s"] = rows / r["phase_s"]
-        return records
+    if plain:
+        records.append(plain_record(shards, rows, model, run, summary["table"],
+                                    manifest["actors"] * manifest["threads_per_actor"]))
+    for r in records:
+        r["rows_per_s"] = rows / r["phase_s"]
+    if plain:
+        records[0]["ray_over_plain"] = records[0]["rows_per_s"] / records[2]["rows_per_s"]
+    return records
+
+
+def plain_record(shards: Path, rows: int, model: str, run: Path, ray_table: str, threads: int) -> dict:
+    """The plain loop over `shards` in its own process with `threads` torch threads, sampled; its record, with
+    the largest difference of its scores from the Ray run's table."""
     plain_out, plain_json = run / "plain_scores.parquet", run / "plain.json"
     seconds, sampler = measured([sys.executable, str(Path(__file__).resolve()), "plain", str(shards), model,
                                  str(threads), str(plain_out), str(plain_json)], run / "plain.log")
     plain = json.loads(plain_json.read_text())
     if plain["rows"] != rows:
         raise SystemExit(f"the plain loop scored {plain['rows']} rows of {rows}; see {run / 'plain.log'}")
-    records.append({"phase": "plain loop", "rows": rows, "command_s": seconds, "phase_s": plain["seconds"],
-                    "driver_peak_rss": sampler.peak_root_rss, "job_peak_pss": sampler.peak_tree_pss,
-                    "bytes_read": sampler.bytes_read, "threads": threads,
-                    "largest_score_difference": largest_score_difference(summary["table"], str(plain_out))})
-    for r in records:
-        r["rows_per_s"] = rows / r["phase_s"]
-    records[0]["ray_over_plain"] = records[0]["rows_per_s"] / records[2]["rows_per_s"]
-    return records
+    return {"phase": "plain loop", "rows": rows, "command_s": seconds, "phase_s": plain["seconds"],
+            "driver_peak_rss": sampler.peak_root_rss, "job_peak_pss": sampler.peak_tree_pss,
+            "bytes_read": sampler.bytes_read, "threads": threads,
+            "largest_score_difference": largest_score_difference(ray_table, str(plain_out))}
 
 
 def to_markdown(records: list[dict], source: str, model: str) -> str:
@@ -437,9 +441,9 @@ def main() -> None:
     records = []
     for rows in sizes:
         shards = synthetic_shards(args.source, work, rows, args.seed, args.jobs)
-        plain = args.plain_rows is None or rows in args.plain_rows
-        records += measure_size(shards, rows, model, work, plain)
-        print(json.dumps(records[-3 if plain else -2:]), flush=True)
+        measured_size = measure_size(shards, rows, model, work, args.plain_rows is None or rows in args.plain_rows)
+        records += measured_size
+        print(json.dumps(measured_size), flush=True)
     write_results(args.out, args.name, {"source": args.source, "model": model, "seed": args.seed,
                                         "records": records}, to_markdown(records, args.source, model),
                   configs={"score and select": resolved_config()})

@@ -129,3 +129,29 @@ def registered_checkpoints(run_dir) -> list[dict]:
             "checkpoint_results"]
     except (OSError, ValueError, KeyError):  # not written yet, or being written
         return []
+
+
+# The default defense, sized for backdoor_fixture's model: its selection (150 rows, half the poisons) and retain
+# sample (1,500 of 3,000 rows) scaled down from the quickstart's 300 of 60,000 and 8,192.
+UBT = ["unlearn.num_samples=150", "experimental.select.retain_samples=1500", "experimental.score.top_k=[50, 150, 300]"]
+
+
+def backdoor_fixture(root, attack: str = "blended", seed: int = 2) -> list[str]:
+    """The overrides of tests/test_defend.py's backdoored model (benchmarks/defense_seeds.py runs it per seed):
+    3,000 Fashion-MNIST rows with 150 poisons of `attack`, a small CLIP (2 vision layers, width 64) trained
+    10 epochs; writes the clean and test shards and the initial model under `root`."""
+    init = write_random_clip(root / "init", small_clip_config(width=64, vision_layers=2, head_width=32))
+    return [f"run.output_dir={root}", f"data.clean_train={fashion_mnist_shards(root / 'clean', rows=3000)}",
+            f"data.test={fashion_mnist_shards(root / 'test', split='test', rows=1000)}",
+            f"poison.attack={attack}", "poison.num_poisons=150", f"model.checkpoint={init}", "train.epochs=10",
+            # Deterministic on one machine (same poisons, same model, same defense) since reads take Ray Data's
+            # v1 path; see test_defend_removes_the_backdoor_and_keeps_clean_accuracy for the seed.
+            f"run.seed={seed}",
+            "experimental.train.warmup_steps=10", "experimental.trainer.threads_per_worker=2",
+            # Every training phase in this process (Ray Train's num_workers=0): DDP is test_train's subject,
+            # and a worker actor's start costs each run 10-25 s here.
+            "trainer.num_workers=0",
+            # One scoring actor: on this little data each more actor costs its start and model load more
+            # than its share of the work saves (the actor pool is
+            # test_score_on_ray_data_scores_every_row_once_like_in_process's).
+            "score.num_actors=1"]

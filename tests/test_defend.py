@@ -25,7 +25,7 @@ from ubt_ray.phases.defend import defense_fingerprint
 from ubt_ray.phases.score import _combine, robust_stats, score, signal_statistics, tail_strengths
 from ubt_ray.shards import merge_top_k, top_k
 
-from helpers import caption_shards, fashion_mnist_shards, last_json, small_clip_config, write_random_clip
+from helpers import UBT, backdoor_fixture, caption_shards, last_json
 
 BROKEN_KEY = "row-000007"
 REPO = Path(__file__).resolve().parent.parent
@@ -254,31 +254,12 @@ def test_top_k_is_the_same_whatever_the_number_of_blocks(ray_local):
     assert merge_top_k(parts, k, "score").column("key").to_pylist() == expected
 
 
-# The default defense, sized for the small backdoored model below: its selection (150 rows, half the poisons) and
-# retain sample (1,500 of 3,000 rows) scaled down from the quickstart's 300 of 60,000 and 8,192.
-UBT = ["unlearn.num_samples=150", "experimental.select.retain_samples=1500", "experimental.score.top_k=[50, 150, 300]"]
-
-
 @pytest.fixture(scope="module")
 def backdoored(ray_local, tmp_path_factory):
     """A small CLIP (2 vision layers, width 64) trained on 3,000 Fashion-MNIST rows with a 150-row Blended backdoor:
     a whole-image trigger (seeded noise mixed into every pixel at alpha 0.2), which no token mask removes."""
     root = tmp_path_factory.mktemp("backdoor")
-    init = write_random_clip(root / "init", small_clip_config(width=64, vision_layers=2, head_width=32))
-    overrides = [f"run.output_dir={root}", f"data.clean_train={fashion_mnist_shards(root / 'clean', rows=3000)}",
-                 f"data.test={fashion_mnist_shards(root / 'test', split='test', rows=1000)}",
-                 "poison.attack=blended", "poison.num_poisons=150", f"model.checkpoint={init}", "train.epochs=10",
-                 # The fixture is deterministic (same poisons, same model, same defense) since reads take Ray Data's
-                 # v1 path; see test_defend_removes_the_backdoor_and_keeps_clean_accuracy for why seed 2.
-                 "run.seed=2",
-                 "experimental.train.warmup_steps=10", "experimental.trainer.threads_per_worker=2",
-                 # Every training phase in this process (Ray Train's num_workers=0): DDP is test_train's subject,
-                 # and a worker actor's start costs each run 10-25 s here.
-                 "trainer.num_workers=0",
-                 # One scoring actor: on this little data each more actor costs its start and model load more
-                 # than its share of the work saves (the actor pool is
-                 # test_score_on_ray_data_scores_every_row_once_like_in_process's).
-                 "score.num_actors=1"]
+    overrides = backdoor_fixture(root)
     assert main(["poison", *overrides]) == 0
     assert main(["train", *overrides]) == 0
     return root, overrides
