@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import shutil
 import types
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ubt_ray import storage
 from ubt_ray.config import load_config
 from ubt_ray.core.images import encode_png
 from ubt_ray.core.models import Clip
@@ -217,6 +219,16 @@ def test_evaluate_writes_metrics_and_manifest(eval_setup):
     assert again["model"] == str(tmp_path / "ckpt")
     assert again["clean_accuracy"] == result.clean_accuracy
     assert again["attack_success_rate"] == result.attack_success_rate
+    # Another checkpoint's evaluation does not silently replace that one (by default evaluate.output holds θ₀'s).
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "other")
+    with pytest.raises(UserError, match=r"holds the evaluation of .*ckpt.*experimental.evaluate.output=PATH"):
+        cli_evaluate(cfg, argparse.Namespace(model=str(tmp_path / "other")))
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["model"] == str(tmp_path / "ckpt")
+    storage.allow_overwrite(True)
+    try:
+        assert cli_evaluate(cfg, argparse.Namespace(model=str(tmp_path / "other")))["model"] == str(tmp_path / "other")
+    finally:
+        storage.allow_overwrite(False)
 
 
 def test_evaluate_max_rows_and_missing_trigger(eval_setup):

@@ -250,6 +250,11 @@ def allow_overwrite(allowed: bool) -> None:
     _overwrite = allowed
 
 
+def overwrite_allowed() -> bool:
+    """Whether --overwrite was given (allow_overwrite)."""
+    return _overwrite
+
+
 def _key(uri: str) -> str:
     return absolute(str(uri)).rstrip("/")
 

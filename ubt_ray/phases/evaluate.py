@@ -326,4 +326,23 @@ def decode_rows(keys: list[str], images: list[bytes], size: int, attack: Attack 
 
 def cli_evaluate(cfg: Config, args: argparse.Namespace) -> dict:
     """`ubt evaluate [--model URI]`: run the phase and return its metrics."""
-    return evaluate(cfg, getattr(args, "model", None)).metrics
+    model_uri = getattr(args, "model", None)
+    check_other_evaluation(cfg, model_uri or cfg.model.checkpoint)
+    return evaluate(cfg, model_uri).metrics
+
+
+def check_other_evaluation(cfg: Config, model_uri: str | None) -> None:
+    """Refuse to replace, in evaluate.output, a finished evaluation of another model (by default that folder holds
+    θ₀'s, which `ubt evaluate --model <cleaned model>` would otherwise overwrite) unless --overwrite was given."""
+    manifest = storage.join(cfg.evaluate.output, storage.MANIFEST)
+    if storage.overwrite_allowed() or not model_uri or not storage.exists(manifest, cfg.storage):
+        return
+    try:
+        done = storage.read_json(manifest, cfg.storage)
+        earlier, checkpoint = done["inputs"]["model"], done["metrics"]["fingerprint"] is not None
+    except (ValueError, KeyError, TypeError):
+        return  # not an evaluation's manifest: claim_output judges that folder
+    # A randomly initialised model's evaluation (no checkpoint) is not worth a refusal.
+    if checkpoint and isinstance(earlier, str) and storage.absolute(earlier) != storage.absolute(model_uri):
+        raise UserError(f"{cfg.evaluate.output} holds the evaluation of {earlier}: to keep it, send this one "
+                        f"elsewhere with experimental.evaluate.output=PATH, or pass --overwrite to replace it.")
