@@ -15,10 +15,11 @@ import yaml
 
 from ubt_ray.cli import main
 from ubt_ray.config import ModelConfig, load_config, save_config
-from ubt_ray.core.batches import decode_images
-from ubt_ray.core.density import Reference, density_scores, reference_keys
+from ubt_ray.core.batches import decode_images, normalize
+from ubt_ray.core.density import Reference, density_scores, key_rank, reference_keys
 from ubt_ray.core.neighbours import grey_vectors, pixel_space, ring_disagreement, target_concept_first
-from ubt_ray.core.scoring import prepare_model, score_batch, text_features, token_grid
+from ubt_ray.core.scoring import prepare_model, score_batch, text_features, token_grid, tokens_to_take
+from ubt_ray.core.transfer import fuse_ranks, transfer_lift
 from ubt_ray.errors import UserError
 from ubt_ray.models import load_clip, save_clip
 from ubt_ray.phases.defend import defense_fingerprint
@@ -91,6 +92,50 @@ def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scor
     detection = json.loads((tmp_path / "scores" / "detection.json").read_text())
     assert detection["poisons"] == 12 and 0 <= detection["auroc"] <= 1 and "precision@10" in detection
     assert (tmp_path / "scores" / "score_histogram.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_transfer_rerank_on_ray_data_equals_the_in_process_test(ray_local, scored_input, tmp_path):
+    """score.transfer_pool: the pool is the top rows by the combined score; each pool row's lift equals the one
+    core/transfer.py gives in this process against the same seeded reference rows (outside the pool), and the
+    pool's scores are its own values re-ordered by fuse_ranks; every other row keeps its score."""
+    data, model = scored_input
+    cfg = load_config(None, ["score.num_actors=2", "experimental.score.batch_size=64", "unlearn.num_samples=20",
+                             "experimental.score.transfer_pool=2", "experimental.score.transfer_refs=10",
+                             f"experimental.score.output={tmp_path / 'scores'}", "experimental.score.top_k=[5, 10]"])
+    result = score(cfg, str(model), str(data), k=cfg.unlearn.num_samples)
+    assert (result.rows.rows_in, result.rows.rows_out, result.rows.rows_rejected) == (300, 299, 1)
+    table = pq.read_table(result.table).sort_by("key")
+    before = table.column("score_before_transfer").to_numpy()
+    after = table.column("score").to_numpy()
+    lift = table.column("transfer_lift").to_numpy(zero_copy_only=False)
+    keys = table.column("key").to_pylist()
+    pool = np.argsort(-before, kind="stable")[:40]
+    assert set(np.flatnonzero(~np.isnan(lift))) == set(pool)
+    outside = np.setdiff1d(np.arange(len(keys)), pool)
+    assert np.array_equal(after[outside], before[outside])
+    manifest = json.loads((tmp_path / "scores" / "manifest.json").read_text())
+    assert manifest["transfer"]["pool_rows"] == 40 and manifest["transfer"]["reference_rows"] == 10
+
+    source = {r["key"]: r for r in pq.read_table(data).to_pylist()}
+    pool_keys = {keys[i] for i in pool}
+    # The 10 rows of lowest seeded rank outside the pool; an undecodable one among them is left out.
+    ref_keys = [k for _, k in sorted((key_rank(cfg.run.seed, k), k) for k in source if k not in pool_keys)[:10]
+                if k != BROKEN_KEY]
+    clip = load_clip(ModelConfig(checkpoint=str(model)))
+    prepare_model(clip.model, cfg.score.amp)
+    grid = token_grid(clip.model, 32)
+    dtype = next(clip.model.parameters()).dtype
+    ordered = [keys[i] for i in pool]
+    x = normalize(decode_images([source[k]["image"] for k in ordered], 32), clip.preprocess_cfg).to(dtype)
+    y = normalize(decode_images([source[k]["image"] for k in ref_keys], 32), clip.preprocess_cfg).to(dtype)
+    with torch.no_grad():
+        text = text_features(clip.model, clip.tokenizer([source[k]["caption"] for k in ordered]))
+    rows = table.take(pa.array(pool))
+    order = torch.tensor(np.stack(rows.column("token_order").to_numpy(zero_copy_only=False)).astype(np.int64))
+    mine = transfer_lift(clip.model, x, text, y, rows.column("transform").to_pylist(), order,
+                         tokens_to_take(max(cfg.score.token_portions), grid), grid, cfg.score.batch_size)
+    assert np.allclose(lift[pool], mine.numpy(), atol=1e-6, equal_nan=True)
+    assert np.array_equal(after[pool], fuse_ranks(before[pool], lift[pool]).astype(np.float32))
 
 
 def test_caption_disagreement_on_ray_data_scores_every_row_once_like_in_process(ray_local, scored_input,

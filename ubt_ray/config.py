@@ -251,6 +251,12 @@ class ScoreConfig:
     reference_rows: int = _f(2048, "Rows of the density reference (the seeded sample of lowest key rank): every "
                                    "actor embeds them once, and memory grows with them, not with the dataset.", ge=3,
                                    experimental=True)
+    transfer_pool: int = _f(4, "Re-rank the top transfer_pool x unlearn.num_samples rows by the trigger-transfer "
+                               "test: what each row's transform removes, put on reference images, pulls them to the "
+                               "row's caption if it is a trigger and not if it is the object's own detail; the rank "
+                               "by that lift is summed with the rank by score (0: off).", ge=0, experimental=True)
+    transfer_refs: int = _f(32, "Reference images of the transfer test (seeded rows outside the pool); each costs "
+                                "one image forward per pool row.", ge=1, experimental=True)
     combine: str = _f("pick", "How several signals (transforms' drops, density scores) become one score: max_z = "
                                "each row's largest standardised signal; pick = the signal whose top "
                                "unlearn.num_samples drops stand furthest above its median (in robust standard "

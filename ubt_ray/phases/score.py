@@ -25,17 +25,18 @@ from .. import console, storage
 from ..checks import check_score
 from ..cluster import ensure_ray
 from ..config import Config, ModelConfig, ScoreConfig, StorageConfig
-from ..core.batches import decode_rows
+from ..core.batches import decode_rows, normalize
 from ..core.density import Reference, density_scores, key_rank
 from ..core.scoring import (CaptionFeatures, combine_drops, prepare_model, resolve_saliency, robust_center_scale,
-                            score_batch, score_passes, tail_strength, text_features, token_grid)
+                            score_batch, score_passes, tail_strength, text_features, token_grid, tokens_to_take)
+from ..core.transfer import TRANSFERABLE, fuse_ranks, transfer_lift
 from ..cost import Usage, devices_text
 from ..core.zeroshot import auroc, precision_recall_at_k
 from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..models import load_clip
 from ..report import histogram_png, selection_cutoff
-from ..shards import (TABLE, batch_identity, count_rows, map_on_actor_pool, read_columns, read_shards,
+from ..shards import (TABLE, batch_identity, count_rows, map_on_actor_pool, merge_top_k, read_columns, read_shards,
                       shard_schema, start_ledger, top_k, write_shards)
 from .disagreement import caption_disagreement
 
@@ -152,32 +153,40 @@ def signal_name(column: str) -> str:
 
 def reference_rows(cfg: Config, data: str) -> pa.Table:
     """The density reference's rows (key, image, caption): the score.reference_rows rows of lowest
-    `key_rank(run.seed, key)`, read in one streaming pass that keeps only rows whose rank falls in a share of the
-    hash range a little larger than needed (widened if too few pass), so the driver holds about twice the
-    reference, whatever the dataset's size."""
-    s = cfg.score
+    `key_rank(run.seed, key)` (seeded_rows)."""
+    return seeded_rows(cfg, data, cfg.score.reference_rows)[1]
+
+
+def seeded_rows(cfg: Config, data: str, size: int, exclude: frozenset = frozenset()) -> tuple[pa.Table, pa.Table]:
+    """(the rows whose key is in `exclude`, the `size` other rows of lowest `key_rank(run.seed, key)`), each as
+    (key, image, caption), from one streaming pass that keeps only those keys and the rows whose rank falls in a
+    share of the hash range a little larger than needed (widened if too few pass), so the driver holds about
+    twice what it returns, whatever the dataset's size."""
     total = count_rows(data, cfg.storage)
-    size = min(s.reference_rows, total)
+    size = max(0, min(size, total - len(exclude)))
     fraction = min(1.0, 2.0 * size / max(total, 1))
+    empty = pa.table({"key": pa.array([], pa.string()), "image": pa.array([], pa.binary()),
+                      "caption": pa.array([], pa.string())})
     while True:
         limit = int(fraction * 2 ** 64)
         ds = read_shards(data, cfg, columns=["key", "image", "caption"]).map_batches(
-            _rank_below, batch_format="pyarrow", fn_kwargs={"seed": cfg.run.seed, "limit": limit})
+            _rank_below, batch_format="pyarrow", fn_kwargs={"seed": cfg.run.seed, "limit": limit, "also": exclude})
         refs = ds.to_arrow_refs()
         table = pa.concat_tables([t for t in ray.get(refs) if t.num_rows]) if refs else None
-        if (table is not None and table.num_rows >= size) or fraction >= 1.0:
+        table = empty if table is None else table
+        keys = table.column("key").to_pylist()
+        if sum(k not in exclude for k in keys) >= size or fraction >= 1.0:
             break
         fraction = min(1.0, fraction * 2)
-    if table is None:
-        return pa.table({"key": pa.array([], pa.string()), "image": pa.array([], pa.binary()),
-                         "caption": pa.array([], pa.string())})
-    ranks = [(key_rank(cfg.run.seed, k), k) for k in table.column("key").to_pylist()]
-    keep = sorted(range(len(ranks)), key=ranks.__getitem__)[:size]
-    return table.take(pa.array(sorted(keep), pa.int64()))
+    inside = [i for i, k in enumerate(keys) if k in exclude]
+    ranks = [(key_rank(cfg.run.seed, k), k, i) for i, k in enumerate(keys) if k not in exclude]
+    keep = sorted(i for *_, i in sorted(ranks)[:size])
+    return table.take(pa.array(inside, pa.int64())), table.take(pa.array(keep, pa.int64()))
 
 
-def _rank_below(table: pa.Table, seed: int, limit: int) -> pa.Table:
-    return table.filter(pa.array([key_rank(seed, k) < limit for k in table.column("key").to_pylist()], pa.bool_()))
+def _rank_below(table: pa.Table, seed: int, limit: int, also: frozenset = frozenset()) -> pa.Table:
+    return table.filter(pa.array([k in also or key_rank(seed, k) < limit for k in table.column("key").to_pylist()],
+                                 pa.bool_()))
 
 
 def embed_reference(clip, grid, captions: CaptionFeatures, rows: pa.Table, s: ScoreConfig,
@@ -336,6 +345,9 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None, *, 
                 ds = ray.data.from_arrow(_empty_output(pa.table({c: [] for c in columns}), s))
         else:
             ds, extra = _drop_scores(cfg, model, data, columns, negatives, actors, threads, ledger, k or TAIL_ROWS)
+            if s.method == "token_drop" and s.transfer_pool:
+                ds, transfer = transfer_rerank(cfg, model, data, ds, k or TAIL_ROWS, actors, threads, ledger)
+                extra["transfer"] = transfer
         # In files of many rows, not one per scoring batch: select reads the table back (235 files of 256 rows
         # took it 35 s against 7 s for one file on the quickstart's 60,000 rows).
         write_shards(ds, table_uri, cfg, TABLE_ROWS_PER_FILE)
@@ -398,6 +410,93 @@ def _drop_scores(cfg: Config, model: ModelConfig, data: str, columns: list[str],
             ds = ds.map_batches(_combine, batch_format="pyarrow", batch_size=TABLE_ROWS_PER_FILE,
                                 fn_kwargs={"stats": stats, "picked": picked})
     return ds, extra
+
+
+def transfer_rerank(cfg: Config, model: ModelConfig, data: str, ds: ray.data.Dataset, k: int, actors: int,
+                    threads: int, ledger) -> tuple[ray.data.Dataset, dict]:
+    """The score dataset with its top score.transfer_pool x k rows re-ordered by the trigger-transfer test
+    (core/transfer.py) fused with their score (fuse_ranks), and what the manifest records of it. The pool's
+    rows and score.transfer_refs reference rows (seeded, outside the pool) are read in one filtering pass and
+    tested by `actors` tasks with a scoring actor's resources each: its cost grows with k, not with the dataset."""
+    s = cfg.score
+    ds = ds.materialize()
+    if not ds.count():  # every row rejected: the empty table and the counts say so
+        return ds, {"pool_rows": 0}
+    names = set(ds.schema().names)
+    keep = ["key", "score"] + [c for c in ("transform", "token_order") if c in names]
+    # The materialised blocks read as they are (a select_columns would start a task per block).
+    pool = merge_top_k((b.select(keep) for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)),
+                       s.transfer_pool * k, "score")
+    pool_images, refs = seeded_rows(cfg, data, s.transfer_refs, exclude=frozenset(pool.column("key").to_pylist()))
+    pool = _join_on_key(pool, pool_images)
+    if not refs.num_rows:  # the pool is the whole dataset: nothing outside it to test on, nothing to re-order
+        return ds, {"pool_rows": pool.num_rows, "reference_rows": 0, "moved": 0, "forward_passes": 0}
+    # One task per scoring actor's resources, each on a contiguous part of the pool (a row's lift does not
+    # depend on the rows tested with it).
+    task = ray.remote(_transfer_task).options(num_cpus=s.cpus_per_actor, num_gpus=1 if s.use_gpu else 0)
+    cuts = np.linspace(0, pool.num_rows, min(actors, pool.num_rows) + 1).astype(int)
+    refs_ref = ray.put(refs)
+    parts = ray.get([task.remote(model, cfg.storage, s, cfg.run.seed, threads, s.use_gpu, pool.slice(a, b - a),
+                                 refs_ref) for a, b in zip(cuts, cuts[1:])])
+    lift = np.concatenate([p[0] for p in parts])
+    passes = (sum(p[1][0] for p in parts), 0)
+    ray.get(ledger.add_passes.remote("transfer", passes))
+    scores = pool.column("score").to_numpy().astype(np.float64)
+    fused = fuse_ranks(scores, lift)
+    assign = dict(zip(pool.column("key").to_pylist(), zip(fused.tolist(), lift.tolist())))
+    out = ds.map_batches(_apply_transfer, batch_format="pyarrow", batch_size=TABLE_ROWS_PER_FILE,
+                         fn_kwargs={"assign": assign})
+    return out, {"pool_rows": pool.num_rows, "reference_rows": refs.num_rows,
+                 "moved": int((fused != scores).sum()), "forward_passes": passes[0]}
+
+
+def _transfer_task(model: ModelConfig, storage_cfg: StorageConfig, s: ScoreConfig, seed: int, threads: int,
+                   use_gpu: bool, pool: pa.Table, refs: pa.Table) -> tuple[np.ndarray, tuple[int, int]]:
+    """Ray task: the transfer lift of each `pool` row (in its order) against the decodable `refs` rows, and the
+    image forwards it took."""
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if use_gpu else "cpu")
+    clip = load_clip(model, storage_cfg, device, seed=seed)
+    prepare_model(clip.model, s.amp)
+    grid = token_grid(clip.model, clip.image_size)
+    dtype = next(clip.model.parameters()).dtype
+    _, pixels, _ = decode_rows(pool, clip.image_size)  # every pool row decoded when it was scored
+    _, ref_pixels, _ = decode_rows(refs, clip.image_size)
+    if ref_pixels is None:
+        return np.full(pool.num_rows, np.nan), (0, 0)
+    x = normalize(torch.from_numpy(pixels).to(device), clip.preprocess_cfg).to(dtype)
+    y = normalize(torch.from_numpy(ref_pixels).to(device), clip.preprocess_cfg).to(dtype)
+    text = CaptionFeatures(clip.model, clip.tokenizer, device)(pool.column("caption").to_pylist())
+    transforms = (pool.column("transform").to_pylist() if "transform" in pool.column_names
+                  else [signal_name(signal_columns(s)[0])] * pool.num_rows)
+    order = None
+    if "token_order" in pool.column_names:
+        order = torch.tensor(np.stack(pool.column("token_order").to_numpy(zero_copy_only=False)).astype(np.int64),
+                             device=device)
+    count = tokens_to_take(max(s.token_portions), grid)
+    lift = transfer_lift(clip.model, x, text, y, transforms, order, count, grid, s.batch_size)
+    tested = sum(t in TRANSFERABLE for t in transforms)
+    forwards = -(-len(y) // s.batch_size) * s.batch_size + len(y) * -(-tested // s.batch_size) * s.batch_size
+    return lift.numpy().astype(np.float64), (forwards, 0)
+
+
+def _join_on_key(pool: pa.Table, rows: pa.Table) -> pa.Table:
+    """`pool` (in its order) with the image and caption of its rows from `rows`."""
+    where = {key: i for i, key in enumerate(rows.column("key").to_pylist())}
+    take = pa.array([where[key] for key in pool.column("key").to_pylist()], pa.int64())
+    return pool.append_column("image", rows.column("image").take(take)).append_column(
+        "caption", rows.column("caption").take(take))
+
+
+def _apply_transfer(table: pa.Table, assign: dict) -> pa.Table:
+    """Ray Data UDF: `score` re-assigned to the pool's rows (fuse_ranks), their lift, the score before."""
+    keys = table.column("key").to_pylist()
+    before = table.column("score").to_numpy()
+    score = np.array([assign[key][0] if key in assign else v for key, v in zip(keys, before)], np.float32)
+    lift = np.array([assign[key][1] if key in assign else np.nan for key in keys], np.float32)
+    i = table.column_names.index("score")
+    return (table.set_column(i, "score", pa.array(score)).append_column("transfer_lift", pa.array(lift))
+            .append_column("score_before_transfer", pa.array(before.astype(np.float32))))
 
 
 def detection_metrics(table_uri: str, cfg: Config, ks: list[int], output: str, k: int | None) -> dict:
