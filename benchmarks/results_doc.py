@@ -31,6 +31,8 @@ TITLES = {
     "density_probe": ("Embedding-space density scores (detection only)", "benchmarks/density_probe.py"),
     "scenes_learnability": ("How fast a tiny CLIP learns the classes (plain PyTorch loop)",
                             "benchmarks/scenes_learnability.py"),
+    "transfer_probe": ("Re-ranking the top of a score table by the trigger-transfer test (detection only)",
+                       "benchmarks/transfer_probe.py"),
     "shift_consensus": ("Re-ranking the top of a score table by a shared embedding shift (prototype, detection only)",
                         "benchmarks/shift_consensus.py"),
     "scale": ("Scoring and selection at 60,000 to 3,000,000 rows, against a plain PyTorch loop",
