@@ -34,12 +34,9 @@ from ubt_ray.core.transfer import fuse_ranks, transfer_lift  # noqa: E402
 from ubt_ray.models import load_clip  # noqa: E402
 
 
-def rows_of(shards: str, keys: list[str]) -> pa.Table:
-    """(key, image, caption) of `keys`, in their order."""
-    src = pq.read_table(shards, columns=["key", "image", "caption"])
-    src = src.filter(pc.is_in(src.column("key"), value_set=pa.array(keys)))
-    pos = {k: i for i, k in enumerate(src.column("key").to_pylist())}
-    return src.take(pa.array([pos[k] for k in keys]))
+def rows_of(src: pa.Table, keys: list[str]) -> pa.Table:
+    """The rows of `src` whose key is in `keys`, in their order."""
+    return src.take(pc.index_in(pa.array(keys), value_set=src.column("key")))
 
 
 def main() -> None:
@@ -68,6 +65,7 @@ def main() -> None:
     count = tokens_to_take(max(s.token_portions), grid)
     captions = CaptionFeatures(clip.model, clip.tokenizer, torch.device("cpu"))
     all_keys = table.column("key").to_pylist()
+    shards = pq.read_table(args.shards, columns=["key", "image", "caption"])  # read once, every pool takes from it
     records = []
     for mult in sorted(args.pools):
         n = min(mult * args.k, table.num_rows)
@@ -75,7 +73,7 @@ def main() -> None:
         keys = pool.column("key").to_pylist()
         inside = set(keys)
         ranked = sorted((key_rank(args.seed, k), k) for k in all_keys if k not in inside)
-        src = rows_of(args.shards, keys)
+        src = rows_of(shards, keys)
         x = normalize(decode_images(src.column("image").to_pylist(), clip.image_size), clip.preprocess_cfg).to(dtype)
         text = captions(src.column("caption").to_pylist())
         transforms = (pool.column("transform").to_pylist() if "transform" in pool.column_names
@@ -85,7 +83,7 @@ def main() -> None:
         truth = pool.column("is_poison").to_numpy(zero_copy_only=False).astype(bool)
         score = pool.column("score").to_numpy().astype(np.float64)
         for r in sorted(args.refs):
-            ref_rows = rows_of(args.shards, [k for _, k in ranked[:r]])
+            ref_rows = rows_of(shards, [k for _, k in ranked[:r]])
             y = normalize(decode_images(ref_rows.column("image").to_pylist(), clip.image_size),
                           clip.preprocess_cfg).to(dtype)
             started = time.time()

@@ -236,11 +236,17 @@ def token_mask(order: torch.Tensor, count: int, grid: TokenGrid, keep: bool = Fa
     return mask.repeat_interleave(grid.patch, dim=2).repeat_interleave(grid.patch, dim=3)
 
 
-def apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked pixels of normalised `x` become 0, the normalisation mean: the dataset's average colour."""
+def full_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`token_mask`'s (N, 1, h, w) mask padded to x's (H, W): a grid that does not tile the image leaves its last
+    pixels unmasked."""
     full = torch.zeros(mask.shape[0], 1, x.shape[2], x.shape[3], dtype=torch.bool, device=x.device)
     full[..., :mask.shape[2], :mask.shape[3]] = mask
-    return x.masked_fill(full, 0.0)
+    return full
+
+
+def apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked pixels of normalised `x` become 0, the normalisation mean: the dataset's average colour."""
+    return x.masked_fill(full_mask(mask, x), 0.0)
 
 
 def blur(x: torch.Tensor) -> torch.Tensor:
@@ -305,13 +311,18 @@ def score_batch(model: torch.nn.Module, pixels: torch.Tensor, text: torch.Tensor
     return {name: v if v.dtype == torch.int64 else v.float() for name, v in out.items()}
 
 
+def padded_rows(rows: int, rows_per_forward: int) -> int:
+    """The rows `in_fixed_chunks` forwards for `rows` rows: whole chunks of `rows_per_forward`."""
+    return -(-rows // rows_per_forward) * rows_per_forward
+
+
 def score_passes(rows: int, method: str, token_portion: float | Sequence[float], transforms: Sequence[str],
                  saliency: str, grid: TokenGrid, rows_per_forward: int = ROWS_PER_FORWARD) -> tuple[int, int]:
     """(forward, backward) image-tower sample-passes of `score_batch` on `rows` rows, `saliency` resolved
     (resolve_saliency): the rows are forwarded in chunks of `rows_per_forward`, the last one padded, and each
     chunk goes once through the tower (with the saliency for token_mask, back-propagated unless it is attention),
     then once more per distinct token count of the portions under token_mask and once per other transform."""
-    forwarded = -(-max(rows, 1) // rows_per_forward) * rows_per_forward if rows else 0
+    forwarded = padded_rows(rows, rows_per_forward)
     per_row, backward = 1, 0
     if method == "token_drop":
         portions = [token_portion] if isinstance(token_portion, (int, float)) else list(token_portion)

@@ -15,27 +15,32 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .scoring import TokenGrid, image_features, in_fixed_chunks, remove_trigger, token_mask
+from .scoring import TokenGrid, full_mask, image_features, in_fixed_chunks, remove_trigger, token_mask
 
 # Transforms whose removed part can be put on another image; a density-flagged row has no such part.
 TRANSFERABLE = ("token_mask", "blur", "downup")
 
 
-def full_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`token_mask`'s (N, 1, h, w) mask padded to x's (H, W) (a grid that does not tile the image leaves its
-    last pixels unmasked, as apply_mask does)."""
-    full = torch.zeros(mask.shape[0], 1, x.shape[2], x.shape[3], dtype=torch.bool, device=x.device)
-    full[..., :mask.shape[2], :mask.shape[3]] = mask
-    return full
+def trigger_part(x: torch.Tensor, transform: str, order: torch.Tensor | None = None, count: int = 0,
+                 grid: TokenGrid | None = None) -> torch.Tensor:
+    """What `transform` removes from each row of normalised `x`: for token_mask the (N, 1, H, W) bool mask of its
+    first `count` tokens of `order`; for blur and downup the residual x - T(x)."""
+    if transform == "token_mask":
+        return full_mask(token_mask(order, count, grid), x)
+    return x - remove_trigger(x, transform)
+
+
+def put_on(y: torch.Tensor, x: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """The rows' `trigger_part` on the one reference image `y` (1, C, H, W): x's masked tokens pasted over y, or
+    the residual added to it."""
+    return torch.where(part, x, y) if part.dtype == torch.bool else y + part
 
 
 def transplants(x: torch.Tensor, y: torch.Tensor, transform: str, order: torch.Tensor | None = None, count: int = 0,
                 grid: TokenGrid | None = None) -> torch.Tensor:
     """Each row of normalised `x`'s trigger candidate put on the one normalised reference image `y` (1, C, H, W):
     token_mask pastes x's first `count` tokens of `order` over y; blur and downup add x - T(x) to y."""
-    if transform == "token_mask":
-        return torch.where(full_mask(token_mask(order, count, grid), x), x, y)
-    return y + (x - remove_trigger(x, transform))
+    return put_on(y, x, trigger_part(x, transform, order, count, grid))
 
 
 def transfer_lift(model: torch.nn.Module, x: torch.Tensor, text: torch.Tensor, refs: torch.Tensor,
@@ -56,9 +61,10 @@ def transfer_lift(model: torch.nn.Module, x: torch.Tensor, text: torch.Tensor, r
             rows = torch.tensor([i for i, t in enumerate(transforms) if t == transform])
             xs, ts = x[rows], text[rows]
             orders = order[rows] if order is not None and transform == "token_mask" else None
+            part = trigger_part(xs, transform, orders, count, grid)  # once, whatever the number of references
             total = torch.zeros(len(rows), dtype=torch.float64)
             for j in range(len(refs)):
-                moved = transplants(xs, refs[j:j + 1], transform, orders, count, grid)
+                moved = put_on(refs[j:j + 1], xs, part)
                 f = in_fixed_chunks(lambda m: image_features(model, m), rows_per_forward, moved)
                 total += ((f * ts).sum(-1) - ts @ ref_features[j]).double().cpu()
             lift[rows] = (total / len(refs)).float()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
 
@@ -28,7 +29,8 @@ from ..config import Config, ModelConfig, ScoreConfig, StorageConfig
 from ..core.batches import decode_rows, normalize
 from ..core.density import Reference, density_scores, key_rank
 from ..core.scoring import (CaptionFeatures, combine_drops, prepare_model, resolve_saliency, robust_center_scale,
-                            score_batch, score_passes, tail_strength, text_features, token_grid, tokens_to_take)
+                            padded_rows, score_batch, score_passes, tail_strength, text_features, token_grid,
+                            tokens_to_take)
 from ..core.transfer import TRANSFERABLE, fuse_ranks, transfer_lift
 from ..cost import Usage, devices_text
 from ..core.zeroshot import auroc, precision_recall_at_k
@@ -443,9 +445,8 @@ def transfer_rerank(cfg: Config, model: ModelConfig, data: str, ds: ray.data.Dat
     ray.get(ledger.add_passes.remote("transfer", passes))
     scores = pool.column("score").to_numpy().astype(np.float64)
     fused = fuse_ranks(scores, lift)
-    assign = dict(zip(pool.column("key").to_pylist(), zip(fused.tolist(), lift.tolist())))
     out = ds.map_batches(_apply_transfer, batch_format="pyarrow", batch_size=TABLE_ROWS_PER_FILE,
-                         fn_kwargs={"assign": assign})
+                         fn_kwargs={"keys": pool.column("key").combine_chunks(), "fused": fused, "lift": lift})
     return out, {"pool_rows": pool.num_rows, "reference_rows": refs.num_rows,
                  "moved": int((fused != scores).sum()), "forward_passes": passes[0]}
 
@@ -476,7 +477,7 @@ def _transfer_task(model: ModelConfig, storage_cfg: StorageConfig, s: ScoreConfi
     count = tokens_to_take(max(s.token_portions), grid)
     lift = transfer_lift(clip.model, x, text, y, transforms, order, count, grid, s.batch_size)
     tested = sum(t in TRANSFERABLE for t in transforms)
-    forwards = -(-len(y) // s.batch_size) * s.batch_size + len(y) * -(-tested // s.batch_size) * s.batch_size
+    forwards = padded_rows(len(y), s.batch_size) + len(y) * padded_rows(tested, s.batch_size)
     return lift.numpy().astype(np.float64), (forwards, 0)
 
 
@@ -488,12 +489,15 @@ def _join_on_key(pool: pa.Table, rows: pa.Table) -> pa.Table:
         "caption", rows.column("caption").take(take))
 
 
-def _apply_transfer(table: pa.Table, assign: dict) -> pa.Table:
-    """Ray Data UDF: `score` re-assigned to the pool's rows (fuse_ranks), their lift, the score before."""
-    keys = table.column("key").to_pylist()
+def _apply_transfer(table: pa.Table, keys: pa.Array, fused: np.ndarray, lift: np.ndarray) -> pa.Table:
+    """Ray Data UDF: `score` re-assigned to the pool's rows (`keys`, with their `fused` scores and `lift`), their
+    lift (NaN elsewhere), the score before."""
+    where = pc.index_in(table.column("key"), value_set=keys)  # null where a key is not in the pool
+    inside = pc.is_valid(where).to_numpy(zero_copy_only=False)
+    at = pc.fill_null(where, 0).to_numpy(zero_copy_only=False).astype(np.int64)
     before = table.column("score").to_numpy()
-    score = np.array([assign[key][0] if key in assign else v for key, v in zip(keys, before)], np.float32)
-    lift = np.array([assign[key][1] if key in assign else np.nan for key in keys], np.float32)
+    score = np.where(inside, fused[at], before).astype(np.float32)
+    lift = np.where(inside, lift[at], np.nan).astype(np.float32)
     i = table.column_names.index("score")
     return (table.set_column(i, "score", pa.array(score)).append_column("transfer_lift", pa.array(lift))
             .append_column("score_before_transfer", pa.array(before.astype(np.float32))))
