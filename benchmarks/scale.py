@@ -264,7 +264,8 @@ def measured(cmd: list[str], log: Path) -> tuple[float, ProcessTreeSampler]:
 
 def plain_loop(shards: str, model: str, threads: int, out: str) -> dict:
     """Score every row of `shards` in this process with the scoring phase's Scorer (the default config, `model`),
-    file by file in batches of score.batch_size, writing the score table to `out`; rows and seconds."""
+    file by file in batches of score.batch_size, then combine and re-rank as `ubt score` does (finish_plain),
+    writing the score table to `out`; rows and seconds."""
     import dataclasses
 
     from ubt_ray.config import load_config
@@ -287,15 +288,50 @@ def plain_loop(shards: str, model: str, threads: int, out: str) -> dict:
             rows += counts.rows_in
     if writer is not None:
         writer.close()
+        finish_plain(cfg, model, threads, files, out)
     return {"rows": rows, "seconds": time.time() - started, "threads": threads}
+
+
+def finish_plain(cfg, model: str, threads: int, files: list[Path], out: str) -> None:
+    """What `ubt score` does after its pass, in this process: the signals combined into `score` (score.combine
+    over the statistics of every row) and, with score.transfer_pool, the trigger-transfer re-ranking of the top
+    rows against the seeded reference rows outside them; `out` is rewritten with the final scores."""
+    import dataclasses
+
+    from ubt_ray.core.transfer import fuse_ranks
+    from ubt_ray.phases.score import TAIL_ROWS, _join_on_key, _transfer_task, column_statistics, signal_columns
+    from ubt_ray.core.score_rows import apply_transfer, combine, key_rank
+    from ubt_ray.shards import merge_top_k
+
+    s, k = cfg.score, TAIL_ROWS
+    table = pq.read_table(out)
+    signals = signal_columns(s)
+    if len(signals) > 1:
+        stats, _, strengths = column_statistics({c: table.column(c).to_numpy() for c in signals}, k)
+        table = combine(table, stats, max(strengths, key=strengths.get) if s.combine == "pick" else None)
+    if s.method == "token_drop" and s.transfer_pool:
+        keep = ["key", "score"] + [c for c in ("transform", "token_order") if c in table.column_names]
+        pool = merge_top_k([table.select(keep)], s.transfer_pool * k, "score")
+        inside = set(pool.column("key").to_pylist())
+        ranked = sorted((key_rank(cfg.run.seed, key), key) for key in table.column("key").to_pylist() if key not in inside)
+        wanted = inside | {key for _, key in ranked[:s.transfer_refs]}
+        rows = pa.concat_tables([pq.read_table(f, columns=["key", "image", "caption"]) for f in files])
+        rows = rows.filter(pa.array([key in wanted for key in rows.column("key").to_pylist()]))
+        is_ref = pa.array([key not in inside for key in rows.column("key").to_pylist()])
+        refs = rows.filter(is_ref)  # in the shards' order, as seeded_rows returns them
+        model_cfg = dataclasses.replace(cfg.model, checkpoint=str(Path(model).resolve()))
+        lift, _ = _transfer_task(model_cfg, cfg.storage, s, cfg.run.seed, threads, False, _join_on_key(pool, rows), refs)
+        fused = fuse_ranks(pool.column("score").to_numpy().astype(np.float64), lift)
+        table = apply_transfer(table, pool.column("key").combine_chunks(), fused, lift)
+    pq.write_table(table, out)
 
 
 def largest_score_difference(ray_table: str, plain_table: str) -> float:
     """The largest difference of a key's per-row scores between the Ray run's table and the plain loop's: every
-    score column the two share (cos and each signal; the combined `score` exists only where one signal makes it,
-    since several are combined over the whole table after the pass, which the plain loop does not do)."""
+    score column (cos, each signal, the combined and re-ranked `score`, the transfer lift; NaN, a row outside
+    the transfer pool, must be NaN in both)."""
     names = [n for n in pq.ParquetDataset(plain_table).schema.names
-             if n == "cos" or n == "score" or n.startswith(("drop_", "density_"))]
+             if n in ("cos", "score", "transfer_lift", "score_before_transfer") or n.startswith(("drop_", "density_"))]
     missing = set(names) - set(pq.ParquetDataset(ray_table).schema.names)
     if not names or missing:
         raise SystemExit(f"the plain loop's table has score columns {names} and the Ray run's lacks "
@@ -306,8 +342,12 @@ def largest_score_difference(ray_table: str, plain_table: str) -> float:
     if joined.num_rows != a.num_rows or joined.num_rows != b.num_rows:
         raise SystemExit(f"the Ray run scored {a.num_rows} rows and the plain loop {b.num_rows}, {joined.num_rows} "
                          f"keys in common: the two runs did not score the same rows.")
-    return max(float(np.abs(joined.column(n).to_numpy() - joined.column(f"plain_{n}").to_numpy()).max(initial=0.0))
-               for n in names)
+    def gap(a: np.ndarray, b: np.ndarray) -> float:
+        if (np.isnan(a) != np.isnan(b)).any():
+            return float("inf")
+        return float(np.abs(a - b)[~np.isnan(a)].max(initial=0.0))
+
+    return max(gap(joined.column(n).to_numpy(), joined.column(f"plain_{n}").to_numpy()) for n in names)
 
 
 def ubt(*args: str) -> list[str]:

@@ -17,13 +17,14 @@ from ubt_ray.cli import main
 from ubt_ray.config import ModelConfig, load_config, save_config
 from ubt_ray.core.batches import decode_images, normalize
 from ubt_ray.core.density import Reference, density_scores, key_rank, reference_keys
+from ubt_ray.core.score_rows import combine
 from ubt_ray.core.neighbours import grey_vectors, pixel_space, ring_disagreement, target_concept_first
 from ubt_ray.core.scoring import prepare_model, score_batch, text_features, token_grid, tokens_to_take
 from ubt_ray.core.transfer import fuse_ranks, transfer_lift
 from ubt_ray.errors import UserError
 from ubt_ray.models import load_clip, save_clip
 from ubt_ray.phases.defend import defense_fingerprint
-from ubt_ray.phases.score import _combine, robust_stats, score, signal_statistics, tail_strengths
+from ubt_ray.phases.score import robust_stats, score, signal_statistics, tail_strengths
 from ubt_ray.shards import merge_top_k, top_k
 
 from helpers import UBT, backdoor_fixture, caption_shards, last_json
@@ -253,11 +254,11 @@ def test_pick_combination_takes_the_transform_whose_top_drops_stand_out(ray_loca
     for c in columns:
         assert read_once[0][c] == pytest.approx((float(ds.mean(c)), float(ds.std(c))), rel=1e-6, abs=1e-9)
         assert aggregated[c] == pytest.approx(read_once[0][c], rel=1e-6, abs=1e-9)
-    out = _combine(table, stats, picked="drop_blur")
+    out = combine(table, stats, picked="drop_blur")
     assert out.column("score").to_pylist() == table.column("drop_blur").to_pylist()
     assert set(out.column("transform").to_pylist()) == {"blur"}
     # max_z instead: each row's larger standardised drop, so a token-mask row can come first.
-    assert set(_combine(table, stats).column("transform").to_pylist()) == {"blur", "token_mask"}
+    assert set(combine(table, stats).column("transform").to_pylist()) == {"blur", "token_mask"}
 
 
 def test_score_refuses_actors_that_would_starve_the_reads(ray_local, scored_input, tmp_path):

@@ -66,6 +66,10 @@ def test_planned_cluster_from_the_options():
     assert measured_cluster(r) == Cluster(actors=2, workers=1, cpus=2.0, gpu=False)
     assert planned_cluster(r, None, None, 8, None) == Cluster(8, 8, 2.0, True)
     assert planned_cluster(r, None, None, None, 17) == Cluster(16, 1, 17.0, False)  # one CPU left to the reads
+    # score's default: single-threaded actors reserving less than a CPU each, one per CPU.
+    shared = report()
+    shared["phases"]["score"]["cost"] = _cost(3072, 0, 20.0, 1.0)
+    assert planned_cluster(shared, None, None, None, 17) == Cluster(17, 1, 17.0, False)
     gpu = by_phase(estimate(r, 1000, planned_cluster(r, None, None, 8, 64)))
     assert gpu["score"].gpu_hours == pytest.approx(8 * gpu["score"].time_s / 3600)
     with pytest.raises(UserError, match="at least 1"):

@@ -2,6 +2,8 @@
 
 import copy
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,11 +14,12 @@ from ubt_ray.config import ModelConfig
 from ubt_ray.core.batches import normalize
 from ubt_ray.core.neighbours import concept_first, concept_medoid, ring_disagreement
 from ubt_ray.core.objectives import Batch
-from ubt_ray.core.scoring import (CaptionFeatures, TokenGrid, apply_mask, blur, class_attention, combine_drops, downup, image_features,
+from ubt_ray.core.scoring import (CaptionFeatures, TokenGrid, apply_mask, blur, class_attention, downup, image_features,
                                   prepare_model, score_batch, similarity_and_saliency, text_features, token_grid,
                                   token_mask, tokens_to_take)
 from ubt_ray.core.unlearning import FORGET_LOSSES, ForgetSet, UnlearnObjective, prepare_forget_inputs, set_trainable
 from ubt_ray.models import load_clip
+from ubt_ray.core.score_rows import combine_drops
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +138,17 @@ def test_class_attention_is_the_blocks_own_attention(clip):
 
 
 def test_combine_drops_standardises_then_takes_the_max():
-    drops = {"blur": torch.tensor([1.0, 0.0, 5.0]), "token_mask": torch.tensor([0.0, 10.0, 0.0])}
+    drops = {"blur": np.array([1.0, 0.0, 5.0], np.float32), "token_mask": np.array([0.0, 10.0, 0.0], np.float32)}
     stats = {"blur": (1.0, 2.0), "token_mask": (0.0, 10.0)}
     best, which = combine_drops(drops, stats)
-    assert torch.allclose(best, torch.tensor([0.0, 1.0, 2.0])) and which == ["blur", "token_mask", "blur"]
+    assert best.dtype == np.float32 and best.tolist() == [0.0, 1.0, 2.0] and which == ["blur", "token_mask", "blur"]
+
+
+def test_the_score_tables_row_functions_import_no_torch():
+    """Ray workers import the module of each function they run: score_rows must stay free of torch (~7 s)."""
+    code = "import sys, ubt_ray.core.score_rows; print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.mark.slow

@@ -278,9 +278,13 @@ class ScoreConfig:
     batch_size: int = _f(256, "Rows per scoring batch, and per model forward (a smaller block is padded to it, so that "
                                    "a row's score does not depend on its batch, to the last bit).", ge=1,
                                    experimental=True)
-    num_actors: int | None = _f(None, "Scoring actors; null: one per GPU with use_gpu, else one per cpus_per_actor "
-                                       "CPUs less one CPU left to the read tasks.", ge=1)
-    cpus_per_actor: int = _f(1, "CPUs reserved per scoring actor (Ray resources).", ge=1, experimental=True)
+    num_actors: int | None = _f(None, "Scoring actors; null: one per GPU with use_gpu, else one per CPU of the "
+                                       "Ray cluster, single-threaded (a multi-threaded actor waits whenever another "
+                                       "process preempts one of its threads).", ge=1)
+    cpus_per_actor: float | None = _f(None, "CPUs reserved per scoring actor (Ray resources; a fraction below 1 or "
+                                             "a whole number); null: 1 with use_gpu, else the cluster's CPUs less one "
+                                             "per node, shared among the actors, so that the read tasks always find "
+                                             "a free CPU.", gt=0, experimental=True)
     threads_per_actor: int | None = _f(None, "Torch threads per actor; null: this node's cores / actors.", ge=1,
                                        experimental=True)
     use_gpu: bool = _f(False, "One GPU per scoring actor.")

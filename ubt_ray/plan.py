@@ -171,13 +171,16 @@ def planned_cluster(report: dict, actors: int | None, workers: int | None, gpus:
                     cpus: float | None) -> Cluster:
     """The cluster of `ubt plan`'s options, the measured one where an option is not given: `gpus` gives each
     actor and worker a GPU (actors = workers = gpus unless given); `cpus` sets select's CPUs and, without
-    `actors` or `gpus`, the CPU actors as score's default does (one per score CPU reservation, one CPU left)."""
+    `actors` or `gpus`, the CPU actors as score's default does (one per CPU where the measured actors reserved
+    less than a CPU each, the default; else one per measured reservation, one CPU left)."""
     before = measured_cluster(report)
     for name, value in (("--actors", actors), ("--workers", workers), ("--gpus", gpus), ("--cpus", cpus)):
         if value is not None and value < 1:
             raise UserError(f"{name} {value:g}: give at least 1.")
     if gpus is not None:
         return Cluster(actors or gpus, workers or gpus, cpus or before.cpus, True)
-    per_actor = max(1.0, _phases(report)["score"]["cost"]["reserved_cpus"] / max(1, before.actors))
-    cpu_actors = max(1, math.floor((cpus - 1) / per_actor)) if cpus is not None else before.actors
+    per_actor = _phases(report)["score"]["cost"]["reserved_cpus"] / max(1, before.actors)
+    cpu_actors = before.actors
+    if cpus is not None:
+        cpu_actors = max(1, math.floor(cpus) if per_actor < 1 else math.floor((cpus - 1) / per_actor))
     return Cluster(actors or cpu_actors, workers or before.workers, cpus or before.cpus, before.gpu)

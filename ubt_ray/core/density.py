@@ -20,13 +20,13 @@ then call `density_scores` on each batch's image embeddings and keys.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .score_rows import key_rank
 from .names import DENSITY_SCORES as SCORES
 
 DEFAULT_CHUNK = 256  # query rows per distance matrix: memory chunk x reference points
@@ -34,13 +34,6 @@ LID_MAX = 1000.0  # LID of a point whose k nearest neighbours are all at the sam
 # Smallest cosine distance, in units of the dtype's epsilon: 1 - cos of two (near-)duplicates is rounding noise
 # of a D-term dot product (a few tens of eps for D = 512), and a floor keeps every ratio and logarithm finite.
 FLOOR_EPS = 64
-
-
-def key_rank(seed: int, key: str) -> int:
-    """A 64-bit pseudo-random rank of a row key for a seed (blake2b of both), the same in every process and
-    Python version, unlike hash(): rows of rank below fraction * 2**64 are a seeded sample any worker can test."""
-    digest = hashlib.blake2b(f"{int(seed)}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
 
 
 def reference_keys(keys: Sequence[str], seed: int, size: int) -> list[str]:

@@ -374,15 +374,6 @@ def _score_batch(model, pixels, text, preprocess_cfg, grid, method, token_portio
     return out
 
 
-def combine_drops(drops: dict[str, torch.Tensor], stats: dict[str, tuple[float, float]]) -> tuple[torch.Tensor, list[str]]:
-    """Several transforms' drops as one score: the maximum of the drops standardised over the dataset
-    (stats: transform -> (mean, std)), and for each row the transform that gave it."""
-    names = sorted(drops)
-    z = torch.stack([(drops[n] - stats[n][0]) / max(stats[n][1], 1e-12) for n in names], dim=1)
-    best, which = z.max(dim=1)
-    return best, [names[i] for i in which.tolist()]
-
-
 def tail_strength(top: torch.Tensor, center: float, scale: float) -> float:
     """How far the `top` drops (a transform's k largest) stand above the dataset's centre drop, in units of
     `scale` (a standard deviation, robust or not): large where the transform removes a trigger that a group of

@@ -12,13 +12,13 @@ import dataclasses
 import time
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import storage
 from ..cluster import ensure_ray
 from ..checks import check_overfit
 from ..config import Config
+from ..core.score_rows import keep_keys
 from ..shards import read_columns, read_shards, validate_and_write, write_hash_sample
 from ..train_loop import FitResult, FitSpec, fit
 from .score import score
@@ -47,12 +47,9 @@ def _subset(cfg: Config, model_uri: str, data: str) -> tuple[str, list[dict]]:
         sim = score(cfg, model_uri, data, output=storage.join(o.output, "similarity"), k=None, method="cosine")
         cos = read_columns(sim.table, cfg.storage, ["key", "cos"])
         threshold = float(np.quantile(cos.column("cos").to_numpy(), o.subset_fraction))
-        keys = frozenset(cos.column("key").filter(pc.less_equal(cos.column("cos"), threshold)).to_pylist())
-        ds = read_shards(data, cfg).map_batches(_keep_keys, batch_format="pyarrow", fn_kwargs={"keys": keys})
+        keys = cos.column("key").filter(pc.less_equal(cos.column("cos"), threshold)).combine_chunks()
+        ds = read_shards(data, cfg).map_batches(keep_keys, batch_format="pyarrow", fn_kwargs={"keys": keys})
         validate_and_write(ds, out, cfg, rows_per_file=SUBSET_ROWS_PER_FILE)
         return out, [sim.manifest["cost"]]
     return write_hash_sample(data, out, o.subset_fraction, cfg), []
 
-
-def _keep_keys(table: pa.Table, keys: frozenset) -> pa.Table:
-    return table.filter(pa.array([k in keys for k in table.column("key").to_pylist()], pa.bool_()))

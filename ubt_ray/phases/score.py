@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import torch
 
@@ -27,8 +26,8 @@ from ..checks import check_score
 from ..cluster import ensure_ray
 from ..config import Config, ModelConfig, ScoreConfig, StorageConfig
 from ..core.batches import decode_rows, normalize
-from ..core.density import Reference, density_scores, key_rank
-from ..core.scoring import (CaptionFeatures, combine_drops, prepare_model, resolve_saliency, robust_center_scale,
+from ..core.density import Reference, density_scores
+from ..core.scoring import (CaptionFeatures, prepare_model, resolve_saliency, robust_center_scale,
                             padded_rows, score_batch, score_passes, tail_strength, text_features, token_grid,
                             tokens_to_take)
 from ..core.transfer import TRANSFERABLE, fuse_ranks, transfer_lift
@@ -38,6 +37,7 @@ from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..models import load_clip
 from ..report import histogram_png, selection_cutoff
+from ..core.score_rows import apply_transfer, combine, key_rank, rank_below, signal_name
 from ..shards import (TABLE, batch_identity, count_rows, map_on_actor_pool, merge_top_k, read_columns, read_shards,
                       shard_schema, start_ledger, top_k, write_shards)
 from .disagreement import caption_disagreement
@@ -147,12 +147,6 @@ def signal_columns(s: ScoreConfig) -> list[str]:
     return [f"drop_{t}" for t in s.transforms] + [f"density_{d}" for d in s.density]
 
 
-def signal_name(column: str) -> str:
-    """A signal's name in the table's `transform` column: the transform (token_mask, blur, downup) or the
-    density score's column (density_slof, ...), which unlearning treats as a whole-image signal."""
-    return column[len("drop_"):] if column.startswith("drop_") else column
-
-
 def reference_rows(cfg: Config, data: str) -> pa.Table:
     """The density reference's rows (key, image, caption): the score.reference_rows rows of lowest
     `key_rank(run.seed, key)` (seeded_rows)."""
@@ -172,7 +166,7 @@ def seeded_rows(cfg: Config, data: str, size: int, exclude: frozenset = frozense
     while True:
         limit = int(fraction * 2 ** 64)
         ds = read_shards(data, cfg, columns=["key", "image", "caption"]).map_batches(
-            _rank_below, batch_format="pyarrow", fn_kwargs={"seed": cfg.run.seed, "limit": limit, "also": exclude})
+            rank_below, batch_format="pyarrow", fn_kwargs={"seed": cfg.run.seed, "limit": limit, "also": exclude})
         refs = ds.to_arrow_refs()
         table = pa.concat_tables([t for t in ray.get(refs) if t.num_rows]) if refs else None
         table = empty if table is None else table
@@ -184,11 +178,6 @@ def seeded_rows(cfg: Config, data: str, size: int, exclude: frozenset = frozense
     ranks = [(key_rank(cfg.run.seed, k), k, i) for i, k in enumerate(keys) if k not in exclude]
     keep = sorted(i for *_, i in sorted(ranks)[:size])
     return table.take(pa.array(inside, pa.int64())), table.take(pa.array(keep, pa.int64()))
-
-
-def _rank_below(table: pa.Table, seed: int, limit: int, also: frozenset = frozenset()) -> pa.Table:
-    return table.filter(pa.array([k in also or key_rank(seed, k) < limit for k in table.column("key").to_pylist()],
-                                 pa.bool_()))
 
 
 def embed_reference(clip, grid, captions: CaptionFeatures, rows: pa.Table, s: ScoreConfig,
@@ -226,16 +215,7 @@ def _empty_output(table: pa.Table, s: ScoreConfig) -> pa.Table:
     return pa.table(cols)
 
 
-def _combine(table: pa.Table, stats: dict, picked: str | None = None) -> pa.Table:
-    """Ray Data UDF: the `score` and `transform` columns (the signal that gave the score, by `signal_name`), from
-    the picked signal column or the max_z rule over the signal columns in `stats`."""
-    if picked is not None:
-        return (table.append_column("score", table.column(picked))
-                .append_column("transform", pa.array([signal_name(picked)] * table.num_rows, pa.string())))
-    drops = {name: torch.from_numpy(table.column(name).to_numpy(zero_copy_only=False)) for name in stats}
-    best, which = combine_drops(drops, stats)
-    return table.append_column("score", pa.array(best.numpy())).append_column(
-        "transform", pa.array([signal_name(w) for w in which], pa.string()))
+
 
 
 ROBUST_STATS_ROWS = 1_000_000
@@ -270,13 +250,18 @@ def signal_statistics(ds: ray.data.Dataset, columns: list[str], seed: int, k: in
     # would start a task per block (one per scoring batch), which costs far more than the read.
     batches = [{c: b.column(c).to_numpy() for c in columns}
                for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
+    return column_statistics({c: np.concatenate([b[c] for b in batches]) for c in columns}, k)
+
+
+def column_statistics(values: dict[str, np.ndarray], k: int) -> tuple[dict, dict, dict]:
+    """signal_statistics of signal columns held in memory (column -> every row's value)."""
     stats, robust, strengths = {}, {}, {}
-    for c in columns:
-        values = np.concatenate([b[c] for b in batches]).astype(np.float64)
-        stats[c] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
-        robust[c] = robust_center_scale(values)
-        cut = max(len(values) - k, 0)  # the k largest values, unordered
-        strengths[c] = tail_strength(torch.from_numpy(np.partition(values, cut)[cut:]), *robust[c])
+    for c, v in values.items():
+        v = np.asarray(v, dtype=np.float64)
+        stats[c] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+        robust[c] = robust_center_scale(v)
+        cut = max(len(v) - k, 0)  # the k largest values, unordered
+        strengths[c] = tail_strength(torch.from_numpy(np.partition(v, cut)[cut:]), *robust[c])
     return stats, robust, strengths
 
 
@@ -291,22 +276,39 @@ def tail_strengths(ds: ray.data.Dataset, stats: dict[str, tuple[float, float]], 
 
 
 def num_actors(s: ScoreConfig) -> int:
-    """One actor per GPU, or per `cpus_per_actor` CPUs less one CPU, which Ray Data's read tasks need: actors
-    holding every CPU would starve the reads that feed them."""
+    """One actor per GPU with use_gpu; else one per `cpus_per_actor` CPUs less one CPU, which Ray Data's read
+    tasks need, or, with cpus_per_actor unset, one per CPU (actor_cpus leaves the reads their CPU)."""
     resources = ray.cluster_resources()
     if s.use_gpu:
         return max(1, int(resources.get("GPU", 0)))
-    return max(1, int(resources.get("CPU", 1) - 1) // s.cpus_per_actor)
+    if s.cpus_per_actor is None:
+        return max(1, int(resources.get("CPU", 1)))
+    return max(1, int((resources.get("CPU", 1) - 1) // s.cpus_per_actor))
+
+
+def actor_cpus(s: ScoreConfig, actors: int) -> float:
+    """The CPUs each of `actors` scoring actors reserves: score.cpus_per_actor when set, 1 with use_gpu, else
+    the cluster's CPUs less one per node shared among them. The reservation left free then totals one CPU per
+    node, so at least one node has a whole CPU for the read tasks however Ray places the actors; a reservation
+    above 1 is rounded down to a whole number, the only kind Ray takes."""
+    if s.cpus_per_actor is not None:
+        return s.cpus_per_actor
+    if s.use_gpu:
+        return 1
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    share = max(0.0, ray.cluster_resources().get("CPU", 0) - len(nodes)) / actors
+    return float(int(share)) if share >= 1 else int(share * 10_000) / 10_000
 
 
 def check_cpus_left(s: ScoreConfig, actors: int) -> None:
     """CPU actors that reserve every CPU of the cluster leave none to the read tasks that feed them, and the
-    job stalls without an error (seen on a 2-CPU machine with 2 actors): refuse that up front."""
+    job stalls without an error (seen on a 2-CPU machine with 2 actors of 1 CPU): refuse that up front."""
     cpus = int(ray.cluster_resources().get("CPU", 0))
     if not s.use_gpu and actors * s.cpus_per_actor >= cpus:
-        raise UserError(f"score.num_actors={actors} x experimental.score.cpus_per_actor={s.cpus_per_actor} reserves all {cpus} "
-                        f"CPUs of the Ray cluster, leaving none to the tasks that read the shards: use at most "
-                        f"{max(1, (cpus - 1) // s.cpus_per_actor)} actors (or leave score.num_actors unset).")
+        raise UserError(f"score.num_actors={actors} x experimental.score.cpus_per_actor={s.cpus_per_actor:g} "
+                        f"reserves all {cpus} CPUs of the Ray cluster, leaving none to the tasks that read the "
+                        f"shards: use at most {max(1, int((cpus - 1) // s.cpus_per_actor))} actors (or leave "
+                        f"experimental.score.cpus_per_actor unset).")
 
 
 @console.phase("score", lambda cfg, model_uri, data, output=None, *, k, method=None: f"{method or cfg.score.method} "
@@ -333,6 +335,8 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None, *, 
         captions = read_columns(data, cfg.storage, ["caption"], max_rows=max(s.negatives * 50, 10_000))
         negatives = list(dict.fromkeys(captions.column("caption").to_pylist()))[:s.negatives]
     actors = s.num_actors or num_actors(s)
+    s = dataclasses.replace(s, cpus_per_actor=actor_cpus(s, actors))
+    cfg = dataclasses.replace(cfg, score=s)
     check_cpus_left(s, actors)
     threads = s.threads_per_actor or max(1, (os.cpu_count() or 1) // actors)
     ledger = start_ledger()
@@ -409,7 +413,7 @@ def _drop_scores(cfg: Config, model: ModelConfig, data: str, columns: list[str],
                 picked = max(strengths, key=strengths.get)
                 extra.update(signal_robust_stats=robust, tail_strengths=strengths, picked_signal=picked)
             # A task per output file's worth of rows, not per scoring batch: starting a task costs more than combining.
-            ds = ds.map_batches(_combine, batch_format="pyarrow", batch_size=TABLE_ROWS_PER_FILE,
+            ds = ds.map_batches(combine, batch_format="pyarrow", batch_size=TABLE_ROWS_PER_FILE,
                                 fn_kwargs={"stats": stats, "picked": picked})
     return ds, extra
 
@@ -445,7 +449,7 @@ def transfer_rerank(cfg: Config, model: ModelConfig, data: str, ds: ray.data.Dat
     ray.get(ledger.add_passes.remote("transfer", passes))
     scores = pool.column("score").to_numpy().astype(np.float64)
     fused = fuse_ranks(scores, lift)
-    out = ds.map_batches(_apply_transfer, batch_format="pyarrow", batch_size=TABLE_ROWS_PER_FILE,
+    out = ds.map_batches(apply_transfer, batch_format="pyarrow", batch_size=TABLE_ROWS_PER_FILE,
                          fn_kwargs={"keys": pool.column("key").combine_chunks(), "fused": fused, "lift": lift})
     return out, {"pool_rows": pool.num_rows, "reference_rows": refs.num_rows,
                  "moved": int((fused != scores).sum()), "forward_passes": passes[0]}
@@ -487,20 +491,6 @@ def _join_on_key(pool: pa.Table, rows: pa.Table) -> pa.Table:
     take = pa.array([where[key] for key in pool.column("key").to_pylist()], pa.int64())
     return pool.append_column("image", rows.column("image").take(take)).append_column(
         "caption", rows.column("caption").take(take))
-
-
-def _apply_transfer(table: pa.Table, keys: pa.Array, fused: np.ndarray, lift: np.ndarray) -> pa.Table:
-    """Ray Data UDF: `score` re-assigned to the pool's rows (`keys`, with their `fused` scores and `lift`), their
-    lift (NaN elsewhere), the score before."""
-    where = pc.index_in(table.column("key"), value_set=keys)  # null where a key is not in the pool
-    inside = pc.is_valid(where).to_numpy(zero_copy_only=False)
-    at = pc.fill_null(where, 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    before = table.column("score").to_numpy()
-    score = np.where(inside, fused[at], before).astype(np.float32)
-    lift = np.where(inside, lift[at], np.nan).astype(np.float32)
-    i = table.column_names.index("score")
-    return (table.set_column(i, "score", pa.array(score)).append_column("transfer_lift", pa.array(lift))
-            .append_column("score_before_transfer", pa.array(before.astype(np.float32))))
 
 
 def detection_metrics(table_uri: str, cfg: Config, ks: list[int], output: str, k: int | None) -> dict:
