@@ -51,12 +51,12 @@ def test_row_sizes_are_checked():
             parse_rows(bad)
 
 
-def test_the_ray_and_plain_tables_are_compared_on_every_score_column_they_share(tmp_path):
-    """With several signals the plain loop's table has no combined `score` (it is made over the whole table after
-    the pass): the comparison takes cos and each signal, and refuses tables of other rows or other columns."""
+def test_the_ray_and_plain_tables_are_compared_on_every_score_column(tmp_path):
+    """The comparison takes cos, each signal, the combined score and the transfer lift (NaN outside the pool, which
+    must be NaN in both), and refuses tables of other rows or other columns."""
     keys = ["a", "b", "c"]
     plain = pa.table({"key": keys, "cos": [0.5, 0.4, 0.3], "drop_token_mask": [0.1, 0.2, 0.3],
-                      "drop_blur": [0.0, 0.1, 0.2]})
+                      "drop_blur": [0.0, 0.1, 0.2], "transfer_lift": [0.7, float("nan"), float("nan")]})
     ray_dir = tmp_path / "ray"
     ray_dir.mkdir()
     # Another row order, and the combined columns the Ray run adds.
@@ -66,6 +66,10 @@ def test_the_ray_and_plain_tables_are_compared_on_every_score_column_they_share(
     pq.write_table(ray, ray_dir / "part-0.parquet")
     pq.write_table(plain, tmp_path / "plain.parquet")
     assert largest_score_difference(str(ray_dir), str(tmp_path / "plain.parquet")) == pytest.approx(0.15)
+    lifted = plain.set_column(plain.column_names.index("transfer_lift"), "transfer_lift",
+                              pa.array([0.7, 0.1, float("nan")]))  # b in the pool of one run only
+    pq.write_table(lifted, tmp_path / "lifted.parquet")
+    assert largest_score_difference(str(ray_dir), str(tmp_path / "lifted.parquet")) == float("inf")
     pq.write_table(plain.slice(0, 2), tmp_path / "fewer.parquet")
     with pytest.raises(SystemExit, match="did not score the same rows"):
         largest_score_difference(str(ray_dir), str(tmp_path / "fewer.parquet"))
