@@ -264,7 +264,8 @@ def test_pick_combination_takes_the_transform_whose_top_drops_stand_out(ray_loca
 def test_score_refuses_actors_that_would_starve_the_reads(ray_local, scored_input, tmp_path):
     """Actors holding every CPU leave the read tasks none and the job would hang: a one-sentence error instead."""
     data, model = scored_input
-    cfg = load_config(None, ["score.num_actors=4", f"experimental.score.output={tmp_path / 'scores'}"])
+    cfg = load_config(None, ["score.num_actors=4", "experimental.score.cpus_per_actor=1",
+                             f"experimental.score.output={tmp_path / 'scores'}"])
     with pytest.raises(UserError, match="reserves all 4 CPUs"):
         score(cfg, str(model), str(data), k=cfg.unlearn.num_samples)
 
@@ -370,7 +371,8 @@ def test_defend_removes_the_backdoor_and_keeps_clean_accuracy(backdoored, capsys
     rows_per_forward = load_config(None, [*overrides, *UBT]).score.batch_size
     # Each row forwarded as itself, under the token mask at two portions and under the blur.
     assert scored["forward_sample_passes"] >= 4 * 3000 and scored["forward_sample_passes"] % rows_per_forward == 0
-    assert scored["backward_sample_passes"] == 0 and scored["reserved_cpus"] == 1 and scored["reserved_gpus"] == 0
+    # One actor (the fixture's score.num_actors) reserving the module's 4 Ray CPUs but the one left to the reads.
+    assert scored["backward_sample_passes"] == 0 and scored["reserved_cpus"] == 3 and scored["reserved_gpus"] == 0
     evaluated_after = json.loads((root / "defend" / "eval_after" / "metrics.json").read_text())
     assert manifests["defend/eval_after"]["cost"]["forward_sample_passes"] == evaluated_after["sample_passes"] > 0
     assert report["cost"]["forward_sample_passes"] == sum(p["cost"]["forward_sample_passes"]
