@@ -32,6 +32,8 @@ RULES = [
     (["experimental.score.transforms=[blur, blur]"], ["score", "defend", "sweep"], "select", "experimental.score.transforms=['blur', 'blur']"),
     (["experimental.score.neighbour_ranks=[5]"], ["score", "defend"], "unlearn", "experimental.score.neighbour_ranks=[5] must be two ranks"),
     (["experimental.score.token_portions=[]"], ["score"], "train", "experimental.score.token_portions=[] must be one or more shares"),
+    (["experimental.score.cpus_per_actor=1.5"], ["score", "defend"], "train",
+     "experimental.score.cpus_per_actor=1.5: Ray reserves a fraction of one CPU or whole CPUs"),
     (["experimental.score.density=[lof]"], ["score", "defend"], "select", "experimental.score.density=['lof'] must name each of"),
     (["experimental.score.density=[slof]", "experimental.score.method=cosine"], ["score", "defend"], "unlearn",
      "score.density needs experimental.score.method=token_drop"),

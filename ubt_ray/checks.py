@@ -134,6 +134,9 @@ def check_score(s: ScoreConfig) -> None:
     if not s.token_portions or any(not 0 < p <= 1 for p in s.token_portions):
         raise UserError(f"experimental.score.token_portions={s.token_portions} must be one or more shares of the "
                         f"image tokens in (0, 1], e.g. [0.015625, 0.0625].")
+    if s.cpus_per_actor is not None and s.cpus_per_actor > 1 and s.cpus_per_actor != int(s.cpus_per_actor):
+        raise UserError(f"experimental.score.cpus_per_actor={s.cpus_per_actor:g}: Ray reserves a fraction of one CPU "
+                        f"or whole CPUs, so give a value up to 1 or a whole number (or leave it unset).")
 
 
 def check_heldout(cfg: Config) -> None:
