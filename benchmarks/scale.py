@@ -298,9 +298,10 @@ def finish_plain(cfg, model: str, threads: int, files: list[Path], out: str) -> 
     rows against the seeded reference rows outside them; `out` is rewritten with the final scores."""
     import dataclasses
 
+    from ubt_ray.core.density import reference_keys
+    from ubt_ray.core.score_rows import apply_transfer, combine, keep_keys
     from ubt_ray.core.transfer import fuse_ranks
     from ubt_ray.phases.score import TAIL_ROWS, _join_on_key, _transfer_task, column_statistics, signal_columns
-    from ubt_ray.core.score_rows import apply_transfer, combine, key_rank
     from ubt_ray.shards import merge_top_k
 
     s, k = cfg.score, TAIL_ROWS
@@ -313,12 +314,11 @@ def finish_plain(cfg, model: str, threads: int, files: list[Path], out: str) -> 
         keep = ["key", "score"] + [c for c in ("transform", "token_order") if c in table.column_names]
         pool = merge_top_k([table.select(keep)], s.transfer_pool * k, "score")
         inside = set(pool.column("key").to_pylist())
-        ranked = sorted((key_rank(cfg.run.seed, key), key) for key in table.column("key").to_pylist() if key not in inside)
-        wanted = inside | {key for _, key in ranked[:s.transfer_refs]}
+        ref_keys = pa.array(reference_keys([key for key in table.column("key").to_pylist() if key not in inside],
+                                           cfg.run.seed, s.transfer_refs), pa.string())
         rows = pa.concat_tables([pq.read_table(f, columns=["key", "image", "caption"]) for f in files])
-        rows = rows.filter(pa.array([key in wanted for key in rows.column("key").to_pylist()]))
-        is_ref = pa.array([key not in inside for key in rows.column("key").to_pylist()])
-        refs = rows.filter(is_ref)  # in the shards' order, as seeded_rows returns them
+        rows = keep_keys(rows, pa.concat_arrays([pool.column("key").combine_chunks().cast(pa.string()), ref_keys]))
+        refs = keep_keys(rows, ref_keys)  # in the shards' order, as seeded_rows returns them
         model_cfg = dataclasses.replace(cfg.model, checkpoint=str(Path(model).resolve()))
         lift, _ = _transfer_task(model_cfg, cfg.storage, s, cfg.run.seed, threads, False, _join_on_key(pool, rows), refs)
         fused = fuse_ranks(pool.column("score").to_numpy().astype(np.float64), lift)

@@ -27,6 +27,7 @@ from ..cluster import ensure_ray
 from ..config import Config, ModelConfig, ScoreConfig, StorageConfig
 from ..core.batches import decode_rows, normalize
 from ..core.density import Reference, density_scores
+from ..core.score_rows import apply_transfer, combine, key_rank, rank_below, signal_name
 from ..core.scoring import (CaptionFeatures, prepare_model, resolve_saliency, robust_center_scale,
                             padded_rows, score_batch, score_passes, tail_strength, text_features, token_grid,
                             tokens_to_take)
@@ -37,7 +38,6 @@ from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..models import load_clip
 from ..report import histogram_png, selection_cutoff
-from ..core.score_rows import apply_transfer, combine, key_rank, rank_below, signal_name
 from ..shards import (TABLE, batch_identity, count_rows, map_on_actor_pool, merge_top_k, read_columns, read_shards,
                       shard_schema, start_ledger, top_k, write_shards)
 from .disagreement import caption_disagreement
@@ -213,9 +213,6 @@ def _empty_output(table: pa.Table, s: ScoreConfig) -> pa.Table:
     if "is_poison" in table.column_names:
         cols["is_poison"] = pa.array([], pa.bool_())
     return pa.table(cols)
-
-
-
 
 
 ROBUST_STATS_ROWS = 1_000_000
