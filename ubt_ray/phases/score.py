@@ -38,7 +38,7 @@ from ..errors import UserError
 from ..manifest import RowCounts, write_manifest
 from ..models import load_clip
 from ..report import histogram_png, selection_cutoff
-from ..shards import (TABLE, batch_identity, count_rows, map_on_actor_pool, merge_top_k, read_columns, read_shards,
+from ..shards import (TABLE, batch_identity, count_rows, map_on_actor_pool, read_columns, read_shards,
                       shard_schema, start_ledger, top_k, write_shards)
 from .disagreement import caption_disagreement
 
@@ -427,9 +427,9 @@ def transfer_rerank(cfg: Config, model: ModelConfig, data: str, ds: ray.data.Dat
         return ds, {"pool_rows": 0}
     names = set(ds.schema().names)
     keep = ["key", "score"] + [c for c in ("transform", "token_order") if c in names]
-    # The materialised blocks read as they are (a select_columns would start a task per block).
-    pool = merge_top_k((b.select(keep) for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)),
-                       s.transfer_pool * k, "score")
+    # Each block's top rows found in a task, so the driver holds the pool, not a block of the table (reading the
+    # blocks here grew the driver's peak with their size).
+    pool = top_k(ds, s.transfer_pool * k, "score").select(keep)
     pool_images, refs = seeded_rows(cfg, data, s.transfer_refs, exclude=frozenset(pool.column("key").to_pylist()))
     pool = _join_on_key(pool, pool_images)
     if not refs.num_rows:  # the pool is the whole dataset: nothing outside it to test on, nothing to re-order
