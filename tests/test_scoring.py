@@ -196,6 +196,36 @@ def test_auto_forget_loss_is_invariance_on_token_mask_rows_and_push_away_on_whol
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def test_push_without_text_moves_the_image_tower_alone():
+    """experimental.unlearn.push_text=false: the same loss, the same image-tower gradient, and the text tower
+    gets only the retain loss's gradient (the caption's features are not pushed)."""
+    clip = load_clip(ModelConfig(), seed=0)
+    reference = load_clip(ModelConfig(), seed=0).model.eval().requires_grad_(False)
+    pixels, tokens = batch(clip)
+    grid = token_grid(clip.model, 32)
+    forget = ForgetSet(pixels[:4], tokens[:4], ["blur"] * 4, None)
+    inputs = prepare_forget_inputs(reference, forget, clip.preprocess_cfg, grid, 4 / 64, "push_away")
+    retain = Batch(pixels[4:], tokens[4:], ["a", "b"])
+    model = clip.model.eval()
+
+    def grads(forget_weight: float, push_text: bool):
+        objective = UnlearnObjective(clip.preprocess_cfg, forget, inputs, "push_away", forget_weight=forget_weight,
+                                     margin=-1.0, forget_batch_size=4, seed=0, push_text=push_text)
+        model.zero_grad()
+        loss = objective(model, retain)[0]
+        loss.backward()
+        text = torch.cat([p.grad.flatten() for n, p in model.named_parameters()
+                          if not n.startswith("visual.") and n != "logit_scale" and p.grad is not None])
+        image = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n.startswith("visual.")])
+        return loss.item(), text.clone(), image.clone()
+
+    pushed, image_only, retain_only = grads(5.0, True), grads(5.0, False), grads(0.0, False)
+    assert pushed[0] == pytest.approx(image_only[0], rel=1e-6)
+    assert torch.allclose(pushed[2], image_only[2], atol=1e-7)
+    assert torch.allclose(image_only[1], retain_only[1], atol=1e-7)
+    assert not torch.allclose(pushed[1], image_only[1], atol=1e-6)
+
+
 def test_anchor_term_is_zero_at_the_reference_and_pulls_a_moved_model_back():
     """With unlearn.anchor_weight the loss adds λ_a (1 - cos) between the retain batch's features and θ₀'s: zero
     for a model equal to θ₀, positive once the model moved, and a step on it brings the features back."""

@@ -3,7 +3,7 @@
 The retain loss is the CLIP loss on the loop's batch (least suspicious rows). The forget loss acts on the
 selected suspicious rows, held in memory (k is small): `token_invariance` pulls f_θ(x) towards what the
 original model saw without the trigger, stopgrad f_θ₀(x̄); `push_away` pushes cos(f_θ(x), g_θ(t)) below a
-margin on the whole image; `local_push` does the same on the image with only its top-ρ tokens kept;
+margin on the whole image (with push_text false, by moving the image features alone); `local_push` does the same on the image with only its top-ρ tokens kept;
 `invariance_push` is the sum of token_invariance and push_away; `auto` picks per row by the transform that
 flagged it: token_invariance (weight forget_weight) for a row the token mask flagged, push_away (weight
 whole_image_weight) for one a whole-image transform (blur, downup) or a density score flagged. With an
@@ -98,14 +98,14 @@ class UnlearnObjective:
     def __init__(self, preprocess_cfg: dict, forget: ForgetSet, inputs: torch.Tensor, kind: str,
                  forget_weight: float, margin: float, forget_batch_size: int, seed: int,
                  whole_image_weight: float | None = None, reference: torch.nn.Module | None = None,
-                 anchor_weight: float = 0.0, setup_passes: tuple[int, int] = (0, 0)):
+                 anchor_weight: float = 0.0, setup_passes: tuple[int, int] = (0, 0), push_text: bool = True):
         if kind not in FORGET_LOSSES:
             raise ValueError(f"unknown forget loss {kind!r}: use one of {', '.join(FORGET_LOSSES)}")
         if anchor_weight > 0 and reference is None:
             raise ValueError("an anchor weight needs the reference model θ₀")
         self.reference, self.anchor_weight = reference, float(anchor_weight)
         self.preprocess_cfg, self.forget, self.inputs, self.kind = preprocess_cfg, forget, inputs, kind
-        self.margin = margin
+        self.margin, self.push_text = margin, push_text
         # Per row: trained towards its target (invariance), pushed away from its caption (push), with a weight.
         k = len(forget.pixels)
         if kind == "auto":
@@ -156,7 +156,8 @@ class UnlearnObjective:
         if bool(invariance.any()):
             per_row = per_row + invariance * (1 - (image_f[n:] * self.inputs[idx].to(device)).sum(-1))
         if bool(push.any()):
-            per_row = per_row + push * F.relu((image_f[n:] * text_f[u:]).sum(-1) - self.margin)
+            caption_f = text_f[u:] if self.push_text else text_f[u:].detach()
+            per_row = per_row + push * F.relu((image_f[n:] * caption_f).sum(-1) - self.margin)
         loss = retain + (self.weight[idx].to(device) * per_row).mean()
         metrics = {"retain_loss": float(retain.detach()), "forget_loss": float(per_row.mean().detach()),
                    "logit_scale": float(logit_scale.detach())}

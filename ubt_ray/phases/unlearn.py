@@ -36,7 +36,7 @@ def unlearn(cfg: Config, model_uri: str, forget: str, retain: str, probe: Probe 
                           "num_samples": u.num_samples, "kind": u.forget, "token_portion": u.token_portion,
                           "forget_weight": u.forget_weight, "whole_image_weight": u.whole_image_weight,
                           "margin": u.margin, "anchor_weight": u.anchor_weight,
-                          "forget_batch_size": u.forget_batch_size},
+                          "forget_batch_size": u.forget_batch_size, "push_text": u.push_text},
         trainable=u.trainable, probe=probe, callbacks=list(callbacks or [])))
 
 
@@ -60,7 +60,7 @@ def load_forget_set(forget_uri: str, storage_cfg: StorageConfig, num_samples: in
 def forget_objective(preprocess_cfg: dict, forget_uri: str, storage_cfg: StorageConfig, init: ModelConfig,
                      seed: int, num_samples: int, kind: str, token_portion: float, forget_weight: float,
                      whole_image_weight: float, margin: float, forget_batch_size: int, anchor_weight: float = 0.0,
-                     tokenizer=None) -> UnlearnObjective:
+                     push_text: bool = True, tokenizer=None) -> UnlearnObjective:
     """The unlearning objective of one Ray Train worker (a factory the training loop calls)."""
     reference = load_clip(init, storage_cfg, "cpu", seed=seed)
     reference.model.eval().requires_grad_(False)
@@ -73,4 +73,4 @@ def forget_objective(preprocess_cfg: dict, forget_uri: str, storage_cfg: Storage
                                 resolve_saliency(reference.model, "auto"))
     return UnlearnObjective(preprocess_cfg, forget, inputs, kind, forget_weight, margin, forget_batch_size, seed,
                             whole_image_weight, reference=reference.model if anchor_weight > 0 else None,
-                            anchor_weight=anchor_weight, setup_passes=setup)
+                            anchor_weight=anchor_weight, setup_passes=setup, push_text=push_text)
