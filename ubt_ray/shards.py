@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from .config import Config, DataConfig, StorageConfig
 from .core.captions import caption_rejection
 from .core.images import image_rejection
+from .core.score_rows import keep_keys
 from .errors import UserError
 from .manifest import RowCounts
 from . import console, storage
@@ -110,7 +111,7 @@ def read_rows_by_key(uri: str, storage_cfg: StorageConfig | None, keys: list[str
     stopping once all are found)."""
     wanted, tables, found = pa.array(sorted(set(keys)), pa.string()), [], 0
     for table in _file_tables(uri, storage_cfg, columns):
-        tables.append(table.filter(pc.is_in(table.column("key").cast(pa.string()), value_set=wanted)))
+        tables.append(keep_keys(table, wanted))
         found += tables[-1].num_rows
         if found >= len(wanted):
             break

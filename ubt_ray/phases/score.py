@@ -26,8 +26,8 @@ from ..checks import check_score
 from ..cluster import ensure_ray
 from ..config import Config, ModelConfig, ScoreConfig, StorageConfig
 from ..core.batches import decode_rows, normalize
-from ..core.density import Reference, density_scores
-from ..core.score_rows import apply_transfer, combine, key_rank, rank_below, signal_name
+from ..core.density import Reference, density_scores, reference_keys
+from ..core.score_rows import apply_transfer, combine, rank_below, signal_name
 from ..core.scoring import (CaptionFeatures, prepare_model, resolve_saliency, robust_center_scale,
                             padded_rows, score_batch, score_passes, tail_strength, text_features, token_grid,
                             tokens_to_take)
@@ -175,8 +175,9 @@ def seeded_rows(cfg: Config, data: str, size: int, exclude: frozenset = frozense
             break
         fraction = min(1.0, fraction * 2)
     inside = [i for i, k in enumerate(keys) if k in exclude]
-    ranks = [(key_rank(cfg.run.seed, k), k, i) for i, k in enumerate(keys) if k not in exclude]
-    keep = sorted(i for *_, i in sorted(ranks)[:size])
+    others = [k for k in keys if k not in exclude]
+    chosen = set(reference_keys(others, cfg.run.seed, min(size, len(others)))) if size and others else set()
+    keep = [i for i, k in enumerate(keys) if k in chosen]
     return table.take(pa.array(inside, pa.int64())), table.take(pa.array(keep, pa.int64()))
 
 
