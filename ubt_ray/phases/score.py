@@ -400,6 +400,9 @@ def _drop_scores(cfg: Config, model: ModelConfig, data: str, columns: list[str],
                            {"model": model, "storage_cfg": cfg.storage, "settings": s, "seed": cfg.run.seed,
                             "negative_captions": negatives, "threads": threads, "use_gpu": s.use_gpu,
                             "ledger": ledger, "reference": reference})
+    # Blocks of an output file's rows, not one per scoring batch: the driver keeps bookkeeping for every block of
+    # a materialised dataset, which would grow its memory with the dataset (docs/results.md, scale_small_model).
+    ds = ds.repartition(target_num_rows_per_block=TABLE_ROWS_PER_FILE)
     signals = signal_columns(s)
     if len(signals) > 1:
         ds = ds.materialize()  # in the object store, not on the driver: the signals' statistics need every row
