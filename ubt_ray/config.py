@@ -333,9 +333,10 @@ class UnlearnConfig(Schedule):
                                    "at θ₀'s (1 - cosine), so that zero-shot ability beyond the training captions' "
                                    "words moves less; 0 turns it off (it costs one θ₀ forward per step).", ge=0,
                               experimental=True)
-    push_text: bool = _f(True, "Whether the push terms also move the caption's text features; false pushes only the "
-                               "image features away, so the caption's words (the target class's name) stay where "
-                               "the clean rows put them.", experimental=True)
+    push_text: bool = _f(False, "Whether the push terms also move the caption's text features; false (the default) "
+                                "pushes only the image features away, so the caption's words (the target class's "
+                                "name) stay where the clean rows put them and that class's CA holds better.",
+                         experimental=True)
     trainable: str = _f("all", "Parameters that move.", choices=TRAINABLE, experimental=True)
     forget_batch_size: int = _f(64, "Forget rows per optimiser step, over all workers together.", ge=1,
                                 experimental=True)

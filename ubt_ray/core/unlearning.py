@@ -3,7 +3,7 @@
 The retain loss is the CLIP loss on the loop's batch (least suspicious rows). The forget loss acts on the
 selected suspicious rows, held in memory (k is small): `token_invariance` pulls f_θ(x) towards what the
 original model saw without the trigger, stopgrad f_θ₀(x̄); `push_away` pushes cos(f_θ(x), g_θ(t)) below a
-margin on the whole image (with push_text false, by moving the image features alone); `local_push` does the same on the image with only its top-ρ tokens kept;
+margin on the whole image by moving the image features alone (with push_text, the caption's too); `local_push` does the same on the image with only its top-ρ tokens kept;
 `invariance_push` is the sum of token_invariance and push_away; `auto` picks per row by the transform that
 flagged it: token_invariance (weight forget_weight) for a row the token mask flagged, push_away (weight
 whole_image_weight) for one a whole-image transform (blur, downup) or a density score flagged. With an
@@ -98,7 +98,7 @@ class UnlearnObjective:
     def __init__(self, preprocess_cfg: dict, forget: ForgetSet, inputs: torch.Tensor, kind: str,
                  forget_weight: float, margin: float, forget_batch_size: int, seed: int,
                  whole_image_weight: float | None = None, reference: torch.nn.Module | None = None,
-                 anchor_weight: float = 0.0, setup_passes: tuple[int, int] = (0, 0), push_text: bool = True):
+                 anchor_weight: float = 0.0, setup_passes: tuple[int, int] = (0, 0), push_text: bool = False):
         if kind not in FORGET_LOSSES:
             raise ValueError(f"unknown forget loss {kind!r}: use one of {', '.join(FORGET_LOSSES)}")
         if anchor_weight > 0 and reference is None:

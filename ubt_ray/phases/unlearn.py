@@ -60,7 +60,7 @@ def load_forget_set(forget_uri: str, storage_cfg: StorageConfig, num_samples: in
 def forget_objective(preprocess_cfg: dict, forget_uri: str, storage_cfg: StorageConfig, init: ModelConfig,
                      seed: int, num_samples: int, kind: str, token_portion: float, forget_weight: float,
                      whole_image_weight: float, margin: float, forget_batch_size: int, anchor_weight: float = 0.0,
-                     push_text: bool = True, tokenizer=None) -> UnlearnObjective:
+                     push_text: bool = False, tokenizer=None) -> UnlearnObjective:
     """The unlearning objective of one Ray Train worker (a factory the training loop calls)."""
     reference = load_clip(init, storage_cfg, "cpu", seed=seed)
     reference.model.eval().requires_grad_(False)
