@@ -151,18 +151,23 @@ def test_the_score_tables_row_functions_import_no_torch():
     assert out.strip() == "[]"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", FORGET_LOSSES)
-def test_forget_loss_falls_with_training(kind):
+def forget_setup(transforms: list[str], kind: str):
+    """A fresh default CLIP, a forget set of the first 4 rows of `batch` flagged by `transforms`, θ₀'s forget
+    inputs for `kind`, and a retain batch of the other 2 rows."""
     clip = load_clip(ModelConfig(), seed=0)
     reference = load_clip(ModelConfig(), seed=0).model.eval().requires_grad_(False)
     pixels, tokens = batch(clip)
-    grid = token_grid(clip.model, 32)
-    forget = ForgetSet(pixels[:4], tokens[:4], ["token_mask", "blur", "downup", "token_mask"], None)
-    inputs = prepare_forget_inputs(reference, forget, clip.preprocess_cfg, grid, 4 / 64, kind)
+    forget = ForgetSet(pixels[:4], tokens[:4], transforms, None)
+    inputs = prepare_forget_inputs(reference, forget, clip.preprocess_cfg, token_grid(clip.model, 32), 4 / 64, kind)
+    return clip, reference, forget, inputs, Batch(pixels[4:], tokens[4:], ["a", "b"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", FORGET_LOSSES)
+def test_forget_loss_falls_with_training(kind):
+    clip, _, forget, inputs, retain = forget_setup(["token_mask", "blur", "downup", "token_mask"], kind)
     objective = UnlearnObjective(clip.preprocess_cfg, forget, inputs, kind, forget_weight=100.0, margin=-1.0,
                                  forget_batch_size=4, seed=0)
-    retain = Batch(pixels[4:], tokens[4:], ["a", "b"])
     model = clip.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     first = None
@@ -181,12 +186,8 @@ def test_auto_forget_loss_is_invariance_on_token_mask_rows_and_push_away_on_whol
                                                                                               weight):
     """forget: auto gives a row the token mask flagged token_invariance at forget_weight (2), and a row blur
     flagged push_away at whole_image_weight (5): the same loss as those kinds with that weight."""
-    clip = load_clip(ModelConfig(), seed=0)
-    reference = load_clip(ModelConfig(), seed=0).model.eval().requires_grad_(False)
-    pixels, tokens = batch(clip)
+    clip, reference, forget, _, retain = forget_setup([transform] * 4, "auto")
     grid = token_grid(clip.model, 32)
-    forget = ForgetSet(pixels[:4], tokens[:4], [transform] * 4, None)
-    retain = Batch(pixels[4:], tokens[4:], ["a", "b"])
     losses = []
     for kind, forget_weight in (("auto", 2.0), (same_as, weight)):
         inputs = prepare_forget_inputs(reference, forget, clip.preprocess_cfg, grid, 4 / 64, kind)
@@ -199,13 +200,7 @@ def test_auto_forget_loss_is_invariance_on_token_mask_rows_and_push_away_on_whol
 def test_push_without_text_moves_the_image_tower_alone():
     """experimental.unlearn.push_text=false: the same loss, the same image-tower gradient, and the text tower
     gets only the retain loss's gradient (the caption's features are not pushed)."""
-    clip = load_clip(ModelConfig(), seed=0)
-    reference = load_clip(ModelConfig(), seed=0).model.eval().requires_grad_(False)
-    pixels, tokens = batch(clip)
-    grid = token_grid(clip.model, 32)
-    forget = ForgetSet(pixels[:4], tokens[:4], ["blur"] * 4, None)
-    inputs = prepare_forget_inputs(reference, forget, clip.preprocess_cfg, grid, 4 / 64, "push_away")
-    retain = Batch(pixels[4:], tokens[4:], ["a", "b"])
+    clip, _, forget, inputs, retain = forget_setup(["blur"] * 4, "push_away")
     model = clip.model.eval()
 
     def grads(forget_weight: float, push_text: bool):
@@ -229,13 +224,7 @@ def test_push_without_text_moves_the_image_tower_alone():
 def test_anchor_term_is_zero_at_the_reference_and_pulls_a_moved_model_back():
     """With unlearn.anchor_weight the loss adds λ_a (1 - cos) between the retain batch's features and θ₀'s: zero
     for a model equal to θ₀, positive once the model moved, and a step on it brings the features back."""
-    clip = load_clip(ModelConfig(), seed=0)
-    reference = load_clip(ModelConfig(), seed=0).model.eval().requires_grad_(False)
-    pixels, tokens = batch(clip)
-    grid = token_grid(clip.model, 32)
-    forget = ForgetSet(pixels[:4], tokens[:4], ["token_mask"] * 4, None)
-    inputs = prepare_forget_inputs(reference, forget, clip.preprocess_cfg, grid, 4 / 64, "token_invariance")
-    retain = Batch(pixels[4:], tokens[4:], ["a", "b"])
+    clip, reference, forget, inputs, retain = forget_setup(["token_mask"] * 4, "token_invariance")
 
     def objective(weight):
         return UnlearnObjective(clip.preprocess_cfg, forget, inputs, "token_invariance", forget_weight=1.0,
