@@ -3,10 +3,11 @@
 The retain loss is the CLIP loss on the loop's batch (least suspicious rows). The forget loss acts on the
 selected suspicious rows, held in memory (k is small): `token_invariance` pulls f_θ(x) towards what the
 original model saw without the trigger, stopgrad f_θ₀(x̄); `push_away` pushes cos(f_θ(x), g_θ(t)) below a
-margin on the whole image by moving the image features alone (with push_text, the caption's too); `local_push` does the same on the image with only its top-ρ tokens kept;
-`invariance_push` is the sum of token_invariance and push_away; `auto` picks per row by the transform that
-flagged it: token_invariance (weight forget_weight) for a row the token mask flagged, push_away (weight
-whole_image_weight) for one a whole-image transform (blur, downup) or a density score flagged. With an
+margin on the whole image by moving the image features alone (with push_text, the caption's too);
+`local_push` does the same on the image with only its top-ρ tokens kept; `invariance_push` is the sum of
+token_invariance and push_away; `auto` picks per row by the transform that flagged it: token_invariance
+(weight forget_weight) for a row the token mask flagged, push_away (weight whole_image_weight) for one a
+whole-image transform (blur, downup) or a density score flagged. With an
 anchor weight, a third term keeps the retain batch's image and caption features where θ₀ has them (1 - cosine),
 so that what the model knew beyond the training captions' words moves as little as the forgetting allows.
 """
