@@ -64,7 +64,8 @@ def ray_local():
     if ray.is_initialized():
         ray.shutdown()
     # Logical CPUs beyond the machine's two, so that two Train workers leave room for Ray Data's tasks.
-    ray.init(num_cpus=4, logging_level="ERROR")
+    # address="local": its own Ray, whatever `ray start` cluster another test (or test worker) has up.
+    ray.init(address="local", num_cpus=4, logging_level="ERROR")
     yield ray
     gc.collect()  # Ray objects (datasets, refs) the module's tests left go while Ray is still up
     ray.shutdown()

@@ -20,6 +20,8 @@ def ensure_ray(cfg: RayConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
-    else:  # a laptop run: a private local Ray (with its dashboard: Ray Train's controller queries the State API)
-        ray.init(num_cpus=cfg.num_cpus, **kwargs)
+    else:  # a laptop run: a private local Ray (with its dashboard: Ray Train's controller queries the State API).
+        # address="local", since a bare ray.init() would join the machine's last `ray start` cluster instead
+        # (and fail there, being given num_cpus).
+        ray.init(address="local", num_cpus=cfg.num_cpus, **kwargs)
     console.quiet_ray()

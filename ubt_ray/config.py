@@ -42,7 +42,8 @@ class RunConfig:
 
 @dataclass
 class RayConfig:
-    address: str | None = _f(None, "Ray cluster to join ('auto', 'ray://host:10001'); null starts or joins a local one.")
+    address: str | None = _f(None, "Ray cluster to join ('auto': this machine's `ray start` cluster; "
+                             "'ray://host:10001'); null starts a private local one.")
     num_cpus: int | None = _f(None, "CPUs of a local Ray started by this run; null uses all of them.", ge=1,
                               experimental=True)
     parquet_reader: str = _f("v1", "Ray Data's Parquet read path: v1 (ParquetDatasource, one task per file; cheap "
