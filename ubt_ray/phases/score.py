@@ -46,7 +46,11 @@ DETECTION_FILE = "detection.json"
 HISTOGRAM_FILE = "score_histogram.png"
 # The top rows the pick combine and the target concept judge when no selection size is given (score alone).
 TAIL_ROWS = 300
-TABLE_ROWS_PER_FILE = 100_000  # score rows are small: no image, a key, a few floats, a 64-entry token order
+# In files of many rows, not one per scoring batch: select reads the table back (235 files of 256 rows took it
+# 35 s against 7 s for one file on the quickstart's 60,000 rows). Score rows are small: no image, a key, a few
+# floats, a 64-entry token order.
+TABLE_ROWS_PER_FILE = 100_000
+DROPS = "drops"  # the actor pass's rows, under the score output, while the table is made from them
 
 
 @dataclass
@@ -244,8 +248,7 @@ def signal_statistics(ds: ray.data.Dataset, columns: list[str], seed: int, k: in
         stats = {c: (float(ds.mean(c)), float(ds.std(c))) for c in columns}
         robust = robust_stats(ds, columns, seed, max_rows)
         return stats, robust, tail_strengths(ds, robust, k)
-    # The materialised blocks fetched as they are, one at a time, keeping their signal columns: a select_columns
-    # would start a task per block (one per scoring batch), which costs far more than the read.
+    # The blocks fetched as they are, one at a time, keeping their signal columns.
     batches = [{c: b.column(c).to_numpy() for c in columns}
                for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
     return column_statistics({c: np.concatenate([b[c] for b in batches]) for c in columns}, k)
@@ -340,21 +343,16 @@ def score(cfg: Config, model_uri: str, data: str, output: str | None = None, *, 
     ledger = start_ledger()
     model = dataclasses.replace(cfg.model, checkpoint=storage.absolute(model_uri))
     table_uri = storage.join(output, TABLE)
-    # The rows the actors have scored so far, from the ledger they report to (the scoring runs in the
-    # materialize of several transforms' drops, or in the table's write).
+    # The rows the actors have scored so far, from the ledger they report to (the scoring runs in the first
+    # write: the table's, or that of the drops that need a second look).
     with console.watch("score", count_rows(data, cfg.storage), lambda: ray.get(ledger.rows_done.remote())):
         if s.method == "caption_disagreement":
             ds, extra = caption_disagreement(cfg, model, data, columns, actors, threads, ledger, k or TAIL_ROWS)
             if ds is None:  # every image undecodable: the counts say so, the table is empty
                 ds = ray.data.from_arrow(_empty_output(pa.table({c: [] for c in columns}), s))
+            write_shards(ds, table_uri, cfg, TABLE_ROWS_PER_FILE)
         else:
-            ds, extra = _drop_scores(cfg, model, data, columns, negatives, actors, threads, ledger, k or TAIL_ROWS)
-            if s.method == "token_drop" and s.transfer_pool:
-                ds, transfer = transfer_rerank(cfg, model, data, ds, k or TAIL_ROWS, actors, threads, ledger)
-                extra["transfer"] = transfer
-        # In files of many rows, not one per scoring batch: select reads the table back (235 files of 256 rows
-        # took it 35 s against 7 s for one file on the quickstart's 60,000 rows).
-        write_shards(ds, table_uri, cfg, TABLE_ROWS_PER_FILE)
+            extra = _drop_scores(cfg, model, data, output, columns, negatives, actors, threads, ledger, k or TAIL_ROWS)
     rows, rows_per_actor, rows_per_node, passes = ray.get([ledger.get.remote(), ledger.rows_by_source.remote(),
                                                            ledger.rows_by_node.remote(), ledger.total_passes.remote()])
     ray.kill(ledger)
@@ -385,10 +383,14 @@ def score_usage(s: ScoreConfig, actors: int, forward: int, backward: int) -> Usa
                  devices=devices_text(actors, "actor", s.cpus_per_actor, gpus))
 
 
-def _drop_scores(cfg: Config, model: ModelConfig, data: str, columns: list[str], negatives: list[str], actors: int,
-                 threads: int, ledger, k: int) -> tuple[ray.data.Dataset, dict]:
-    """The token_drop / cosine / loss score dataset, and for the manifest (several transforms) the drops'
-    statistics, and with `pick` their robust statistics, tail strengths and the picked transform."""
+def _drop_scores(cfg: Config, model: ModelConfig, data: str, output: str, columns: list[str], negatives: list[str],
+                 actors: int, threads: int, ledger, k: int) -> dict:
+    """Write the token_drop / cosine / loss score table to `<output>/table`; return what the manifest records of
+    it: with several signals their statistics (with `pick` also the robust ones, the tail strengths and the picked
+    signal), and the trigger-transfer re-ranking's counts.
+    The actor pass streams its rows to Parquet (`<output>/drops`, removed at the end) whenever they need a second
+    look (statistics over every row, the transfer pool's top rows): held in the object store instead, they would
+    grow the whole job's memory, and the driver's bookkeeping, with the dataset."""
     s = cfg.score
     extra: dict = {}
     reference = None
@@ -400,23 +402,36 @@ def _drop_scores(cfg: Config, model: ModelConfig, data: str, columns: list[str],
                            {"model": model, "storage_cfg": cfg.storage, "settings": s, "seed": cfg.run.seed,
                             "negative_captions": negatives, "threads": threads, "use_gpu": s.use_gpu,
                             "ledger": ledger, "reference": reference})
-    # Blocks of an output file's rows, not one per scoring batch: the driver keeps bookkeeping for every block of
-    # a materialised dataset, which would grow its memory with the dataset (docs/results.md, scale_small_model).
-    ds = ds.repartition(target_num_rows_per_block=TABLE_ROWS_PER_FILE)
+    table_uri = storage.join(output, TABLE)
     signals = signal_columns(s)
+    transfer = s.method == "token_drop" and s.transfer_pool > 0
+    if len(signals) == 1 and not transfer:
+        write_shards(ds, table_uri, cfg, TABLE_ROWS_PER_FILE)
+        return extra
+    drops = storage.join(output, DROPS)
+    write_shards(ds, drops, cfg, TABLE_ROWS_PER_FILE)
+    if not (storage.list_files(drops, (".parquet",), cfg.storage) and count_rows(drops, cfg.storage)):
+        # Every row rejected: nothing to combine or re-rank; the empty table and the counts say so.
+        with storage.replacing_dir(table_uri, cfg.storage):
+            pass
+        storage.remove_dir(drops, cfg.storage)
+        return {**extra, "transfer": {"pool_rows": 0}} if transfer else extra
+    ds = read_shards(drops, cfg, required=("key",))
     if len(signals) > 1:
-        ds = ds.materialize()  # in the object store, not on the driver: the signals' statistics need every row
-        if ds.count():  # with every row rejected there is nothing to combine: the empty table and the counts say so
-            stats, robust, strengths = signal_statistics(ds, signals, cfg.run.seed, k)
-            extra["signal_stats"] = stats
-            picked = None
-            if s.combine == "pick":
-                picked = max(strengths, key=strengths.get)
-                extra.update(signal_robust_stats=robust, tail_strengths=strengths, picked_signal=picked)
-            # A task per output file's worth of rows, not per scoring batch: starting a task costs more than combining.
-            ds = ds.map_batches(combine, batch_format="pyarrow", batch_size=TABLE_ROWS_PER_FILE,
-                                fn_kwargs={"stats": stats, "picked": picked})
-    return ds, extra
+        stats, robust, strengths = signal_statistics(ds.select_columns(["key"] + signals), signals, cfg.run.seed, k)
+        extra["signal_stats"] = stats
+        picked = None
+        if s.combine == "pick":
+            picked = max(strengths, key=strengths.get)
+            extra.update(signal_robust_stats=robust, tail_strengths=strengths, picked_signal=picked)
+        # A task per output file's worth of rows, not per scoring batch: starting a task costs more than combining.
+        ds = ds.map_batches(combine, batch_format="pyarrow", batch_size=TABLE_ROWS_PER_FILE,
+                            fn_kwargs={"stats": stats, "picked": picked})
+    if transfer:
+        ds, extra["transfer"] = transfer_rerank(cfg, model, data, ds, k, actors, threads, ledger)
+    write_shards(ds, table_uri, cfg, TABLE_ROWS_PER_FILE)
+    storage.remove_dir(drops, cfg.storage)
+    return extra
 
 
 def transfer_rerank(cfg: Config, model: ModelConfig, data: str, ds: ray.data.Dataset, k: int, actors: int,
@@ -424,16 +439,13 @@ def transfer_rerank(cfg: Config, model: ModelConfig, data: str, ds: ray.data.Dat
     """The score dataset with its top score.transfer_pool x k rows re-ordered by the trigger-transfer test
     (core/transfer.py) fused with their score (fuse_ranks), and what the manifest records of it. The pool's
     rows and score.transfer_refs reference rows (seeded, outside the pool) are read in one filtering pass and
-    tested by `actors` tasks with a scoring actor's resources each: its cost grows with k, not with the dataset."""
+    tested by `actors` tasks with a scoring actor's resources each: its cost grows with k, not with the dataset.
+    `ds` (at least one row) is read twice: for the pool, then for the re-ranked table."""
     s = cfg.score
-    ds = ds.materialize()
-    if not ds.count():  # every row rejected: the empty table and the counts say so
-        return ds, {"pool_rows": 0}
-    names = set(ds.schema().names)
-    keep = ["key", "score"] + [c for c in ("transform", "token_order") if c in names]
     # Each block's top rows found in a task, so the driver holds the pool, not a block of the table (reading the
     # blocks here grew the driver's peak with their size).
-    pool = top_k(ds, s.transfer_pool * k, "score").select(keep)
+    pool = top_k(ds, s.transfer_pool * k, "score")
+    pool = pool.select([c for c in ("key", "score", "transform", "token_order") if c in pool.column_names])
     pool_images, refs = seeded_rows(cfg, data, s.transfer_refs, exclude=frozenset(pool.column("key").to_pylist()))
     pool = _join_on_key(pool, pool_images)
     if not refs.num_rows:  # the pool is the whole dataset: nothing outside it to test on, nothing to re-order
