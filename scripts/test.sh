@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-exec .venv/bin/python -m pytest -q tests "$@"
+# Two test processes, each taking whole modules (one local Ray per module, as the fixtures expect);
+# UBT_TEST_WORKERS=0 runs the tests in this process.
+exec .venv/bin/python -m pytest -q -n "${UBT_TEST_WORKERS:-2}" --dist loadfile tests "$@"
