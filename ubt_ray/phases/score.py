@@ -410,7 +410,8 @@ def _drop_scores(cfg: Config, model: ModelConfig, data: str, output: str, column
         return extra
     drops = storage.join(output, DROPS)
     write_shards(ds, drops, cfg, TABLE_ROWS_PER_FILE)
-    if not (storage.list_files(drops, (".parquet",), cfg.storage) and count_rows(drops, cfg.storage)):
+    scored = ray.get(ledger.get.remote()).rows_out  # the actor pass is over: every row it kept is counted
+    if not scored:
         # Every row rejected: nothing to combine or re-rank; the empty table and the counts say so.
         with storage.replacing_dir(table_uri, cfg.storage):
             pass
@@ -418,7 +419,12 @@ def _drop_scores(cfg: Config, model: ModelConfig, data: str, output: str, column
         return {**extra, "transfer": {"pool_rows": 0}} if transfer else extra
     ds = read_shards(drops, cfg, required=("key",))
     if len(signals) > 1:
-        stats, robust, strengths = signal_statistics(ds.select_columns(["key"] + signals), signals, cfg.run.seed, k)
+        if scored <= ROBUST_STATS_ROWS:  # 4 bytes a row and signal, read here: a Ray job would cost more
+            table = read_columns(drops, cfg.storage, signals)
+            stats, robust, strengths = column_statistics({c: table.column(c).to_numpy() for c in signals}, k)
+        else:
+            stats, robust, strengths = signal_statistics(ds.select_columns(["key"] + signals), signals,
+                                                         cfg.run.seed, k)
         extra["signal_stats"] = stats
         picked = None
         if s.combine == "pick":
