@@ -65,7 +65,8 @@ def ray_local():
         ray.shutdown()
     # Logical CPUs beyond the machine's two, so that two Train workers leave room for Ray Data's tasks.
     # address="local": its own Ray, whatever `ray start` cluster another test (or test worker) has up.
-    ray.init(address="local", num_cpus=4, logging_level="ERROR")
+    from ubt_ray.cluster import start_local_ray
+    start_local_ray(num_cpus=4, logging_level="ERROR")
     yield ray
     gc.collect()  # Ray objects (datasets, refs) the module's tests left go while Ray is still up
     ray.shutdown()

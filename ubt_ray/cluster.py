@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from contextlib import contextmanager
 
 import ray
 
@@ -23,5 +25,33 @@ def ensure_ray(cfg: RayConfig) -> None:
     else:  # a laptop run: a private local Ray (with its dashboard: Ray Train's controller queries the State API).
         # address="local", since a bare ray.init() would join the machine's last `ray start` cluster instead
         # (and fail there, being given num_cpus).
-        ray.init(address="local", num_cpus=cfg.num_cpus, **kwargs)
+        start_local_ray(num_cpus=cfg.num_cpus, **kwargs)
     console.quiet_ray()
+
+
+def start_local_ray(**kwargs) -> None:
+    """`ray.init(address="local", **kwargs)` whose processes know their own cluster's address. Ray's State API,
+    which Ray Train's placement-group cleaner calls from a worker, otherwise looks for "the" local cluster and
+    fails with a traceback in the user's terminal whenever two local Rays run on one machine (two `ubt`
+    commands, two test processes). So the head's GCS port is chosen here and given to its processes as
+    RAY_ADDRESS; this process's environment is left as it was."""
+    with socket.socket() as s:  # a port free now; Ray's start fails if another process takes it meanwhile
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    with _environ(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}"):
+        ray.init(address="local", **kwargs)
+
+
+@contextmanager
+def _environ(**values: str):
+    """os.environ with `values` set, restored afterwards (the processes started meanwhile keep them)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
