@@ -38,7 +38,11 @@ def start_local_ray(**kwargs) -> None:
     with socket.socket() as s:  # a port free now; Ray's start fails if another process takes it meanwhile
         s.bind(("", 0))
         port = s.getsockname()[1]
-    with _environ(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}"):
+    # With the port known, Ray connects to the GCS at once instead of waiting for its port file; on a busy
+    # machine its 20 one-second tries are shorter than that 30-second wait, so give it 60 (unless set).
+    wait = os.environ.get("RAY_gcs_server_port_wait_time_s", "60")
+    with _environ(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}",
+                  RAY_gcs_server_port_wait_time_s=wait):
         ray.init(address="local", **kwargs)
 
 
