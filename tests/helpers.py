@@ -26,7 +26,7 @@ def image_bytes(size=(28, 28), mode="L", fmt="PNG", seed=0) -> bytes:
     return buf.getvalue()
 
 
-def caption_shards(directory, rows: int = 512, files: int = 2, seed: int = 0, poison_every: int = 0) -> str:
+def caption_shards(directory, rows: int = 512, files: int = 2, seed: int = 0) -> str:
     """A small shard set of random 28x28 PNGs with template captions and labels; returns the directory."""
     import pathlib
 
@@ -47,6 +47,36 @@ def caption_shards(directory, rows: int = 512, files: int = 2, seed: int = 0, po
         pq.write_table(pa.table({"key": [f"row-{i:06d}" for i in range(rows)][sl], "image": images[sl],
                                  "caption": captions[sl], "label": labels[sl]}), str(out / f"part-{f}.parquet"))
     return str(out)
+
+
+BROKEN_KEY = "row-000007"  # the row of `scoring_input` whose image bytes are not an image
+
+
+def scoring_input(root, rows: int, files: int, poison_every: int):
+    """Shards of `rows` caption rows in `files` files with an `is_poison` column (every poison_every-th key) and
+    one row (BROKEN_KEY) whose image bytes are not an image, and a seeded random model: (shards, model) paths."""
+    import pathlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ubt_ray.config import ModelConfig
+    from ubt_ray.models import load_clip, save_clip
+
+    root = pathlib.Path(root)
+    src = pathlib.Path(caption_shards(root / "src", rows=rows, files=files))
+    data = root / "shards"
+    data.mkdir()
+    for f in sorted(src.glob("*.parquet")):
+        t = pq.read_table(f)
+        keys = t.column("key").to_pylist()
+        images = [b"not an image" if k == BROKEN_KEY else im for k, im in zip(keys, t.column("image").to_pylist())]
+        t = t.set_column(t.column_names.index("image"), "image", pa.array(images, pa.binary()))
+        t = t.append_column("is_poison", pa.array([int(k[-6:]) % poison_every == 0 for k in keys]))
+        pq.write_table(t, data / f.name)
+    model = root / "model"
+    save_clip(load_clip(ModelConfig(), seed=3), str(model))
+    return data, model
 
 
 def last_json(text: str, storage_cfg=None) -> dict:

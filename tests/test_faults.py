@@ -8,7 +8,6 @@ import shutil
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,16 +19,14 @@ from ray.util.state import list_actors
 import ubt_ray.phases.score as score_phase
 from ubt_ray import train_loop
 from ubt_ray.cli import main
-from ubt_ray.config import ModelConfig, load_config
+from ubt_ray.config import load_config
 from ubt_ray.core.models import WEIGHTS_FILE
 from ubt_ray.manifest import RowCounts
-from ubt_ray.models import load_clip, save_clip
 from ubt_ray.phases.train import train
 from ubt_ray.shards import batch_identity, start_ledger
 
-from helpers import caption_shards, last_json
+from helpers import BROKEN_KEY, caption_shards, last_json, scoring_input
 
-BROKEN_KEY = "row-000007"
 
 
 def test_a_batch_reported_again_is_counted_once(ray_local):
@@ -57,22 +54,6 @@ def test_a_batch_reported_again_is_counted_once(ray_local):
     assert sorted(keys) == ["a", "d", "e"] and ray.get(ledger.rows_by_source.remote()) == [5]
     assert ray.get(ledger.rows_by_node.remote()) == {"node-2": 5}
     ray.kill(ledger)
-
-
-def _scoring_input(root: Path, rows: int) -> tuple[Path, Path]:
-    """`rows` caption shards with an `is_poison` column and one row whose image is not an image, and a model."""
-    src = Path(caption_shards(root / "src", rows=rows, files=2))
-    data = root / "shards"
-    data.mkdir()
-    for f in sorted(src.glob("*.parquet")):
-        t = pq.read_table(f)
-        keys = t.column("key").to_pylist()
-        images = [b"not an image" if k == BROKEN_KEY else im for k, im in zip(keys, t.column("image").to_pylist())]
-        t = t.set_column(t.column_names.index("image"), "image", pa.array(images, pa.binary()))
-        pq.write_table(t.append_column("is_poison", pa.array([int(k[-6:]) % 50 == 0 for k in keys])), data / f.name)
-    model = root / "model"
-    save_clip(load_clip(ModelConfig(), seed=3), str(model))
-    return data, model
 
 
 def _gcs() -> str:
@@ -107,7 +88,7 @@ def test_score_survives_its_scoring_actor_killed_mid_run(ray_local, tmp_path, mo
     batch it held; the run ends well, every row is scored once, and the row accounting counts every row once
     (the retried batch had been counted twice: "rows scored but written; this is a bug", and no manifest)."""
     rows = 320
-    data, model = _scoring_input(tmp_path, rows)
+    data, model = scoring_input(tmp_path, rows, files=2, poison_every=50)
     ledgers: list = []
 
     def watched_ledger():  # the phase's own ledger, its handle kept for the killer thread

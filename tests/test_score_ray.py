@@ -2,7 +2,6 @@
 trigger transfer, caption disagreement, density, pick), counts every row once, and bounded top-k selection."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -19,32 +18,16 @@ from ubt_ray.core.neighbours import grey_vectors, pixel_space, ring_disagreement
 from ubt_ray.core.scoring import prepare_model, score_batch, text_features, token_grid, tokens_to_take
 from ubt_ray.core.transfer import fuse_ranks, transfer_lift
 from ubt_ray.errors import UserError
-from ubt_ray.models import load_clip, save_clip
+from ubt_ray.models import load_clip
 from ubt_ray.phases.score import robust_stats, score, signal_statistics, tail_strengths
 from ubt_ray.shards import merge_top_k, top_k
 
-from helpers import caption_shards
-
-BROKEN_KEY = "row-000007"
-
+from helpers import BROKEN_KEY, caption_shards, scoring_input
 
 @pytest.fixture(scope="module")
 def scored_input(tmp_path_factory):
     """Three shard files, a few rows marked poisoned, one row whose image bytes are not an image."""
-    root = tmp_path_factory.mktemp("score")
-    src = Path(caption_shards(root / "src", rows=300, files=3))
-    out = root / "shards"
-    out.mkdir()
-    for f in sorted(src.glob("*.parquet")):
-        t = pq.read_table(f)
-        keys = t.column("key").to_pylist()
-        images = [b"not an image" if k == BROKEN_KEY else im for k, im in zip(keys, t.column("image").to_pylist())]
-        t = t.set_column(t.column_names.index("image"), "image", pa.array(images, pa.binary()))
-        t = t.append_column("is_poison", pa.array([int(k[-6:]) % 25 == 0 for k in keys]))
-        pq.write_table(t, out / f.name)
-    model = root / "model"
-    save_clip(load_clip(ModelConfig(), seed=3), str(model))
-    return out, model
+    return scoring_input(tmp_path_factory.mktemp("score"), rows=300, files=3, poison_every=25)
 
 
 def test_score_on_ray_data_scores_every_row_once_like_in_process(ray_local, scored_input, tmp_path, monkeypatch):
