@@ -199,7 +199,7 @@ def test_density_scores_on_ray_data_equal_the_in_process_computation(ray_local, 
     assert tables[0].column("transform").to_pylist() == [names[i] for i in z.argmax(axis=1)]
 
 
-def test_pick_combination_takes_the_transform_whose_top_drops_stand_out(ray_local):
+def test_pick_combination_takes_the_transform_whose_top_drops_stand_out(ray_local, tmp_path):
     """Blur's drops have a group of 5 far outliers (a trigger blur removes), the token mask's drops are one
     spread-out distribution with a larger std: pick takes blur, and its score is blur's drop on every row."""
     rng = np.random.default_rng(0)
@@ -226,9 +226,14 @@ def test_pick_combination_takes_the_transform_whose_top_drops_stand_out(ray_loca
     assert robust_tails["drop_blur"] > 20 > 4 > robust_tails["drop_token_mask"] > 1
     # The one read of the columns (up to max_rows) gives what the separate aggregates give.
     columns = ["drop_blur", "drop_token_mask"]
-    read_once = signal_statistics(ds, columns, seed=0, k=5)
+    drops = tmp_path / "drops"
+    drops.mkdir()
+    for i in range(4):
+        pq.write_table(table.slice(i * 100, 100), drops / f"part-{i}.parquet")
+    cfg = load_config(None, [])
+    read_once = signal_statistics(str(drops), cfg, columns, rows=n, k=5)
     assert read_once[1] == robust and read_once[2] == pytest.approx(robust_tails, rel=1e-9)
-    aggregated = signal_statistics(ds, columns, seed=0, k=5, max_rows=200)[0]  # beyond max_rows: Ray Data's
+    aggregated = signal_statistics(str(drops), cfg, columns, rows=n, k=5, max_rows=200)[0]  # Ray Data aggregates
     for c in columns:
         assert read_once[0][c] == pytest.approx((float(ds.mean(c)), float(ds.std(c))), rel=1e-6, abs=1e-9)
         assert aggregated[c] == pytest.approx(read_once[0][c], rel=1e-6, abs=1e-9)

@@ -236,22 +236,20 @@ def robust_stats(ds: ray.data.Dataset, columns: list[str], seed: int,
     return {column: robust_center_scale(np.concatenate([b[column] for b in batches])) for column in columns}
 
 
-def signal_statistics(ds: ray.data.Dataset, columns: list[str], seed: int, k: int,
+def signal_statistics(uri: str, cfg: Config, columns: list[str], rows: int, k: int,
                       max_rows: int = ROBUST_STATS_ROWS) -> tuple[dict, dict, dict]:
-    """Each signal column's (mean, std), robust (median, robust std) and tail strength over its k largest values.
-    Up to `max_rows` scored rows, all three come from the columns read once onto the driver (4 bytes a row and
-    signal); each separate Ray Data aggregate would run its own job over the table, which on a small table costs
-    more than the scoring. Beyond, mean and std are Ray Data aggregates, the robust statistics come from a seeded
-    sample and the top k from per-block top-k (robust_stats, tail_strengths)."""
-    rows = ds.count()
-    if rows > max_rows:
-        stats = {c: (float(ds.mean(c)), float(ds.std(c))) for c in columns}
-        robust = robust_stats(ds, columns, seed, max_rows)
-        return stats, robust, tail_strengths(ds, robust, k)
-    # The blocks fetched as they are, one at a time, keeping their signal columns.
-    batches = [{c: b.column(c).to_numpy() for c in columns}
-               for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
-    return column_statistics({c: np.concatenate([b[c] for b in batches]) for c in columns}, k)
+    """Each signal column's (mean, std), robust (median, robust std) and tail strength over its k largest values,
+    over the `rows` scored rows in the Parquet shards under `uri`. Up to `max_rows` rows, all three come from
+    the columns read once on this process (4 bytes a row and signal): a Ray job per statistic would cost more
+    than the scoring on a small table. Beyond, mean and std are Ray Data aggregates, the robust statistics come
+    from a seeded sample and the top k from per-block top-k (robust_stats, tail_strengths)."""
+    if rows <= max_rows:
+        table = read_columns(uri, cfg.storage, columns)
+        return column_statistics({c: table.column(c).to_numpy() for c in columns}, k)
+    ds = read_shards(uri, cfg, columns=["key"] + columns, required=("key",))
+    stats = {c: (float(ds.mean(c)), float(ds.std(c))) for c in columns}
+    robust = robust_stats(ds, columns, cfg.run.seed, max_rows)
+    return stats, robust, tail_strengths(ds, robust, k)
 
 
 def column_statistics(values: dict[str, np.ndarray], k: int) -> tuple[dict, dict, dict]:
@@ -419,12 +417,7 @@ def _drop_scores(cfg: Config, model: ModelConfig, data: str, output: str, column
         return {**extra, "transfer": {"pool_rows": 0}} if transfer else extra
     ds = read_shards(drops, cfg, required=("key",))
     if len(signals) > 1:
-        if scored <= ROBUST_STATS_ROWS:  # 4 bytes a row and signal, read here: a Ray job would cost more
-            table = read_columns(drops, cfg.storage, signals)
-            stats, robust, strengths = column_statistics({c: table.column(c).to_numpy() for c in signals}, k)
-        else:
-            stats, robust, strengths = signal_statistics(ds.select_columns(["key"] + signals), signals,
-                                                         cfg.run.seed, k)
+        stats, robust, strengths = signal_statistics(drops, cfg, signals, scored, k)
         extra["signal_stats"] = stats
         picked = None
         if s.combine == "pick":
