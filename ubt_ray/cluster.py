@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from unittest import mock
+from contextlib import contextmanager
 
 import ray
 
@@ -41,8 +41,21 @@ def start_local_ray(**kwargs) -> None:
     # With the port known, Ray connects to the GCS at once instead of waiting for its port file; on a busy
     # machine its 20 one-second tries are shorter than that 30-second wait, so give it 60 (unless set).
     wait = os.environ.get("RAY_gcs_server_port_wait_time_s", "60")
-    # os.environ as the processes Ray starts here inherit it, restored afterwards.
-    with mock.patch.dict(os.environ, {"RAY_GCS_SERVER_PORT": str(port), "RAY_gcs_server_port_wait_time_s": wait,
-                                      "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}):
+    with _environ(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}",
+                  RAY_gcs_server_port_wait_time_s=wait):
         ray.init(address="local", **kwargs)
 
+
+@contextmanager
+def _environ(**values: str):
+    """os.environ with `values` set, restored afterwards (the processes started meanwhile keep them)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
