@@ -48,7 +48,8 @@ def start_local_ray(**kwargs) -> None:
 
 @contextmanager
 def _environ(**values: str):
-    """os.environ with `values` set, restored afterwards (the processes started meanwhile keep them)."""
+    """os.environ with `values` set, restored afterwards (the processes started meanwhile keep them). Only these
+    keys are restored: ray.init sets others in this process (RAY_AUTH_MODE among them) that must stay."""
     before = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
